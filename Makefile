@@ -1,0 +1,32 @@
+# One command sets up and runs each job; each creates .venv and installs what it needs.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# torch/torchvision: these releases install from local disk on the project machines
+# (x86_64, Python 3.11); override TORCH elsewhere, e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+QUIET := sed '/^WARNING: Location/d'   # pip's notes about local package folders
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) 2>&1 | $(QUIET)
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | $(QUIET)
+	$(PY) -c "import clip_interpret, torch, open_clip"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/clip-interpret demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/decompose.py
+
+clean:
+	rm -rf $(VENV) out

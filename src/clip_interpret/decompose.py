@@ -1,0 +1,327 @@
+"""Exact decomposition of a CLIP image embedding into layers, heads and tokens.
+
+The CLS row of the final residual stream is a sum of pieces,
+
+    r = r0 + sum_l (a_l + m_l),
+    a_l = sum_h sum_i A[l,h][0,i] * ls1 * W_O[l,h] (W_V[l,h] LN1(z_i) + b_V[l,h]) + ls1 * b_O[l],
+
+(r0: the CLS embedding after ln_pre; a_l, m_l: attention and MLP outputs of block
+l at the CLS position; the softmax row sums to one, so the value bias is shared
+out by attention). LN_post is linear once its per-image scale sigma(r) is frozen:
+
+    LN_post(r) = gamma * (r - mean(r)) / sigma + beta.
+
+**Convention.** Each piece c is centred by its *own* mean (the centring map C is
+linear, so the centred pieces sum to the centred stream), scaled by gamma/sigma,
+projected by P and divided by the norm of the image embedding. The constant
+``P^T beta / ||emb||`` and the attention output biases ``ls1 * b_O`` are kept as
+named pieces of their own instead of being spread over heads. With these
+conventions the pieces sum *exactly* to the unit image embedding, and dotting
+with a unit text embedding splits the cosine similarity additively.
+
+Fast path: ``U[l,h] = (ls1 * W_O[l,h])^T C diag(gamma) P`` (head_dim x D) is fixed
+per model, so a head's contribution is ``z[l,h] @ U[l,h] / (sigma * ||emb||)``
+with ``z`` the CLS row of that head's attention result. Only the CLS query row of
+the attention matrix is computed explicitly; the last block computes only its
+CLS row. Per-token pieces (``spatial=True``) multiply each value vector by its
+attention weight before the projection, never materialising [B, N, N, H, width].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ClipInterpretError
+from .images import LoadFailure, describe, load_images
+
+DEFAULT_LAST_LAYERS = 4
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """``None`` -> the last 4 layers; ``"all"``; or ints (negative counts from the end). Sorted, unique."""
+    if layers is None:
+        return list(range(max(0, n_layers - DEFAULT_LAST_LAYERS), n_layers))
+    if isinstance(layers, str):
+        if layers.strip().lower() == "all":
+            return list(range(n_layers))
+        try:
+            layers = [int(part) for part in layers.split(",") if part.strip()]
+        except ValueError:
+            raise ClipInterpretError(f"bad layer list {layers!r}: expected comma-separated integers, e.g. 8,9,10,11, "
+                                     "or 'all'") from None
+    if isinstance(layers, int):
+        layers = [layers]
+    resolved = []
+    for layer in layers:
+        index = int(layer)
+        if not -n_layers <= index < n_layers:
+            raise ClipInterpretError(f"layer {layer} is out of range: the model has {n_layers} layers "
+                                     f"(0-{n_layers - 1}, or -1 to -{n_layers} from the end)")
+        resolved.append(index % n_layers)
+    if not resolved:
+        raise ClipInterpretError("no layers chosen; give at least one layer index")
+    return sorted(set(resolved))
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}.H{head}"
+
+
+def parse_head(name: str | tuple[int, int]) -> tuple[int, int]:
+    """``"L10.H3"`` or ``(10, 3)`` -> ``(10, 3)``."""
+    if isinstance(name, tuple):
+        return int(name[0]), int(name[1])
+    text = str(name).strip().upper()
+    try:
+        layer, head = text.split(".")
+        if not (layer.startswith("L") and head.startswith("H")):
+            raise ValueError
+        return int(layer[1:]), int(head[1:])
+    except ValueError:
+        raise ClipInterpretError(f"bad head name {name!r}: expected the form L10.H3 (layer 10, head 3)") from None
+
+
+@dataclass
+class Decomposition:
+    """Pieces of the unit image embedding in the joint space; they sum to ``embedding``.
+
+    ``heads``: [B, L, H, D], or [B, L, T, H, D] per token when ``spatial`` (T = CLS + patches).
+    ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
+    ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
+    not analysed (the earlier layers under the default choice).
+    ``mlps``: [B, n_layers, D], every block's MLP output.
+    ``cls_embed``: [B, D], the CLS token embedding (class + position, after ln_pre).
+    ``constant``: [B, D], the LN_post bias term ``P^T beta / ||emb||``.
+    """
+
+    heads: torch.Tensor
+    attn_bias: torch.Tensor
+    other_attn: torch.Tensor
+    mlps: torch.Tensor
+    cls_embed: torch.Tensor
+    constant: torch.Tensor
+    embedding: torch.Tensor
+    layers: list[int]
+    other_layers: list[int]
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    spatial: bool = False
+    sources: list[str] = field(default_factory=list)
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "constant")
+
+    @property
+    def n_heads(self) -> int:
+        return self.heads.shape[-2]
+
+    @property
+    def head_names(self) -> list[str]:
+        return [head_name(layer, h) for layer in self.layers for h in range(self.n_heads)]
+
+    def head_contributions(self) -> torch.Tensor:
+        """Token-summed head pieces [B, L, H, D] (summing tokens when spatial)."""
+        return self.heads.sum(dim=2) if self.spatial else self.heads
+
+    def pieces(self) -> dict[str, torch.Tensor]:
+        """Every piece as [B, K, D] (heads flattened over layers, and tokens)."""
+        b, d = self.embedding.shape
+        return {name: getattr(self, name).reshape(b, -1, d) for name in self.PIECES}
+
+    def total(self) -> torch.Tensor:
+        """The sum of all pieces [B, D]; equals ``embedding`` (exact up to float rounding)."""
+        return sum(piece.sum(dim=1) for piece in self.pieces().values())
+
+    def _index(self, heads) -> tuple[list[int], list[int]]:
+        """Resolve a head selection to (layer positions, head indices) pairs."""
+        if heads is None or (isinstance(heads, str) and heads.lower() == "all"):
+            return ([i for i in range(len(self.layers)) for _ in range(self.n_heads)],
+                    [h for _ in self.layers for h in range(self.n_heads)])
+        if isinstance(heads, (str, tuple)):
+            heads = [heads]
+        positions, indices = [], []
+        for item in heads:
+            layer, head = parse_head(item)
+            if layer not in self.layers:
+                raise ClipInterpretError(f"head {head_name(layer, head)} is outside the analysed layers "
+                                         f"{self.layers}; decompose with layers including {layer}")
+            if not 0 <= head < self.n_heads:
+                raise ClipInterpretError(f"head {head_name(layer, head)} does not exist: "
+                                         f"layer {layer} has heads 0-{self.n_heads - 1}")
+            positions.append(self.layers.index(layer))
+            indices.append(head)
+        return positions, indices
+
+    @staticmethod
+    def _texts(text_emb: torch.Tensor) -> torch.Tensor:
+        return text_emb[None] if text_emb.ndim == 1 else text_emb
+
+    def head_similarity(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """Each head's share of the image-text cosine similarity: [B, L, H, n_texts]."""
+        return self.head_contributions() @ self._texts(text_emb).to(self.embedding).T
+
+    def similarity(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """Full image-text cosine similarity [B, n_texts] (the sum of every piece's share)."""
+        return self.embedding @ self._texts(text_emb).to(self.embedding).T
+
+    def token_similarity(self, text_emb: torch.Tensor, heads=None) -> torch.Tensor:
+        """Per-token share [B, T, n_texts] of the chosen heads (default: all analysed heads)."""
+        if not self.spatial:
+            raise ClipInterpretError("per-token similarity needs a spatial decomposition; call "
+                                     "decompose(..., spatial=True)")
+        positions, indices = self._index(heads)
+        chosen = self.heads[:, positions, :, indices]  # advanced indices first: [K, B, T, D]
+        return chosen.sum(dim=0) @ self._texts(text_emb).to(self.embedding).T
+
+    def similarity_maps(self, text_emb: torch.Tensor, heads=None, upsample: bool = True) -> torch.Tensor:
+        """Patch-grid maps [B, n_texts, gh, gw] of the chosen heads' per-patch share of the
+        similarity; upsampled bilinearly to the model's input image size when ``upsample``."""
+        tokens = self.token_similarity(text_emb, heads)[:, 1:]  # drop CLS
+        b, _, n = tokens.shape
+        grid = tokens.transpose(1, 2).reshape(b, n, *self.grid)
+        if upsample:
+            grid = F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)
+        return grid
+
+    def top_heads(self, text_emb: torch.Tensor, k: int = 5) -> list[list[list[tuple[str, float]]]]:
+        """For each image and text, the k heads with the largest share: ``[b][t] -> [(name, score)]``."""
+        scores = self.head_similarity(text_emb)  # [B, L, H, n]
+        b, _, _, n = scores.shape
+        flat = scores.reshape(b, -1, n)
+        k = min(k, flat.shape[1])
+        values, order = flat.topk(k, dim=1)
+        names = self.head_names
+        return [[[(names[order[i, j, t]], float(values[i, j, t])) for j in range(k)] for t in range(n)]
+                for i in range(b)]
+
+
+def _map(c: torch.Tensor, g_centered: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Residual-space pieces [B, ..., width] -> joint space [B, ..., D] (centre, gamma, P, /sigma|emb|)."""
+    out = c @ g_centered
+    return out / scale.view(-1, *([1] * (out.ndim - 1)))
+
+
+@torch.no_grad()
+def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False) -> Decomposition:
+    """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc)."""
+    cfg = vit.cfg
+    chosen = resolve_layers(layers, cfg.layers)
+    chosen_set = set(chosen)
+    # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
+    # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
+    g = vit.ln_post.weight[:, None] * vit.proj
+    g_centered = g - g.mean(dim=0, keepdim=True)
+    scale_q = cfg.head_dim ** -0.5
+
+    x = vit.embed(pixels)
+    r0 = x[:, 0]
+    last = cfg.layers - 1
+    attn_cls, mlp_cls, head_z, bias_terms = {}, [], {}, {}
+    for index, block in enumerate(vit.blocks):
+        only_cls = index == last
+        q, k, v = vit.qkv(block, block.ln1(x), cls_query_only=only_cls)
+        if index in chosen_set:
+            # the CLS query row, explicitly: its weights split the CLS output by token
+            pattern = torch.softmax((q[:, :, :1] * scale_q) @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, T]
+            if spatial:
+                z_tokens = pattern.transpose(-1, -2) * v  # [B, H, T, d]
+                z_cls = z_tokens.sum(dim=2, keepdim=True)
+                head_z[index] = z_tokens
+            else:
+                z_cls = pattern @ v  # [B, H, 1, d]
+                head_z[index] = z_cls[:, :, 0]
+            z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)], dim=2)
+            bias = block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias
+            bias_terms[index] = bias
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        attn = vit.attn_out(block, z)
+        attn_cls[index] = attn[:, 0]
+        x = (x[:, :1] if only_cls else x) + attn
+        mlp = vit.mlp(block, x)
+        mlp_cls.append(mlp[:, 0])
+        x = x + mlp
+
+    r = x[:, 0]
+    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
+    emb = vit.project(r)
+    norm = emb.norm(dim=-1)
+    scale = sigma * norm
+    batch = pixels.shape[0]
+
+    head_pieces = []
+    for index in chosen:
+        block = vit.blocks[index]
+        w_o = block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
+        u = (w_o.T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
+        if spatial:
+            piece = torch.einsum("bhtd,hdk->bthk", head_z[index], u)  # [B, T, H, D]
+        else:
+            piece = torch.einsum("bhd,hdk->bhk", head_z[index], u)  # [B, H, D]
+        head_pieces.append(piece / scale.view(-1, *([1] * (piece.ndim - 1))))
+    heads = torch.stack(head_pieces, dim=1)
+    others = [i for i in range(cfg.layers) if i not in chosen_set]
+    attn_bias = _map(torch.stack([bias_terms[i].expand(batch, -1) for i in chosen], dim=1), g_centered, scale)
+    if others:
+        other_attn = _map(torch.stack([attn_cls[i] for i in others], dim=1), g_centered, scale)
+    else:
+        other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
+    mlps = _map(torch.stack(mlp_cls, dim=1), g_centered, scale)
+    cls_embed = _map(r0, g_centered, scale)
+    constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
+    return Decomposition(
+        heads=heads, attn_bias=attn_bias, other_attn=other_attn, mlps=mlps, cls_embed=cls_embed,
+        constant=constant, embedding=emb / norm[:, None], layers=chosen, other_layers=others,
+        grid=cfg.grid, image_size=tuple(cfg.image_size), spatial=spatial,
+    )
+
+
+def prepare_pixels(model, images, on_error: str = "raise") -> tuple[torch.Tensor, list[str], list[LoadFailure]]:
+    """Images (paths, bytes, PIL, arrays, or a preprocessed tensor) -> pixels, names, failures."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            images = images[None]
+        if images.shape[0] == 0:
+            raise ClipInterpretError("empty image batch: the tensor has 0 images")
+        return images, [f"<tensor[{i}]>" for i in range(images.shape[0])], []
+    if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ClipInterpretError("no images given: the image list is empty")
+    loaded, kept, failures = load_images(images, on_error=on_error)
+    if not loaded:
+        reasons = "; ".join(f"{f.source}: {f.reason}" for f in failures[:3])
+        raise ClipInterpretError(f"none of the {len(images)} images could be read ({reasons})")
+    return model.preprocess.batch(loaded), [describe(images[i]) for i in kept], failures
+
+
+def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spatial: bool = False,
+              batch_size: int = 32, on_error: str = "raise") -> Decomposition:
+    """Decompose the image embeddings of ``images`` with ``model`` (a ClipModel).
+
+    ``images``: image paths, bytes, PIL images, numpy arrays, or a preprocessed tensor
+    [B, 3, H, W]. ``layers``: analysed layers (default: the last 4). ``spatial``: keep
+    per-token head pieces. ``on_error``: ``"raise"`` or ``"skip"`` unreadable images
+    (skipped ones are listed in ``Decomposition.failures``).
+    """
+    pixels, names, failures = prepare_pixels(model, images, on_error=on_error)
+    vit = model.vit if hasattr(model, "vit") else model
+    device = vit.proj.device
+    parts = [decompose_pixels(vit, pixels[start:start + batch_size].to(device), layers=layers, spatial=spatial)
+             for start in range(0, pixels.shape[0], batch_size)]
+    result = parts[0] if len(parts) == 1 else _concat(parts)
+    result.sources = names
+    result.failures = failures
+    return result
+
+
+def _concat(parts: list[Decomposition]) -> Decomposition:
+    first = parts[0]
+    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in (*Decomposition.PIECES, "embedding")}
+    return Decomposition(**tensors, layers=first.layers, other_layers=first.other_layers, grid=first.grid,
+                         image_size=first.image_size, spatial=first.spatial)

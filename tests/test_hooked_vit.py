@@ -1,0 +1,102 @@
+"""HookedViT equals the native open_clip / Hugging Face image towers (fp32, 1e-5 relative)."""
+
+import pytest
+import torch
+
+from clip_interpret import load_model
+from clip_interpret.errors import ModelLoadError, UnsupportedModelError
+from clip_interpret.models.convert import from_open_clip
+
+from .conftest import jitter, make_hf_clip, make_open_clip
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
+
+
+def native_vs_ours(native, pixels):
+    ours = load_model(native)
+    with torch.no_grad():
+        return ours.vit(pixels), native.encode_image(pixels)
+
+
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-plus-240", "ViT-B-32-quickgelu",
+                                  "test-vit-tiny", "test-vit-tiny-ls"])
+def test_open_clip_image_embedding_matches_native(arch):
+    native = make_open_clip(arch)
+    size = native.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    ours, theirs = native_vs_ours(native, pixels)
+    assert ours.shape == theirs.shape
+    assert rel_err(ours, theirs) < 1e-5
+
+
+def test_converted_config_reads_the_native_settings():
+    vit = load_model(make_open_clip("test-vit-tiny-ls")).vit
+    cfg = vit.cfg
+    assert cfg.layer_scale and not cfg.ln_pre and cfg.act == "gelu"
+    assert cfg.image_size == (48, 32) and cfg.grid == (3, 2) and cfg.n_tokens == 7
+    assert load_model(make_open_clip("ViT-B-32-quickgelu")).vit.cfg.act == "quick_gelu"
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_image_embedding_matches_native(act):
+    native = make_hf_clip(act=act)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    ours = load_model(native)
+    with torch.no_grad():
+        theirs = native.get_image_features(pixel_values=pixels)
+        theirs = theirs if isinstance(theirs, torch.Tensor) else theirs.pooler_output
+        mine = ours.vit(pixels)
+    assert rel_err(mine, theirs) < 1e-5
+
+
+def test_run_with_cache_names_and_agrees_with_forward(tiny_model):
+    vit = tiny_model.vit
+    pixels = torch.randn(2, 3, 32, 32)
+    emb, cache = vit.run_with_cache(pixels)
+    with torch.no_grad():
+        assert torch.allclose(emb, vit(pixels), atol=1e-5, rtol=1e-4)
+    for layer in range(vit.cfg.layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert pattern.shape == (2, vit.cfg.heads, 17, 17)
+        assert torch.allclose(pattern.sum(-1), torch.ones(2, vit.cfg.heads, 17), atol=1e-5)
+        assert f"blocks.{layer}.hook_mlp_out" in cache and f"blocks.{layer}.attn.hook_z" in cache
+    assert cache["ln_post.hook_scale"].shape == (2,)
+
+
+def test_wrong_pixel_shape_is_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match=r"\[B, 3, 32, 32\]"):
+        tiny_model.vit(torch.randn(1, 3, 64, 64))
+
+
+def _tiny_clip(**vision):
+    from open_clip.model import CLIP
+
+    vision_cfg = dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8, **vision)
+    text_cfg = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
+    return jitter(CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg).eval())
+
+
+@pytest.mark.parametrize("vision, words", [
+    (dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2), "attention pooling"),
+    (dict(qk_norm=True), "blocks"),
+    (dict(pool_type="avg"), "pool_type"),
+])
+def test_unsupported_open_clip_towers_are_refused_with_what_is_supported(vision, words):
+    model = _tiny_clip(**vision)
+    with pytest.raises(UnsupportedModelError, match=words) as err:
+        from_open_clip(model.visual)
+    assert "Supported:" in str(err.value)
+
+
+def test_resnet_tower_is_refused():
+    with pytest.raises(ModelLoadError, match="ResNet"):
+        load_model("open_clip:RN50")
+    from open_clip.model import CLIP
+
+    resnet = CLIP(embed_dim=16, vision_cfg=dict(layers=(1, 1, 1, 1), width=8, image_size=32),
+                  text_cfg=dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1))
+    with pytest.raises(UnsupportedModelError, match="ModifiedResNet"):
+        load_model(resnet)
