@@ -264,7 +264,9 @@ def _read_state_dict(path: Path, spec: str) -> dict[str, torch.Tensor]:
         state = open_clip.factory.load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - any reader failure means "not a checkpoint we can read"
         try:  # TorchScript archives (OpenAI's original .pt files)
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
             for key in ("input_resolution", "context_length", "vocab_size"):
                 state.pop(key, None)
         except Exception:  # noqa: BLE001
@@ -285,8 +287,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
             raise ModelLoadError(f"checkpoint {source} does not fit this architecture: tensor {name!r} "
                                  f"(shape {list(tensor.shape)}) is missing from the checkpoint")
         theirs = state[name]
-        if tuple(theirs.shape) != tuple(tensor.shape) and not name.endswith(resized) \
-                and theirs.numel() != tensor.numel():
+        scalar_like = name in ("logit_scale", "logit_bias") and theirs.numel() == tensor.numel()
+        if tuple(theirs.shape) != tuple(tensor.shape) and not name.endswith(resized) and not scalar_like:
             raise ModelLoadError(f"checkpoint {source} is for another architecture: tensor {name!r} has shape "
                                  f"{list(theirs.shape)} in the checkpoint but {list(tensor.shape)} in the model")
     extra = [name for name in state if name not in expected and not name.endswith("position_ids")]
