@@ -157,32 +157,22 @@ def _ensure_dir(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------- demo
-def sample_image(size: int = 224):
-    """A small synthetic picture (a red disc and a blue square on a striped ground)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), (235, 230, 210))
-    draw = ImageDraw.Draw(image)
-    for y in range(0, size, 16):
-        draw.rectangle([0, y, size, y + 7], fill=(205, 200, 185))
-    draw.ellipse([size * 0.1, size * 0.15, size * 0.5, size * 0.55], fill=(200, 30, 30))
-    draw.rectangle([size * 0.55, size * 0.5, size * 0.9, size * 0.85], fill=(30, 60, 190))
-    return image
-
-
 def cmd_demo(args) -> int:
     from .models import load_model
+    from .toyworld import generate
 
     out = Path(args.out)
     _ensure_dir(out)
+    # a held-out image of the known-answer world (seed 1 is never trained on)
+    item = generate(0, seed=1, attributes={"shape": "star", "color": "red", "size": "large", "count": 2,
+                                           "position": "top left", "background": "white", "pattern": "stripes"})
     image_path = out / "sample.png"
-    sample_image().save(image_path)
+    item.image.save(image_path)
     print(f"loading {args.model} ...")
     model = load_model(args.model)
-    if model.random_weights:
-        print("NOTE: no trained model is bundled yet, so the demo runs a randomly initialised "
-              f"{args.model.split(':', 1)[-1]}: the mechanics are real, the numbers mean nothing.")
-    texts = ["a red circle", "a blue square", "a striped background"]
+    print(f"{model}\n{model.note}")
+    print(f"sample image {image_path}: " + ", ".join(f"{k} {v}" for k, v in item.attributes.items()))
+    texts = ["a red star", "a striped background", "a blue circle"]
     report = _decompose_report(model, [str(image_path)], texts, None, True, out, 5, False)
     _print_report(report, 5)
     (out / "decomposition.json").write_text(json.dumps(report, indent=1))
@@ -190,7 +180,129 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ runs
+def _run_and_model(path: str, spec: str | None):
+    """Open a run and load its model (the manifest's spec unless --model is given), checked against it."""
+    from .index import open_run
+    from .models import load_model
+
+    run = open_run(path)
+    model = load_model(spec or run.manifest["model"]["spec"])
+    run.check_model(model)
+    return run, model
+
+
+def cmd_index(args) -> int:
+    from .index import index_images
+    from .models import load_model
+
+    model = load_model(args.model)
+    run = index_images(model, args.images, args.out, layers=args.layers, batch_size=args.batch_size,
+                       dtype=args.dtype, shard_size=args.shard_size)
+    print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, {run.manifest['dtype']})")
+    for failure in run.failures[:20]:
+        print(f"  skipped {failure['source']}: {failure['reason']}")
+    if len(run.failures) > 20:
+        print(f"  ... and {len(run.failures) - 20} more (listed in {args.out}/shards/*.json)")
+    return 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablation import ablation_study, format_table
+    from .index.store import atomic_write_json
+
+    run, model = _run_and_model(args.run, args.model)
+    result = ablation_study(run, model)
+    result["stamp"] = {"fingerprint": run.manifest["model"]["fingerprint"],
+                       "source_hash": run.manifest["source"]["hash"]}
+    print(format_table(result, f"zero-shot accuracy, {result['n_images']} images of {args.run}"))
+    atomic_write_json(Path(args.run) / "ablation.json", result)
+    print(f"\nwrote {Path(args.run) / 'ablation.json'}")
+    return 0
+
+
+def cmd_textspan(args) -> int:
+    from .ablation import format_table
+    from .index.store import atomic_write_json
+    from .pools import load_pool
+    from .textspan import format_heads, textspan_run
+
+    run, model = _run_and_model(args.run, args.model)
+    pool = load_pool(args.pool)
+    checks = [] if args.no_check else [1, 3, 5, 10, 20]
+    result = textspan_run(run, model, pool, m=args.m, rank=args.rank, check_ms=checks)
+    print(format_heads(result))
+    if result.get("reconstruction") and "accuracy" in result["reconstruction"]:
+        print()
+        print(format_table(result["reconstruction"], "zero-shot accuracy with the analysed heads replaced by "
+                                                     "their TextSpan reconstructions (other layers and MLPs "
+                                                     "mean-ablated)"))
+    stem = args.pool if args.pool in ("general", "toy") else Path(args.pool).stem
+    name = Path(args.run) / f"textspan-{_slug(stem)}.json"
+    atomic_write_json(name, result)
+    print(f"\nwrote {name}")
+    return 0
+
+
+# --------------------------------------------------------------------- toyworld
+def cmd_toyworld_export(args) -> int:
+    from .toyworld import export
+
+    result = export(args.dir, args.n, seed=args.seed, masks=not args.no_masks)
+    print(f"wrote {result['n']} images (world seed {result['seed']}) to {result['dir']}/images, "
+          f"attributes.json and attributes.csv" + ("" if args.no_masks else ", masks in masks/"))
+    return 0
+
+
+def cmd_toyworld_train(args) -> int:
+    from .models import load_model
+    from .toyworld.evaluate import evaluate, format_eval
+    from .toyworld.train import TrainConfig, export_weights, train
+
+    if args.steps <= 0 or args.batch_size <= 1:
+        raise ClipInterpretError("--steps must be > 0 and --batch-size > 1")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      world_seed=args.world_seed)
+    result = train(args.out, cfg, checkpoint_every=args.checkpoint_every)
+    out = Path(args.out)
+    print(f"trained {result['steps_done']} steps in {result['elapsed_s'] / 60:.1f} min; "
+          f"final loss {sum(result['history'][-20:]) / min(20, len(result['history'])):.3f}")
+    weights = out / "toy.safetensors"
+    sha = export_weights(result["model"], weights)
+    model = load_model(f"open_clip:toy@{weights}")
+    summary = evaluate(model, n=args.eval_n)
+    print(format_eval(summary))
+    (out / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "elapsed_s": result["elapsed_s"],
+                                                  "sha256": sha, "eval": summary}, indent=1))
+    print(f"\nweights: {weights} (fp16, sha256 {sha[:12]}...); use them as --model open_clip:toy@{weights}")
+    return 0
+
+
+def cmd_toyworld_eval(args) -> int:
+    from .models import load_model
+    from .toyworld.evaluate import evaluate, format_effects, format_eval, head_property_effects
+
+    model = load_model(args.model)
+    summary = evaluate(model, n=args.n, seed=args.seed)
+    print(format_eval(summary))
+    if args.heads:
+        effects = head_property_effects(model, n=min(args.n, 500), seed=args.seed)
+        print()
+        print(format_effects(effects))
+        summary["head_effects"] = {"properties": effects["properties"], "effects": effects["effects"].tolist()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
 # ------------------------------------------------------------------------- main
+def _train_defaults():
+    from .toyworld.train import TrainConfig
+
+    return TrainConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-interpret",
@@ -212,8 +324,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end) instead of stopping")
     p.set_defaults(func=cmd_decompose)
 
-    p = sub.add_parser("demo", help="the main job: decompose a sample image and write heat maps")
-    p.add_argument("--model", default="open_clip:ViT-B-32", help="model spec (default: open_clip:ViT-B-32, random)")
+    p = sub.add_parser("index", help="decompose an image collection into a run directory (resumable)")
+    p.add_argument("--model", required=True, help="model spec")
+    p.add_argument("--images", required=True, help="a folder, a text file of image paths, or toyworld:N[:seed]")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="storage dtype (default fp16)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("ablate", help="mean-ablation study: zero-shot accuracy of the run's reconstructions")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--model", default=None, help="model spec (default: the run's)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("textspan", help="TextSpan: a text basis for each analysed head")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--pool", default="general", help="general, toy, or a text file (default general)")
+    p.add_argument("--m", type=int, default=5, help="texts per head (default 5)")
+    p.add_argument("--rank", type=int, default=80, help="rank of the head subspace (default 80)")
+    p.add_argument("--model", default=None, help="model spec (default: the run's)")
+    p.add_argument("--no-check", action="store_true", help="skip the reconstruction check")
+    p.set_defaults(func=cmd_textspan)
+
+    toy = sub.add_parser("toyworld", help="the known-answer world: export images, train and evaluate the toy CLIP")
+    toy_sub = toy.add_subparsers(dest="toy_command", metavar="ACTION")
+    p = toy_sub.add_parser("export", help="write toy-world PNGs with attributes (JSON, CSV) and object masks")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="world seed (0 is the training world; 1 is held out)")
+    p.add_argument("--no-masks", action="store_true", help="skip the mask PNGs")
+    p.set_defaults(func=cmd_toyworld_export)
+    p = toy_sub.add_parser("train", help="train the toy CLIP on CPU (resumes from OUT/checkpoint.pt)")
+    p.add_argument("--out", default="runs/toy-train", help="run folder (default runs/toy-train)")
+    defaults = _train_defaults()
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation seed")
+    p.add_argument("--world-seed", type=int, default=defaults.world_seed, help="training world seed")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=1000, help="held-out images for the final evaluation")
+    p.set_defaults(func=cmd_toyworld_train)
+    p = toy_sub.add_parser("eval", help="zero-shot accuracy per property and caption retrieval on held-out images")
+    p.add_argument("--model", default="toy", help="model spec (default: the bundled toy model)")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=1, help="held-out world seed (default 1)")
+    p.add_argument("--heads", action="store_true", help="also list the heads with the largest effect per property")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_toyworld_eval)
+    toy.set_defaults(func=lambda args: toy.print_help() or 2)
+
+    p = sub.add_parser("demo", help="the main job: decompose a toy-world image with the bundled model, heat maps")
+    p.add_argument("--model", default="toy", help="model spec (default: the bundled toy CLIP)")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -235,7 +235,7 @@ def _wrap_open_clip(spec: str, model: nn.Module, tokenizer=None, random_weights=
                      random_weights=random_weights, note=note)
 
 
-def _create_open_clip(spec: str, arch: str, quick_gelu: bool = False) -> nn.Module:
+def _create_open_clip(spec: str, arch: str, quick_gelu: bool = False, seed: int = RANDOM_INIT_SEED) -> nn.Module:
     open_clip = _open_clip()
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().replace("_", "-") == arch.lower().replace("_", "-")]
@@ -251,7 +251,7 @@ def _create_open_clip(spec: str, arch: str, quick_gelu: bool = False) -> nn.Modu
     root.setLevel(logging.ERROR)  # open_clip logs "no pretrained weights" for every random init
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)  # random-weight models are reproducible
+            torch.manual_seed(seed)  # random-weight models are reproducible
             return open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
                                           pretrained_text=False, pretrained_image=False)
     finally:
@@ -363,6 +363,30 @@ def _cached_open_clip_file(cfg: dict) -> str | None:
         if candidate.is_file():
             return str(candidate)
     return None
+
+
+# -------------------------------------------------------------------------- toy
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+
+
+def _load_toy(spec: str) -> ClipModel:
+    """The bundled toy CLIP, checked against its recorded checksum, loaded as a local open_clip checkpoint."""
+    import json
+
+    from ..toyworld.train import sha256_file
+
+    card = TOY_WEIGHTS / "toy.json"
+    weights = TOY_WEIGHTS / "toy.safetensors"
+    if not card.is_file() or not weights.is_file():
+        raise ModelLoadError(f"the bundled toy model is missing ({weights}); reinstall clip-interpret, or train one "
+                             "with `clip-interpret toyworld train` and load it as open_clip:toy@PATH")
+    expected = json.loads(card.read_text())["sha256"]
+    if sha256_file(weights) != expected:
+        raise ModelLoadError(f"the bundled toy weights {weights} are corrupted (sha256 does not match {card.name}); "
+                             "reinstall clip-interpret")
+    model = _load_open_clip(spec, ModelSpec("open_clip", arch="toy", path=str(weights)))
+    model.note = "the bundled toy CLIP trained on the known-answer world (docs/toy-model.md)"
+    return model
 
 
 # --------------------------------------------------------------------------- HF
@@ -480,5 +504,10 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "cpu") ->
     parsed = parse_spec(spec)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*QuickGELU.*")
-        model = _load_open_clip(spec, parsed) if parsed.source == "open_clip" else _load_hf(spec, parsed)
+        if parsed.source == "toy":
+            model = _load_toy(spec)
+        elif parsed.source == "open_clip":
+            model = _load_open_clip(spec, parsed)
+        else:
+            model = _load_hf(spec, parsed)
     return model.to(device)

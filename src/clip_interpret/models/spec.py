@@ -5,6 +5,7 @@
     open_clip:ARCH         random initialisation          open_clip:ViT-B-32
     hf:ORG/NAME            a Hugging Face model id        hf:openai/clip-vit-base-patch32
     hf:PATH or PATH        a local Hugging Face folder    hf:./my-clip   (a folder with config.json)
+    toy                    the bundled toy CLIP           toy
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 
 SPEC_HELP = (
-    "model specs: open_clip:ARCH/TAG (pretrained tag), open_clip:ARCH@PATH (local checkpoint), "
+    "model specs: toy (the bundled toy CLIP), open_clip:ARCH/TAG (pretrained tag), open_clip:ARCH@PATH (local checkpoint), "
     "open_clip:ARCH (random weights), hf:ORG/NAME (Hugging Face id), hf:PATH or PATH (local Hugging Face folder); "
     "`clip-interpret models` lists architectures"
 )
@@ -23,7 +24,7 @@ SPEC_HELP = (
 
 @dataclass(frozen=True)
 class ModelSpec:
-    source: str  # "open_clip" or "hf"
+    source: str  # "open_clip", "hf" or "toy"
     arch: str = ""  # open_clip architecture name
     tag: str = ""  # open_clip pretrained tag
     path: str = ""  # local checkpoint file (open_clip) or folder (hf)
@@ -39,6 +40,8 @@ def parse_spec(spec: str) -> ModelSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(f"empty model spec; {SPEC_HELP}")
     text = spec.strip()
+    if text == "toy":
+        return ModelSpec("toy")
     if text.startswith("open_clip:"):
         body = text[len("open_clip:"):]
         if "@" in body:

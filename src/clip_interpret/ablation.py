@@ -1,0 +1,177 @@
+"""Zero-shot accuracy of reconstructed embeddings: the mean-ablation study.
+
+Works on a run directory, streaming over its shards (memory stays flat). The
+stored pieces live in the joint space, so "mean-ablating" a piece replaces it
+by its mean over the run's images there. Variants:
+
+* ``full``: the sum of every stored piece (the exact reconstruction);
+* ``MLPs mean-ablated``: every block's MLP piece replaced by its mean;
+* ``attention 0..k mean-ablated``: the whole attention output of layers 0..k
+  (heads, bias, or the stored layer total) replaced by its mean, k = 0, 1, ...
+
+Tasks: on a toy-world run, one task per toy property; on a run whose class
+labels are ImageNet synsets or class names, ImageNet zero-shot with open_clip's
+class names and templates; otherwise the folder class names with simple
+templates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ClipInterpretError
+
+SIMPLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
+
+
+@dataclass
+class Task:
+    name: str
+    labels: np.ndarray  # [N] class index per run image
+    classes: np.ndarray  # [C, D] unit class embeddings
+    class_names: list[str]
+
+
+def _class_embeddings(model, names: list[str], templates) -> np.ndarray:
+    from .pools import Pool, text_embeddings
+
+    texts = [t.format(name) for name in names for t in templates]
+    emb = text_embeddings(model, Pool("classes", texts, [None] * len(texts)))
+    emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def zero_shot_tasks(run, model) -> list[Task]:
+    """The classification tasks a run supports (see the module doc)."""
+    if run.manifest["source"]["kind"] == "toyworld":
+        from .toyworld import PROPERTIES
+        from .toyworld.evaluate import class_embeddings
+
+        tasks = []
+        for prop, values in PROPERTIES.items():
+            labels = np.asarray([values.index(v) for v in run.labels[prop]])
+            tasks.append(Task(prop, labels, class_embeddings(model, prop).cpu().numpy(), list(values)))
+        return tasks
+    if "class" not in run.labels:
+        raise ClipInterpretError(f"run {run.path} has no labels to classify: the mean-ablation study needs images "
+                                 "in class sub-folders (ImageFolder layout) or a toyworld source")
+    folder_labels = run.labels["class"]
+    names = sorted(set(folder_labels))
+    from open_clip import zero_shot_metadata as meta
+
+    imagenet = list(meta.IMAGENET_CLASSNAMES)
+    if all(re.fullmatch(r"n\d{8}", n) for n in names):
+        synsets = _imagenet_synsets()
+        if synsets is None or any(n not in synsets for n in names):
+            raise ClipInterpretError("the run's class folders are WordNet synsets, but not all of them are "
+                                     "ImageNet-1k classes")
+        index = {s: i for i, s in enumerate(synsets)}
+        labels = np.asarray([index[n] for n in folder_labels])
+        return [Task("imagenet", labels, _class_embeddings(model, imagenet, meta.SIMPLE_IMAGENET_TEMPLATES),
+                     imagenet)]
+    lowered = {c.lower(): i for i, c in enumerate(imagenet)}
+    if all(n.replace("_", " ").lower() in lowered for n in names):
+        labels = np.asarray([lowered[n.replace("_", " ").lower()] for n in folder_labels])
+        return [Task("imagenet", labels, _class_embeddings(model, imagenet, meta.SIMPLE_IMAGENET_TEMPLATES),
+                     imagenet)]
+    labels = np.asarray([names.index(n) for n in folder_labels])
+    readable = [n.replace("_", " ") for n in names]
+    return [Task("class", labels, _class_embeddings(model, readable, SIMPLE_TEMPLATES), readable)]
+
+
+def _imagenet_synsets() -> list[str] | None:
+    """ImageNet-1k synset ids in class order (the list timm ships; timm comes with open_clip)."""
+    try:
+        from importlib import resources
+
+        text = resources.files("timm").joinpath("data/_info/imagenet_synsets.txt").read_text()
+    except (ImportError, OSError, ModuleNotFoundError):
+        return None
+    synsets = [line.strip() for line in text.splitlines() if line.strip()]
+    return synsets if len(synsets) == 1000 else None
+
+
+def layer_parts(rows: np.ndarray, run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shard rows [S, P, D] -> (attention per layer [S, L, D], MLP per layer [S, L, D],
+    analysed heads [S, La, H, D], the rest [S, D]: CLS embedding + constant)."""
+    layout = run.layout
+    s, _, d = rows.shape
+    n_layers = run.manifest["n_layers"]
+    heads = rows[:, slice(*layout["heads"])].reshape(s, len(run.layers), run.n_heads, d)
+    bias = rows[:, slice(*layout["attn_bias"])]
+    attn = np.zeros((s, n_layers, d), np.float32)
+    for i, layer in enumerate(run.layers):
+        attn[:, layer] = heads[:, i].sum(axis=1) + bias[:, i]
+    other = rows[:, slice(*layout["other_attn"])]
+    for i, layer in enumerate(run.manifest["other_layers"]):
+        attn[:, layer] = other[:, i]
+    mlps = rows[:, slice(*layout["mlps"])]
+    rest = rows[:, slice(*layout["cls_embed"])].sum(axis=1) + rows[:, slice(*layout["constant"])].sum(axis=1)
+    return attn, mlps, heads, rest
+
+
+def iter_rows(run):
+    """(start index, rows [S, P, D] float32) per shard."""
+    start = 0
+    for pieces in run._pieces:
+        rows = np.asarray(pieces, dtype=np.float32)
+        yield start, rows
+        start += rows.shape[0]
+
+
+def piece_means(run) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset means of every layer's attention and MLP pieces ([L, D] each)."""
+    n_layers, d = run.manifest["n_layers"], run.dim
+    attn_sum, mlp_sum, n = np.zeros((n_layers, d)), np.zeros((n_layers, d)), 0
+    for _, rows in iter_rows(run):
+        attn, mlps, _, _ = layer_parts(rows, run)
+        attn_sum += attn.sum(axis=0)
+        mlp_sum += mlps.sum(axis=0)
+        n += rows.shape[0]
+    if n == 0:
+        raise ClipInterpretError(f"run {run.path} holds no images")
+    return (attn_sum / n).astype(np.float32), (mlp_sum / n).astype(np.float32)
+
+
+def ablation_study(run, model) -> dict:
+    """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc)."""
+    tasks = zero_shot_tasks(run, model)
+    attn_mean, mlp_mean = piece_means(run)
+    n_layers = attn_mean.shape[0]
+    variants = ["full", "MLPs mean-ablated"] + [
+        f"attention 0-{k} mean-ablated" if k else "attention 0 mean-ablated" for k in range(n_layers)]
+    correct = np.zeros((len(variants), len(tasks)))
+    for start, rows in iter_rows(run):
+        attn, mlps, _, rest = layer_parts(rows, run)
+        stop = start + rows.shape[0]
+        attn_total, mlp_total = attn.sum(axis=1), mlps.sum(axis=1)
+        embs = [attn_total + mlp_total + rest, attn_total + mlp_mean.sum(axis=0) + rest]
+        for k in range(n_layers):
+            embs.append(attn_mean[:k + 1].sum(axis=0) + attn[:, k + 1:].sum(axis=1) + mlp_total + rest)
+        for v, emb in enumerate(embs):
+            for t, task in enumerate(tasks):
+                pred = (emb @ task.classes.T).argmax(axis=1)
+                correct[v, t] += (pred == task.labels[start:stop]).sum()
+    n = len(run)
+    table = {variant: {task.name: float(correct[v, t] / n) for t, task in enumerate(tasks)}
+             for v, variant in enumerate(variants)}
+    for variant in table:
+        table[variant]["mean"] = float(np.mean([table[variant][t.name] for t in tasks]))
+    return {"tasks": [t.name for t in tasks], "chance": {t.name: 1.0 / len(t.class_names) for t in tasks},
+            "accuracy": table, "n_images": n}
+
+
+def format_table(result: dict, title: str) -> str:
+    tasks = result["tasks"] + ["mean"]
+    width = max(len(v) for v in result["accuracy"]) + 2
+    lines = [title, " " * width + "".join(f"{t[:10]:>11}" for t in tasks)]
+    for variant, row in result["accuracy"].items():
+        lines.append(f"{variant:<{width}}" + "".join(f"{row[t]:>10.1%} " for t in tasks))
+    if "chance" in result:
+        chance = result["chance"]
+        lines.append(f"{'chance':<{width}}" + "".join(
+            f"{chance[t]:>10.1%} " if t in chance else f"{np.mean(list(chance.values())):>10.1%} " for t in tasks))
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""The run directory: a manifest plus fixed-size shards of decomposition pieces.
+
+    RUN/manifest.json          model spec + weight fingerprint, preprocessing, source
+                               (spec, kind, size, hash), layers, dtype, shapes, layout
+    RUN/images.json            the source's item names and labels
+    RUN/shards/00000.pieces.npy  [rows, P, D]  pieces (fp16 or fp32), layout in the manifest
+    RUN/shards/00000.emb.npy     [rows, D]     unit image embeddings (fp32)
+    RUN/shards/00000.json        which source items the rows are, and the failures;
+                                 written last: a shard without it is not done
+
+Every file is written to a temporary name and renamed into place, so an
+interrupted run (even kill -9) never leaves a half-written shard that looks
+complete; the next run redoes only unfinished shards. Readers memory-map the
+shards and check the run against the model they are given.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ClipInterpretError
+
+MANIFEST_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file, fsync, then rename over ``path``.
+
+    Disk-full and other OS errors remove the temporary file and raise a clear error.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if err.errno == errno.ENOSPC:
+            raise ClipInterpretError(f"disk full while writing {path}; nothing partial was kept. Free some space "
+                                     "and run the same command again to resume") from None
+        raise ClipInterpretError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def atomic_write_json(path: Path, data) -> None:
+    payload = json.dumps(data, indent=1).encode()
+    atomic_write_bytes(path, lambda handle: handle.write(payload))
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+def piece_layout(layers: list[int], other_layers: list[int], n_layers: int, n_heads: int) -> dict[str, list[int]]:
+    """Row ranges [start, stop) of each named piece inside a shard's P axis."""
+    sizes = [("heads", len(layers) * n_heads), ("attn_bias", len(layers)), ("other_attn", len(other_layers)),
+             ("mlps", n_layers), ("cls_embed", 1), ("constant", 1)]
+    layout, start = {}, 0
+    for name, size in sizes:
+        layout[name] = [start, start + size]
+        start += size
+    return layout
+
+
+@dataclass
+class ShardInfo:
+    shard: int
+    start: int  # first source item
+    stop: int
+    kept: list[int]  # source indices of the rows
+    failures: list[dict]
+
+
+class Run:
+    """Read access to a finished (or partly finished) run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise ClipInterpretError(f"{self.path} is not a run directory (no manifest.json); create one with "
+                                     "`clip-interpret index`")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("version") != MANIFEST_VERSION:
+            raise ClipInterpretError(f"{self.path} was written by another version of clip-interpret "
+                                     f"(manifest version {self.manifest.get('version')}); index it again")
+        images = json.loads((self.path / "images.json").read_text())
+        self.shards: list[ShardInfo] = []
+        for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
+            self.shards.append(ShardInfo(**json.loads(info_path.read_text())))
+        self.shards.sort(key=lambda s: s.shard)
+        kept = [i for s in self.shards for i in s.kept]
+        self.source_indices = np.asarray(kept, dtype=np.int64)
+        self.names = [images["names"][i] for i in kept]
+        self.labels = {k: [v[i] for i in kept] for k, v in images.get("labels", {}).items()}
+        self.failures = [f for s in self.shards for f in s.failures]
+        self._pieces = [self._map(s.shard, "pieces") for s in self.shards]
+        self._emb = [self._map(s.shard, "emb") for s in self.shards]
+
+    def _map(self, shard: int, kind: str) -> np.ndarray:
+        return np.load(self.path / "shards" / f"{shard:05d}.{kind}.npy", mmap_mode="r")
+
+    # --------------------------------------------------------------- facts
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.manifest["n_heads"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def layout(self) -> dict[str, list[int]]:
+        return self.manifest["layout"]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def head_names(self) -> list[str]:
+        return [f"L{layer}.H{h}" for layer in self.layers for h in range(self.n_heads)]
+
+    # ------------------------------------------------------------- checks
+    def check_model(self, model) -> None:
+        """Refuse a model whose weights or preprocessing differ from the run's."""
+        ours = self.manifest["model"]
+        if model.fingerprint() != ours["fingerprint"]:
+            raise ClipInterpretError(
+                f"run {self.path} was made with other weights: it records {ours['spec']!r} (fingerprint "
+                f"{ours['fingerprint']}), the model given is {model.spec!r} (fingerprint {model.fingerprint()}). "
+                "Use the run's model, or index the images again with this one")
+        if model.preprocess.to_dict() != _preprocess_from_json(self.manifest["preprocess"]):
+            raise ClipInterpretError(f"run {self.path} was made with other preprocessing "
+                                     f"({self.manifest['preprocess']}); index the images again")
+
+    # ------------------------------------------------------------ reading
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Pieces rows [N, stop-start, D] as float32, across shards."""
+        parts = [p[:, start:stop] for p in self._pieces]
+        if not parts:
+            return np.zeros((0, stop - start, self.dim), np.float32)
+        return np.concatenate(parts).astype(np.float32)
+
+    def piece(self, name: str) -> np.ndarray:
+        """A named piece [N, k, D] (``heads`` is [N, L*H, D])."""
+        if name not in self.layout:
+            raise ClipInterpretError(f"unknown piece {name!r}; the run has {', '.join(self.layout)}")
+        return self._rows(*self.layout[name])
+
+    def head_index(self, layer: int, head: int) -> int:
+        if layer not in self.layers:
+            raise ClipInterpretError(f"layer {layer} is not among the run's analysed layers {self.layers}")
+        if not 0 <= head < self.n_heads:
+            raise ClipInterpretError(f"head {head} does not exist: layers have heads 0-{self.n_heads - 1}")
+        return self.layers.index(layer) * self.n_heads + head
+
+    def heads(self, layer: int, head: int) -> np.ndarray:
+        """One head's contributions over all images [N, D] (float32)."""
+        row = self.layout["heads"][0] + self.head_index(layer, head)
+        return self._rows(row, row + 1)[:, 0]
+
+    def all_heads(self) -> np.ndarray:
+        """Every analysed head [N, L, H, D] (float32; memory N*L*H*D*4 bytes)."""
+        n = len(self)
+        return self.piece("heads").reshape(n, len(self.layers), self.n_heads, self.dim)
+
+    def embeddings(self) -> np.ndarray:
+        """Unit image embeddings [N, D] (float32)."""
+        if not self._emb:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate([np.asarray(e) for e in self._emb]).astype(np.float32)
+
+    def sum_of_pieces(self) -> np.ndarray:
+        """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
+        return np.concatenate([np.asarray(p, dtype=np.float32).sum(axis=1) for p in self._pieces]) \
+            if self._pieces else np.zeros((0, self.dim), np.float32)
+
+
+def _preprocess_from_json(data: dict) -> dict:
+    """JSON turns tuples into lists; compare like with like."""
+    return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in data.items()}
+
+
+def open_run(path: str | Path, model=None) -> Run:
+    """Open a run directory; with ``model``, check that it was made with that model."""
+    run = Run(path)
+    if model is not None:
+        run.check_model(model)
+    return run

@@ -1,0 +1,6 @@
+"""The known-answer world and the small CLIP trained on it (the bundled ``toy`` model)."""
+
+from .pool import toy_pool
+from .world import PROPERTIES, ToyImage, ToyWorld, export, generate, property_name
+
+__all__ = ["PROPERTIES", "ToyImage", "ToyWorld", "export", "generate", "property_name", "toy_pool"]
