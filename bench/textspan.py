@@ -28,7 +28,10 @@ def head_data(seed: int, k: int, texts: np.ndarray) -> np.ndarray:
     d = texts.shape[1]
     chosen = texts[rng.choice(len(texts), 12, replace=False)]
     weights = rng.normal(size=(k, 12)) * np.linspace(3, 0.3, 12)
-    return (weights @ chosen + 0.1 * rng.normal(size=(k, d)) + rng.normal(size=d)).astype(np.float32)
+    # plus noise with a decaying spectrum, as real heads have: a flat noise floor would make the
+    # top-rank subspace (and so any implementation's later picks) numerically arbitrary
+    noise = (rng.normal(size=(k, d)) * (0.3 * 0.985 ** np.arange(d))) @ np.linalg.qr(rng.normal(size=(d, d)))[0]
+    return (weights @ chosen + noise + rng.normal(size=d)).astype(np.float32)
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list
     if len(texts) < m:
         raise ClipInterpretError(f"the description pool has {len(texts)} texts, fewer than m={m}")
     rank = _clamp_rank(rank, k, d)
-    gram = (c.T @ c).astype(np.float64)  # uncentred, as the published SVD
+    c64 = c.astype(np.float64)
+    gram = c64.T @ c64  # uncentred, as the published SVD (float64: picks on near-ties stay stable)
     _, vecs = np.linalg.eigh(gram)
     basis = vecs[:, ::-1][:, :rank].T  # [r, D]: top right singular vectors of C
     mean = c.mean(axis=0).astype(np.float64)
@@ -85,7 +86,7 @@ def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list
     cov = basis @ centred_gram @ basis.T / (k - 1)  # [r, r]
     total = float(np.trace(centred_gram) / (k - 1))
     coords = t @ basis.T  # [M, r]
-    x = (c.astype(np.float64) - mean) @ basis.T if keep_reconstruction else None  # [K, r]
+    x = (c64 - mean) @ basis.T if keep_reconstruction else None  # [K, r]
     picked, variances, coefs, dirs = [], [], [], []
     for _ in range(m):
         var = np.einsum("mr,mr->m", coords @ cov, coords)

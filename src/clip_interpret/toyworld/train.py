@@ -35,13 +35,13 @@ class TrainConfig:
     model: str = MODEL_NAME
     steps: int = 1800
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 5e-4
     min_lr: float = 2e-5
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = 0
     world_seed: int = 0
-    group: int = 16  # hard-negative groups of images sharing properties (see batch_attributes)
+    group: int = 0  # hard-negative groups of images sharing properties (see batch_attributes)
     n_shared: int = 3
 
     def to_dict(self) -> dict:
