@@ -172,3 +172,41 @@ def test_ablate_and_textspan_commands(tiny_run, capsys, monkeypatch, tmp_path):
     assert "fewer than m=500" in capsys.readouterr().err
     assert main(["textspan", str(tiny_run), "--model", "open_clip:test-vit-tiny-ls"]) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folders, task, expected", [
+    (("n01440764", "n01443537"), "imagenet", [0, 1]),  # ImageNet synsets: tench, goldfish
+    (("tench", "goldfish"), "imagenet", [0, 1]),  # ImageNet class names
+    (("my_cats", "my_dogs"), "class", [0, 1]),  # anything else: the folder names
+])
+def test_zero_shot_tasks_for_folders(tmp_path, monkeypatch, folders, task, expected):
+    from PIL import Image
+
+    from clip_interpret.ablation import ablation_study, zero_shot_tasks
+
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path / "cache"))
+    for name in folders:
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "imgs" / name / f"{i}.png")
+    model = load_model("open_clip:test-vit-tiny")
+    run = index_images(model, str(tmp_path / "imgs"), tmp_path / "run", progress=False)
+    tasks = zero_shot_tasks(run, model)
+    assert [t.name for t in tasks] == [task]
+    assert sorted(set(tasks[0].labels.tolist())) == expected
+    assert len(tasks[0].class_names) == (1000 if task == "imagenet" else 2)
+    result = ablation_study(run, model)
+    assert result["tasks"] == [task] and 0 <= result["accuracy"]["full"][task] <= 1
+
+
+def test_ablation_needs_labels(tmp_path):
+    from PIL import Image
+
+    from clip_interpret.ablation import zero_shot_tasks
+
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "a.png")
+    model = load_model("open_clip:test-vit-tiny")
+    run = index_images(model, str(tmp_path / "flat"), tmp_path / "run", progress=False)
+    with pytest.raises(ClipInterpretError, match="no labels to classify"):
+        zero_shot_tasks(run, model)

@@ -38,7 +38,7 @@ class Task:
 def _class_embeddings(model, names: list[str], templates) -> np.ndarray:
     from .pools import Pool, text_embeddings
 
-    texts = [t.format(name) for name in names for t in templates]
+    texts = [t(name) if callable(t) else t.format(name) for name in names for t in templates]  # open_clip: lambdas
     emb = text_embeddings(model, Pool("classes", texts, [None] * len(texts)))
     emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)

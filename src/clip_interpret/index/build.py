@@ -77,6 +77,15 @@ def _load(source: ImageSource, index: int, preprocess):
         return None, {"index": index, "source": err.source, "reason": err.reason}
 
 
+def _prefetched(pool, batches, load):
+    """Load batch k+1 in the background while batch k is decomposed (one batch ahead, bounded memory)."""
+    future = pool.submit(load, batches[0]) if batches else None
+    for k in range(len(batches)):
+        current = future.result()
+        future = pool.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+        yield current
+
+
 def index_images(model, source: str | ImageSource, out: str | Path, layers=None, batch_size: int = 64,
                  dtype: str = "fp16", shard_size: int = SHARD_SIZE, progress: bool = True,
                  stop_after_shards: int | None = None) -> Run:
@@ -120,13 +129,12 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     vit = model.vit
     device = vit.proj.device
     written = 0
-    with ThreadPoolExecutor(max_workers=2) as pool:  # image decoding overlaps the forward pass
+    with ThreadPoolExecutor(max_workers=1) as pool:  # image decoding overlaps the forward pass
         for shard in todo:
             start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
             rows, embs, kept, failures = [], [], [], []
             batches = [list(range(b, min(stop, b + batch_size))) for b in range(start, stop, batch_size)]
-            pending = pool.map(lambda ids: [(i, *_load(src, i, model.preprocess)) for i in ids], batches)
-            for loaded in pending:
+            for loaded in _prefetched(pool, batches, lambda ids: [(i, *_load(src, i, model.preprocess)) for i in ids]):
                 good = [(i, px) for i, px, failure in loaded if px is not None]
                 failures += [failure for _, px, failure in loaded if px is None]
                 if good:
