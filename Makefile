@@ -27,6 +27,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/decompose.py
+	$(PY) bench/textspan.py
+	$(PY) bench/index.py
+	$(PY) bench/toy_card.py
 
 clean:
 	rm -rf $(VENV) out
