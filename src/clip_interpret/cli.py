@@ -59,6 +59,9 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
     }
     text_emb = model.encode_text(texts) if texts else None
     names = result.head_names
+    if text_emb is not None:  # once for the whole batch, not per image
+        all_scores = result.head_similarity(text_emb).reshape(len(result.sources), -1, len(texts))  # [B, L*H, n]
+        all_sims = result.similarity(text_emb)
     for i, source in enumerate(result.sources):
         entry = {"source": source}
         if text_emb is None:
@@ -66,8 +69,7 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
             order = size.argsort(descending=True)[:top]
             entry["top_heads_by_norm"] = [{"head": names[j], "norm": float(size[j])} for j in order]
         else:
-            scores = result.head_similarity(text_emb)[i].reshape(-1, len(texts))  # [L*H, n]
-            sims = result.similarity(text_emb)[i]
+            scores, sims = all_scores[i], all_sims[i]
             entry["texts"] = []
             for t, text in enumerate(texts):
                 order = scores[:, t].argsort(descending=True)[:top]

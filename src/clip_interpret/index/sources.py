@@ -18,6 +18,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..errors import ClipInterpretError
@@ -86,24 +87,17 @@ def _list_file(path: Path, spec: str) -> ImageSource:
 
 def _toyworld(spec: str) -> ImageSource:
     from ..toyworld import PROPERTIES, ToyWorld
+    from ..toyworld.world import sample_attributes
 
     world = ToyWorld.from_source(spec)
     names = [f"toyworld:{world.seed}:{world.offset + i}" for i in range(len(world))]
     labels = {prop: [] for prop in PROPERTIES}
     for i in range(len(world)):
-        attributes = _toy_attributes(world, i)
+        # the attributes are the first draws of the image's generator: no need to render it
+        attributes = sample_attributes(np.random.default_rng([world.seed, world.offset + i]))
         for prop in PROPERTIES:
             labels[prop].append(attributes[prop])
     return ImageSource(spec, names, labels, kind="toyworld", _toy=world)
-
-
-def _toy_attributes(world, i: int) -> dict:
-    import numpy as np
-
-    from ..toyworld.world import sample_attributes
-
-    # the attributes are the first draws of the image's generator: no need to render it
-    return sample_attributes(np.random.default_rng([world.seed, world.offset + i]))
 
 
 def open_source(spec: str) -> ImageSource:

@@ -193,8 +193,10 @@ def _open_clip_text(model: nn.Module, tokenizer=None) -> TextEncoder:
             inner = getattr(tok, "tokenizer", None)
             return len(inner(text)["input_ids"]) if inner is not None else 0
 
+    takes_context = "context_length" in _params(tok)
+
     def tokenize(texts):
-        return {"text": tok(texts, context_length=context) if "context_length" in _params(tok) else tok(texts)}
+        return {"text": tok(texts, context_length=context) if takes_context else tok(texts)}
 
     def encode(text):
         return model.encode_text(text)
