@@ -1,0 +1,237 @@
+"""What the web app serves, without the web: runs, their models (loaded once per process and
+shared between runs with the same model), head labels, and the five analyses as handlers
+that turn user input into display-ready results or a clear message.
+
+Nothing here names a file from user input: run images are chosen by position, uploads
+arrive as files that the web layer has already received.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .. import analyses
+from ..errors import ClipInterpretError
+from ..labels import LABELS_FILE, head_labels, normalise_property
+
+ALL_HEADS = "all heads"
+ALL_LAYERS = "all layers"
+
+
+@dataclass
+class RunEntry:
+    """One run as the app serves it; ``error`` says why it cannot be used (then the rest is empty)."""
+
+    key: str
+    path: Path
+    run: object = None
+    model: object = None
+    store: analyses.ContributionStore | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    labels_note: str = ""
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None
+
+    def describe(self) -> str:
+        if self.error:
+            return f"**{self.key}** ({self.path}) cannot be used: {self.error}"
+        run = self.run
+        layers = run.layers
+        text = (f"**{self.key}**: {len(run):,} images, model `{run.manifest['model']['spec']}`, "
+                f"layers {layers[0]}-{layers[-1]} x {run.n_heads} heads. ")
+        return text + (self.labels_note or f"{len(self.labels)} heads labelled ({LABELS_FILE}).")
+
+    def head_choices(self, layer=ALL_LAYERS, with_all: bool = True) -> list[tuple[str, str]]:
+        """(shown, value) pairs: ``L10.H3 (color)`` for labelled heads, bare names otherwise."""
+        names = self.run.head_names() if self.usable else []
+        if layer not in (None, ALL_LAYERS):
+            names = [n for n in names if n.startswith(f"L{int(layer)}.")]
+        choices = [(f"{n} ({self.labels[n]})" if n in self.labels else n, n) for n in names]
+        if with_all:
+            scope = ALL_HEADS if layer in (None, ALL_LAYERS) else f"all heads of layer {int(layer)}"
+            choices.insert(0, (scope, ALL_HEADS if layer in (None, ALL_LAYERS) else f"layer:{int(layer)}"))
+        return choices
+
+    def layer_choices(self) -> list[tuple[str, str]]:
+        layers = self.run.layers if self.usable else []
+        return [(ALL_LAYERS, ALL_LAYERS)] + [(f"layer {layer}", str(layer)) for layer in layers]
+
+    def default_head(self) -> str:
+        """The first labelled head (the interesting ones), else the first head."""
+        names = self.run.head_names() if self.usable else []
+        labelled = [n for n in names if n in self.labels]
+        return (labelled or names or [ALL_HEADS])[0]
+
+    def properties(self) -> list[str]:
+        return sorted({normalise_property(label) for label in self.labels.values()})
+
+    def heads(self, choice) -> str | list[str]:
+        """A head chooser's value(s) -> a head selection for the analyses."""
+        values = choice if isinstance(choice, (list, tuple)) else [choice]
+        values = [v for v in values if v not in (None, "")]
+        if not values:
+            raise ClipInterpretError("no head chosen; pick a head, or 'all heads'")
+        if ALL_HEADS in values:
+            return "all"
+        heads = []
+        for value in values:
+            if str(value).startswith("layer:"):  # every head of one layer
+                heads += [f"L{int(str(value)[6:])}.H{h}" for h in range(self.run.n_heads)]
+            else:
+                heads.append(str(value))
+        return heads
+
+
+class Registry:
+    """The runs of one app process. Models are loaded once (at start) and shared by spec."""
+
+    def __init__(self, paths, model: str | None = None, loader=None, cache_bytes: int = 2 << 30):
+        from ..index import open_run
+        from ..models import load_model
+
+        self._loader = loader or load_model
+        self._models: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.entries: dict[str, RunEntry] = {}
+        for raw in paths:
+            path = Path(raw)
+            key = path.name or str(path)
+            while key in self.entries:
+                key = f"{key}'"
+            entry = RunEntry(key, path)
+            try:
+                entry.run = open_run(path)
+                spec = model or entry.run.manifest["model"]["spec"]
+                entry.model = self._model(spec)
+                entry.run.check_model(entry.model)
+                entry.store = analyses.ContributionStore(entry.run, max_bytes=cache_bytes)
+                try:
+                    entry.labels = head_labels(path)
+                except ClipInterpretError:
+                    entry.labels_note = (f"No head labels yet: head choosers show bare names; run "
+                                         f"`clip-interpret label {path}` for property neighbours.")
+            except Exception as err:  # noqa: BLE001 - any failure makes this run unavailable, not the app
+                entry.error = str(err) if isinstance(err, ClipInterpretError) else f"{type(err).__name__}: {err}"
+                entry.run = entry.model = entry.store = None
+            self.entries[key] = entry
+
+    def _model(self, spec: str):
+        with self._lock:
+            if spec not in self._models:
+                try:
+                    self._models[spec] = self._loader(spec)
+                except Exception as err:  # noqa: BLE001 - remembered, so every run of this model says why
+                    self._models[spec] = err
+            found = self._models[spec]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    @property
+    def n_models(self) -> int:
+        return sum(not isinstance(m, Exception) for m in self._models.values())
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def first_usable(self) -> str | None:
+        return next((k for k, e in self.entries.items() if e.usable), None)
+
+    def get(self, key) -> RunEntry:
+        if key not in self.entries:
+            raise ClipInterpretError(f"unknown run {key!r}; choose one of {', '.join(self.entries)}")
+        entry = self.entries[key]
+        if not entry.usable:
+            raise ClipInterpretError(f"run {entry.key} ({entry.path}) cannot be used: {entry.error}")
+        return entry
+
+
+# ------------------------------------------------------------------ handlers
+def display(image: Image.Image, least: int = 160) -> Image.Image:
+    """Small images (the toy model's 64x64) enlarged by a whole factor, pixels kept sharp."""
+    factor = -(-least // max(image.size))
+    return image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST) if factor > 1 else image
+
+
+def _image(query):
+    """The query: an uploaded file path (from the web layer), a PIL image, or nothing."""
+    if query is None or (isinstance(query, str) and not query):
+        raise ClipInterpretError("no query image: upload one, or pick an image of the run")
+    return query
+
+
+def neighbours_gallery(result: analyses.Neighbours) -> list[tuple[Image.Image, str]]:
+    return [(display(im), f"#{r + 1}  image {i}  score {s:+.4f}")
+            for r, (im, i, s) in enumerate(zip(result.images, result.indices, result.scores))]
+
+
+def neighbours_text(result: analyses.Neighbours) -> str:
+    what = {"property": f"property **{result.property}** (mean of heads {', '.join(result.heads)})",
+            "image": f"heads {', '.join(result.heads)}" if len(result.heads) < 12 else f"{len(result.heads)} heads",
+            "text": f"text *{result.query}*, heads "
+                    + (", ".join(result.heads) if len(result.heads) < 12 else f"{len(result.heads)} heads")}
+    rows = "\n".join(f"| {r + 1} | {i} | {n} | {s:+.5f} |"
+                     for r, (i, n, s) in enumerate(zip(result.indices, result.names, result.scores)))
+    return f"Top {len(result.indices)} by {what[result.analysis]}:\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
+
+
+def segmentation_gallery(result: analyses.Segmentation) -> list[tuple[Image.Image, str]]:
+    shown = [(display(result.image, 256), "image")]
+    shown += [(analyses.overlay(result.image, m, result.vmax), t) for m, t in zip(result.maps, result.titles)]
+    return shown
+
+
+def segmentation_text(result: analyses.Segmentation) -> str:
+    shares = ", ".join(f"*{t}* {s:+.4f}" for t, s in zip(result.texts, result.shares))
+    return (f"Heads: {result.heads_label} (layers {result.layers}). Colour scale ±{result.vmax:.4g} for every map "
+            f"(red raises the similarity, blue lowers it). The heads' share of the similarity: {shares}.")
+
+
+def run_property_neighbours(registry: Registry, key, image, prop, k):
+    entry = registry.get(key)
+    if not entry.labels:
+        raise ClipInterpretError(entry.labels_note or f"run {entry.key} has no labelled heads")
+    result = analyses.property_neighbours(entry.model, entry.run, _image(image), prop or "", k=int(k or 4),
+                                          labels=entry.labels, store=entry.store)
+    return neighbours_gallery(result), neighbours_text(result)
+
+
+def run_topic_segmentation(registry: Registry, key, image, text, heads):
+    entry = registry.get(key)
+    result = analyses.topic_segmentation(entry.model, _image(image), text or "", entry.heads(heads), run=entry.run)
+    return segmentation_gallery(result), segmentation_text(result)
+
+
+def run_contrastive_segmentation(registry: Registry, key, image, text_a, text_b, heads):
+    entry = registry.get(key)
+    result = analyses.contrastive_segmentation(entry.model, _image(image), text_a or "", text_b or "",
+                                               entry.heads(heads), run=entry.run)
+    return segmentation_gallery(result), segmentation_text(result)
+
+
+def run_image_neighbours(registry: Registry, key, image, heads, k):
+    entry = registry.get(key)
+    result = analyses.image_neighbours(entry.model, entry.run, _image(image), entry.heads(heads), k=int(k or 8),
+                                       store=entry.store)
+    return neighbours_gallery(result), neighbours_text(result)
+
+
+def run_text_neighbours(registry: Registry, key, text, heads, k):
+    entry = registry.get(key)
+    result = analyses.text_neighbours(entry.model, entry.run, text or "", entry.heads(heads), k=int(k or 3),
+                                      store=entry.store)
+    return neighbours_gallery(result), neighbours_text(result)
+
+
+def pick_run_image(registry: Registry, key, index) -> Image.Image:
+    entry = registry.get(key)
+    if index is None:
+        raise ClipInterpretError("type the number of a run image")
+    return analyses.run_image(entry.run, int(index))
