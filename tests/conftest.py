@@ -60,3 +60,17 @@ def tiny_ls_model():
     from clip_interpret import load_model
 
     return load_model(make_open_clip("test-vit-tiny-ls", seed=1))
+
+
+@pytest.fixture(scope="session")
+def toy_textspan_run(tmp_path_factory):
+    """A 300-image held-out toy-world run of the bundled toy model (all layers) with TextSpan on the toy pool."""
+    from clip_interpret import load_model
+    from clip_interpret.index import index_images
+    from clip_interpret.study import step_textspan
+
+    model = load_model("toy")
+    out = tmp_path_factory.mktemp("toyrun") / "run"
+    run = index_images(model, "toyworld:300:1", out, layers="all", progress=False)
+    step_textspan(run, model, "toy", check=False, progress=False)
+    return out, model

@@ -134,7 +134,7 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
     check_ms = sorted(set(check_ms)) if check_ms else []
     depth = max([m, *check_ms])
     heads = {}
-    recon = {k: None for k in [0, *check_ms]}
+    recon = {k: None for k in [0, *check_ms]} if check_ms else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for layer in tqdm(run.layers, desc="TextSpan", unit="layer", disable=not progress):

@@ -39,7 +39,8 @@ def save_heatmap(path: str | Path, image: Image.Image, heat: np.ndarray, title: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    if not hasattr(path, "write"):  # a path; a file-like object (e.g. BytesIO) is written as is
+        path = Path(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path

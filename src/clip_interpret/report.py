@@ -1,0 +1,258 @@
+"""One self-contained HTML report of a run: opens from disk, no server, no external files.
+
+Sections: model card, mean-ablation table, interpretability scores with their
+chart, faithfulness per labeller, the per-head table (TextSpan descriptions,
+labels, confidence, judgements, ablation verdict) and heat maps for a few sample
+images. Images are embedded as base64 PNG data URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ClipInterpretError
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;
+line-height:1.4;padding:0 1em}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ddd;padding:.25em .5em;
+vertical-align:top}th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#17803d;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#777}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:1em 0}
+.maps{display:flex;flex-wrap:wrap;gap:1em}.maps figure{margin:0;max-width:520px}
+.maps img{width:100%}figcaption{font-size:.8em;color:#555}
+"""
+
+
+def _png(fig_writer) -> str:
+    buffer = io.BytesIO()
+    fig_writer(buffer)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = [f"<td{' class=n' if i >= numeric_from else ''}>{c}</td>" for i, c in enumerate(row)]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _model_card(run, model) -> str:
+    man = run.manifest
+    rows = [["model spec", _esc(man["model"]["spec"])], ["weights fingerprint", _esc(man["model"]["fingerprint"])],
+            ["image source", _esc(f"{man['source']['spec']} ({man['source']['kind']}, {len(run)} images)")],
+            ["analysed layers", _esc(", ".join(map(str, run.layers)))],
+            ["heads per layer", str(run.n_heads)], ["embedding dimension", str(run.dim)],
+            ["storage", _esc(man["dtype"])]]
+    if model is not None:
+        rows.append(["note", _esc(model.note or "")])
+        if model.random_weights:
+            rows.append(["WARNING", "<b>random weights: the figures show the mechanics, not meaning</b>"])
+    if man["model"]["spec"] == "toy":
+        from .models.loader import TOY_WEIGHTS
+
+        card = _read(TOY_WEIGHTS.with_suffix(".json"))
+        if card and "eval" in card:
+            accs = ", ".join(f"{p} {v['accuracy']:.0%}" for p, v in card["eval"]["zero_shot"].items())
+            rows.append(["toy model zero-shot (held-out)", _esc(accs)])
+    return _table(["", "value"], rows, numeric_from=9)
+
+
+def _accuracy_table(result: dict) -> str:
+    tasks = result["tasks"] + ["mean"]
+    rows = [[_esc(v)] + [_pct(row[t]) for t in tasks] for v, row in result["accuracy"].items()]
+    rows.append(["chance"] + [_pct(result["chance"].get(t, np.mean(list(result["chance"].values()))))
+                              for t in tasks])
+    return _table(["variant"] + tasks, rows)
+
+
+def _ablation(result, textspan) -> str:
+    if not result:
+        return "<p class=muted>No mean-ablation study in this run (<code>clip-interpret ablate RUN</code>).</p>"
+    text = f"<p>Zero-shot accuracy on {result['n_images']} images.</p>" + _accuracy_table(result)
+    recon = (textspan or {}).get("reconstruction")
+    if recon and "accuracy" in recon:
+        text += ("<p>The analysed heads replaced by their TextSpan reconstructions from the first m descriptions "
+                 "(other layers' attention and all MLPs mean-ablated):</p>" + _accuracy_table(recon))
+    return text
+
+
+def _metrics_section(metrics, chart: str | None) -> str:
+    if not metrics:
+        return "<p class=muted>No scores yet (<code>clip-interpret metrics RUN</code>).</p>"
+    rows = []
+    for name, row in metrics["rows"].items():
+        top = ", ".join(f"{p} ({len(h)})" for p, h in list(row["property_heads"].items())[:6])
+        rows.append([_esc(name), "n/a" if row["association"] is None else f"{row['association']:.3f}",
+                     "n/a" if row["entanglement"] is None else f"{row['entanglement']:.3f}",
+                     f"{row['n_labelled']}/{row['n_heads']}", str(row["n_properties"]), _esc(top)])
+    text = _table(["labels", "association", "entanglement", "labelled", "properties", "top properties (heads)"],
+                  rows)
+    text += ("<p class=muted>Association: mean share of a labelled head's TextSpan descriptions judged to belong "
+             "to its label. Entanglement: share of labelled heads whose property another head also carries. "
+             "The published labels come without descriptions, so their association is n/a.</p>")
+    if chart:
+        text += f'<img alt="scores chart" src="{chart}" style="max-width:820px">'
+    return text
+
+
+def _faithfulness_section(faith: dict | None) -> str:
+    if not faith:
+        return "<p class=muted>No ablation check of the labels (needs a run with zero-shot tasks).</p>"
+    rows = []
+    for labeller, res in faith.items():
+        rows.append([_esc(labeller), str(res["testable"]), str(res["confirmed"]), _pct(res["share_confirmed"]),
+                     _pct(res["share_confirmed_by_accuracy"])])
+    return ("<p>A label is confirmed when mean-ablating the head lowers the margin of its own property's "
+            "zero-shot task more than any other task's (see docs/metrics.md).</p>"
+            + _table(["labeller", "testable labels", "confirmed", "share confirmed", "by accuracy drops alone"],
+                     rows))
+
+
+def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | None) -> str:
+    if not textspan:
+        return "<p class=muted>No TextSpan results (<code>clip-interpret textspan RUN</code>).</p>"
+    names = list(labels)
+    header = ["head", "TextSpan descriptions (variance explained)"]
+    for name in names:
+        header += [f"{name} label", "conf.", "verdict"]
+    rows = []
+    for head, ts in textspan["heads"].items():
+        first = next((labels[n]["heads"].get(head) for n in names if labels[n]["heads"].get(head)), None)
+        judgements = (first or {}).get("judgements") or []
+        items = []
+        for i, (text, share) in enumerate(zip(ts["texts"], ts["explained"])):
+            mark = ""
+            if i < len(judgements):
+                mark = " <span class=ok>&#10003;</span>" if judgements[i] else " <span class=bad>&#10007;</span>"
+            items.append(f"{_esc(text)} <span class=muted>({share:.0%})</span>{mark}")
+        row = [_esc(head), "<br>".join(items)]
+        for name in names:
+            entry = labels[name]["heads"].get(head) or {}
+            label = entry.get("label")
+            if entry.get("error"):
+                row += [f"<span class=bad>failed</span>", "", _esc(entry["error"])[:200]]
+                continue
+            verdict = ((faith or {}).get(name) or {}).get("heads", {}).get(head, {}).get("verdict", "")
+            css = "ok" if verdict == "confirmed" else "bad" if verdict == "refuted" else "muted"
+            shown = _esc(label or "-") + (" <span class=muted>(manual)</span>" if entry.get("source") == "manual"
+                                          else "")
+            row += [shown, f"{entry.get('confidence', 0):.0%}" if label else "",
+                    f"<span class={css}>{_esc(verdict)}</span>"]
+        rows.append(row)
+    marks = (f"<p class=muted>&#10003;/&#10007;: the judgement of the first labeller ({_esc(names[0])}) on each "
+             "description.</p>") if names else ""
+    return marks + _table(header, rows, numeric_from=99)
+
+
+def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: int = 3) -> str:
+    """Per sample image: the map of the heads carrying its best-matching labelled property."""
+    if model is None or not textspan:
+        return "<p class=muted>Heat maps need the model and TextSpan results.</p>"
+    from .decompose import decompose
+    from .index.sources import open_source
+    from .viz import save_heatmap
+
+    heads_of: dict[str, list[str]] = {}
+    for head, entry in (labels or {}).items():
+        if entry.get("label"):
+            heads_of.setdefault(entry["label"], []).append(head)
+    candidates = []  # (text, heads) pairs: a property's descriptions with that property's heads
+    for prop, heads in heads_of.items():
+        texts = sorted({t for h in heads for t, j in zip(textspan["heads"][h]["texts"],
+                                                         labels[h].get("judgements") or []) if j})
+        candidates += [(t, prop, heads) for t in texts[:8]]
+    if not candidates:
+        candidates = [(t, None, None) for t in sorted({t for h in textspan["heads"].values() for t in h["texts"]})[:24]]
+    try:
+        source = open_source(run.manifest["source"]["spec"])
+    except ClipInterpretError as err:
+        return f"<p class=muted>Sample images unavailable: {_esc(err)}</p>"
+    picks = np.linspace(0, len(run) - 1, num=min(n_images, len(run))).astype(int)
+    text_emb = model.encode_text([c[0] for c in candidates])
+    figures = []
+    for index in picks:
+        item = source.load(int(run.source_indices[index]))
+        try:
+            result = decompose(model, [item], layers=run.layers, spatial=True)
+        except ClipInterpretError as err:
+            figures.append(f"<figure><figcaption>{_esc(run.names[index])}: {_esc(err)}</figcaption></figure>")
+            continue
+        sims = result.similarity(text_emb)[0]
+        best = int(sims.argmax())
+        text, prop, heads = candidates[best]
+        heat = result.similarity_maps(text_emb[best:best + 1], heads=heads)[0, 0].numpy()
+        from .images import load_image
+
+        shown = model.preprocess.crop(load_image(item))
+        who = f"heads labelled {prop} ({', '.join(heads)})" if heads else "all analysed heads"
+        uri = _png(lambda buf: save_heatmap(buf, shown, heat, title=f"{text!r}: {who}"[:90]))
+        figures.append(f'<figure><img alt="heat map" src="{uri}"><figcaption>{_esc(run.names[index])}: '
+                       f'{_esc(text)!s} (similarity {float(sims[best]):+.3f}), {_esc(who)}</figcaption></figure>')
+    return "<div class=maps>" + "\n".join(figures) + "</div>"
+
+
+def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -> Path:
+    """Write RUN/report.html (or ``out``) from whatever results the run holds."""
+    from .labels.runs import find_textspan
+
+    root = run.path
+    labels = {p.stem[len("labels-"):]: _read(p) for p in sorted(root.glob("labels-*.json"))}
+    primary = _read(root / "labels.json")
+    if primary:  # the labels in force first
+        labels = {primary["labeller"]: primary, **{k: v for k, v in labels.items() if k != primary["labeller"]}}
+    try:
+        textspan = _read(root / primary["textspan"]) if primary else _read(find_textspan(root))
+    except ClipInterpretError:
+        textspan = None
+    metrics = _read(root / "metrics.json")
+    chart_path = root / "metrics.png"
+    chart = ("data:image/png;base64," + base64.b64encode(chart_path.read_bytes()).decode()) \
+        if chart_path.is_file() else None
+    faith = (metrics or {}).get("faithfulness")
+    notes = []
+    if run.manifest["model"].get("random_weights"):
+        notes.append("This run's model has random weights.")
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        f"<title>clip-interpret report: {_esc(run.manifest['model']['spec'])}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>clip-interpret report</h1><p>{_esc(run.manifest['model']['spec'])} on "
+        f"{_esc(run.manifest['source']['spec'])} ({len(run)} images). Run folder: <code>{_esc(root)}</code></p>",
+        "".join(f"<div class=note>{_esc(n)}</div>" for n in notes),
+        "<h2>Model card</h2>", _model_card(run, model),
+        "<h2>Mean-ablation study</h2>", _ablation(_read(root / "ablation.json"), textspan),
+        "<h2>Interpretability scores</h2>", _metrics_section(metrics, chart),
+        "<h2>Faithfulness of the labels</h2>", _faithfulness_section(faith),
+        "<h2>Heads</h2>", _heads_table(labels, faith, textspan),
+        "<h2>Heat maps</h2>", _heatmaps(run, model, (primary or {}).get("heads"), textspan, n_images),
+        "<p class=muted>Written by clip-interpret. Pieces and scores follow docs/decomposition.md and "
+        "docs/metrics.md.</p></body></html>",
+    ]
+    path = Path(out) if out else root / "report.html"
+    from .index.store import atomic_write_bytes
+
+    payload = "\n".join(parts).encode()
+    atomic_write_bytes(path, lambda handle: handle.write(payload))
+    return path

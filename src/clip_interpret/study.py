@@ -1,0 +1,258 @@
+"""The whole study in one call: index, ablate, textspan, label, faithfulness, metrics, report.
+
+Every step writes its result into the run folder, stamped with what it was made
+from (the run's weights fingerprint and image list, the pool, the TextSpan file,
+the labeller's options...). A step whose stamped result is already there and
+matches is skipped, so running ``analyze`` again after an interruption or with
+one more labeller redoes only what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from .errors import ClipInterpretError
+from .index.store import atomic_write_json
+
+STEPS = ("index", "ablate", "textspan", "label", "faithfulness", "metrics", "report")
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None  # a damaged result is made again
+
+
+def _hash_files(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()[:16]
+
+
+def run_stamp(run) -> dict:
+    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"]}
+
+
+def pool_file_name(pool_spec: str) -> str:
+    import re
+
+    stem = pool_spec if pool_spec in ("general", "toy") else Path(pool_spec).stem
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()[:40] or "pool"
+    return f"textspan-{slug}.json"
+
+
+# ------------------------------------------------------------------- steps
+def step_ablate(run, model, force: bool = False) -> tuple[dict | None, bool]:
+    """(result, ran). Runs without zero-shot tasks give (None, False) with a printed reason."""
+    from .ablation import ablation_study
+
+    path = run.path / "ablation.json"
+    old = _read(path)
+    if old and old.get("stamp") == run_stamp(run) and not force:
+        return old, False
+    result = ablation_study(run, model)
+    result["stamp"] = run_stamp(run)
+    atomic_write_json(path, result)
+    return result, True
+
+
+def step_textspan(run, model, pool_spec: str, m: int = 5, rank: int = 80, check: bool = True, force: bool = False,
+                  progress: bool = True) -> tuple[dict, Path, bool]:
+    from .pools import load_pool
+    from .textspan import textspan_run
+
+    pool = load_pool(pool_spec)
+    path = run.path / pool_file_name(pool_spec)
+    old = _read(path)
+    if old and not force and old.get("m") == m and old.get("rank") == rank \
+            and old.get("pool", {}).get("hash") == pool.content_hash() \
+            and old.get("run", {}).get("fingerprint") == run.manifest["model"]["fingerprint"] \
+            and old.get("run", {}).get("source_hash") == run.manifest["source"]["hash"] \
+            and old.get("run", {}).get("n_images") == len(run) and (bool(old.get("reconstruction")) or not check):
+        return old, path, False
+    result = textspan_run(run, model, pool, m=m, rank=rank, check_ms=[1, 3, 5, 10, 20] if check else [],
+                          progress=progress)
+    atomic_write_json(path, result)
+    return result, path, True
+
+
+def _label_options(labeller: str, encoder: str, vocabulary: str | None, llm) -> dict:
+    if labeller == "embedding":
+        return {"encoder": encoder, "vocabulary": vocabulary}
+    if labeller == "llm" and llm is not None:
+        return {"url": llm.url, "model": llm.model, "properties": llm.properties, "examples": llm.examples}
+    return {}
+
+
+def step_label(run, model, labeller: str, textspan_path: Path, manual: str | None = None, encoder: str = "model",
+               vocabulary: str | None = None, llm=None, force: bool = False, progress: bool = True,
+               make_current: bool = True) -> tuple[dict, bool]:
+    from .labels.runs import file_hash, label_run
+
+    path = run.path / f"labels-{labeller}.json"
+    old = _read(path)
+    want = {"textspan_hash": file_hash(textspan_path), "manual_hash": file_hash(Path(manual)) if manual else None,
+            "options": _label_options(labeller, encoder, vocabulary, llm)}
+    if old and not force and old.get("study_stamp") == want and not old.get("failed"):
+        if make_current:
+            atomic_write_json(run.path / "labels.json", old)
+        return old, False
+    result = label_run(run.path, labeller, textspan=str(textspan_path), model=model, manual=manual, encoder=encoder,
+                       vocabulary=vocabulary, llm=llm, progress=progress, write=False)
+    result["study_stamp"] = want
+    atomic_write_json(path, result)
+    if make_current:
+        atomic_write_json(run.path / "labels.json", result)
+    return result, True
+
+
+def step_faithfulness(run, model, force: bool = False) -> tuple[dict | None, bool]:
+    from .faithfulness import head_ablation_drops
+
+    path = run.path / "faithfulness.json"
+    old = _read(path)
+    if old and old.get("stamp") == run_stamp(run) and not force:
+        return old, False
+    result = head_ablation_drops(run, model)
+    atomic_write_json(path, result)
+    return result, True
+
+
+def run_metrics(run_dir: Path, published: bool = True, prefix: str = "") -> dict:
+    """Scores of every labeller's labels in a run (and the published ones), with the ablation verdicts."""
+    from .faithfulness import confirm_labels
+    from .metrics import published_scores, scores
+
+    run_dir = Path(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    spec = manifest["model"]["spec"]
+    n_heads = len(manifest["layers"]) * manifest["n_heads"]
+    files = sorted(run_dir.glob("labels-*.json"))
+    if not files:
+        raise ClipInterpretError(f"run {run_dir} has no head labels; run `clip-interpret label {run_dir}` first")
+    drops = _read(run_dir / "faithfulness.json")
+    rows, faith = {}, {}
+    for path in files:
+        data = _read(path)
+        labeller = data["labeller"]
+        rows[f"{prefix}{spec} ({labeller})"] = scores(data["heads"], n_heads=n_heads)
+        if drops:
+            faith[labeller] = confirm_labels({h: e.get("label") for h, e in data["heads"].items()}, drops)
+    if published:
+        rows.update(published_scores())
+    return {"run": str(run_dir), "rows": rows, "faithfulness": faith or None,
+            "stamp": _hash_files(files + [run_dir / "faithfulness.json"]) + ("+published" if published else "")}
+
+
+def step_metrics(run, published: bool = True, force: bool = False) -> tuple[dict, bool]:
+    from .metrics import bar_chart
+
+    result = run_metrics(run.path, published=published)
+    old = _read(run.path / "metrics.json")
+    if old and old.get("stamp") == result["stamp"] and (run.path / "metrics.png").is_file() and not force:
+        return old, False
+    atomic_write_json(run.path / "metrics.json", result)
+    bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.manifest['model']['spec']})")
+    return result, True
+
+
+def step_report(run, model, force: bool = False) -> tuple[Path, bool]:
+    from .report import write_report
+
+    inputs = [run.path / n for n in ("ablation.json", "labels.json", "metrics.json",
+                                     "faithfulness.json")] + sorted(run.path.glob("textspan-*.json")) \
+        + sorted(run.path.glob("labels-*.json"))
+    stamp = _hash_files(inputs) + json.dumps(run_stamp(run), sort_keys=True)
+    path = run.path / "report.html"
+    old = _read(run.path / ".report-stamp.json")
+    if path.is_file() and old and old.get("stamp") == stamp and not force:
+        return path, False
+    write_report(run, model, path)
+    atomic_write_json(run.path / ".report-stamp.json", {"stamp": stamp})
+    return path, True
+
+
+# -------------------------------------------------------------------- chain
+def analyze(model_spec, images: str, out: str | Path, pool: str = "general", labellers=("taxonomy",),
+            layers=None, m: int = 5, rank: int = 80, manual: str | None = None, encoder: str = "model",
+            vocabulary: str | None = None, llm=None, published: bool = True, batch_size: int = 64,
+            force: bool = False, progress: bool = True, log=print) -> dict:
+    """Chain every step for one model and image source; return what each produced (see module doc)."""
+    from .index import index_images, open_run
+    from .models import load_model
+
+    started = time.time()
+    total = len(STEPS)
+    timings: dict[str, float] = {}
+
+    def say(i: int, step: str, ran: bool, detail: str = "", t0: float | None = None) -> None:
+        took = time.time() - t0 if t0 is not None else 0.0
+        timings[step] = round(took, 2)
+        state = f"done in {took:.1f} s" if ran else "up to date, skipped"
+        log(f"[{i}/{total}] {step}: {state}{' - ' + detail if detail else ''}")
+
+    out = Path(out)
+    log(f"loading {model_spec} ...")
+    model = load_model(model_spec)
+    if model.random_weights:
+        log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
+    t0 = time.time()
+    existing = _read(out / "manifest.json")
+    was_complete = bool(existing and existing.get("complete"))
+    run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress)
+    say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
+    run = open_run(out, model)
+
+    t0 = time.time()
+    try:
+        ablation, ran = step_ablate(run, model, force)
+        say(2, "ablate", ran, f"tasks {', '.join(ablation['tasks'])}", t0)
+        has_tasks = True
+    except ClipInterpretError as err:
+        ablation, has_tasks = None, False
+        log(f"[2/{total}] ablate: not possible here ({err})")
+
+    t0 = time.time()
+    textspan, textspan_path, ran = step_textspan(run, model, pool, m=m, rank=rank, check=has_tasks, force=force,
+                                                 progress=progress)
+    say(3, "textspan", ran, f"pool {textspan['pool']['name']}, m={m}, {textspan_path.name}", t0)
+
+    labels = {}
+    t0 = time.time()
+    any_ran = False
+    for k, labeller in enumerate(labellers):
+        labels[labeller], ran = step_label(run, model, labeller, textspan_path, manual=manual, encoder=encoder,
+                                           vocabulary=vocabulary, llm=llm, force=force, progress=progress,
+                                           make_current=False)
+        any_ran |= ran
+        if labels[labeller]["failed"]:
+            log(f"    {labeller}: {len(labels[labeller]['failed'])} head(s) failed, e.g. "
+                f"{next(iter(labels[labeller]['failed'].values()))}")
+    atomic_write_json(out / "labels.json", labels[labellers[0]])  # the first labeller's labels are in force
+    say(4, "label", any_ran, ", ".join(f"{k}: {sum(1 for e in v['heads'].values() if e['label'])} heads labelled"
+                                       for k, v in labels.items()), t0)
+
+    t0 = time.time()
+    if has_tasks:
+        _, ran = step_faithfulness(run, model, force)
+        say(5, "faithfulness", ran, "each head mean-ablated alone", t0)
+    else:
+        log(f"[5/{total}] faithfulness: not possible here (the run has no zero-shot tasks)")
+
+    t0 = time.time()
+    metrics, ran = step_metrics(run, published=published, force=force)
+    say(6, "metrics", ran, "metrics.json, metrics.png", t0)
+
+    t0 = time.time()
+    report, ran = step_report(run, model, force=force or any_ran)
+    say(7, "report", ran, str(report), t0)
+    log(f"finished in {time.time() - started:.1f} s")
+    return {"run": run, "ablation": ablation, "textspan": textspan, "labels": labels, "metrics": metrics,
+            "report": report, "timings": timings}

@@ -1,0 +1,220 @@
+"""The LLM labeller against a local HTTP server that speaks the OpenAI chat-completions protocol."""
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from clip_interpret.errors import ClipInterpretError
+from clip_interpret.labels.llm import (LLMConfig, LLMUnreachable, build_messages, default_examples, llm_labels,
+                                       parse_answer, published_labels)
+
+
+class ChatServer:
+    """Answers POST /v1/chat/completions with ``script(request, n)``: a dict (JSON reply content),
+    a string (raw content), ("status", code), or ("sleep", seconds, content)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                if self.path != "/v1/chat/completions":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                action = outer.script(body, len(outer.requests))
+                if isinstance(action, tuple) and action[0] == "status":
+                    self.send_response(action[1])
+                    self.end_headers()
+                    return
+                if isinstance(action, tuple) and action[0] == "sleep":
+                    time.sleep(action[1])
+                    action = action[2]
+                content = action if isinstance(action, str) else json.dumps(action)
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path / "cache"))
+    servers = []
+
+    def start(script):
+        servers.append(ChatServer(script))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def _texts(body):
+    """The texts of the head being asked about (the last user message)."""
+    last = body["messages"][-1]["content"]
+    return [line.split(". ", 1)[1] for line in last.splitlines() if line[:1].isdigit()]
+
+
+def answer_by_keyword(body, n):
+    texts = _texts(body)
+    prop = "colors" if any("red" in t or "blue" in t for t in texts) else "Shapes"
+    key = "red" if prop == "colors" else "circle"
+    return {"property": prop, "confidence": 0.8, "judgements": [key in t or "blue" in t for t in texts]}
+
+
+TEXTSPAN = {"pool": {"name": "t", "hash": "h", "size": 6}, "run": {"fingerprint": "f"}, "heads": {
+    "L0.H0": {"texts": ["a red car", "a blue sky", "a circle"], "explained": [0.3, 0.2, 0.1]},
+    "L0.H1": {"texts": ["a circle", "a big circle", "a square"], "explained": [0.3, 0.2, 0.1]},
+}}
+
+
+def config(url, **kw):
+    return LLMConfig(url=url, model="test-model", api_key=kw.pop("api_key", "sekrit"), timeout=kw.pop("timeout", 5),
+                     retries=kw.pop("retries", 2), backoff=0.01, **kw)
+
+
+def test_labels_every_head_and_sends_the_protocol(serve):
+    server = serve(answer_by_keyword)
+    heads = llm_labels(TEXTSPAN, config(server.url), progress=False)
+    assert heads["L0.H0"]["label"] == "color" and heads["L0.H0"]["judgements"] == [True, True, False]
+    assert heads["L0.H1"]["label"] == "shape" and heads["L0.H1"]["judgements"] == [True, True, False]
+    request = server.requests[0]
+    assert request["body"]["model"] == "test-model" and request["auth"] == "Bearer sekrit"
+    roles = [m["role"] for m in request["body"]["messages"]]
+    assert roles[0] == "system" and roles[-1] == "user" and "assistant" in roles  # few-shot examples
+
+
+def test_answers_are_cached_on_disk(serve):
+    server = serve(answer_by_keyword)
+    llm_labels(TEXTSPAN, config(server.url), progress=False)
+    asked = len(server.requests)
+    again = llm_labels(TEXTSPAN, config(server.url), progress=False)
+    assert len(server.requests) == asked == 2
+    assert again["L0.H0"]["label"] == "color"
+    llm_labels(TEXTSPAN, config(server.url, cache=False), progress=False)
+    assert len(server.requests) == 4
+
+
+def test_malformed_json_is_retried(serve):
+    server = serve(lambda body, n: "Sure! The property is colors." if n == 1 else answer_by_keyword(body, n))
+    heads = llm_labels({**TEXTSPAN, "heads": {"L0.H0": TEXTSPAN["heads"]["L0.H0"]}}, config(server.url),
+                       progress=False)
+    assert heads["L0.H0"]["label"] == "color" and len(server.requests) == 2
+
+
+def test_a_head_that_keeps_failing_fails_alone(serve):
+    def script(body, n):
+        if "a red car" in _texts(body):
+            return {"property": "vehicles", "confidence": 0.9, "judgements": [True, True, True]}
+        return answer_by_keyword(body, n)
+
+    server = serve(script)
+    heads = llm_labels(TEXTSPAN, config(server.url, properties=["colors", "shape"], retries=2), progress=False)
+    assert heads["L0.H0"]["label"] is None
+    assert "L0.H0" in heads["L0.H0"]["error"] and "unknown property 'vehicles'" in heads["L0.H0"]["error"]
+    assert heads["L0.H1"]["label"] == "shape" and heads["L0.H1"]["error"] is None
+    assert sum("a red car" in _texts(r["body"]) for r in server.requests) == 3  # first try + 2 retries
+    # the allowed list is in the prompt
+    assert "color, shape" in server.requests[0]["body"]["messages"][-1]["content"]
+
+
+def test_timeouts_and_server_errors_are_retried_then_reported(serve):
+    server = serve(lambda body, n: ("sleep", 1.0, answer_by_keyword(body, n)) if n == 1 else ("status", 503))
+    heads = llm_labels({**TEXTSPAN, "heads": {"L0.H0": TEXTSPAN["heads"]["L0.H0"]}},
+                       config(server.url, timeout=0.3, retries=1), progress=False)
+    error = heads["L0.H0"]["error"]
+    assert "no answer within 0.3 s" in error and "HTTP 503" in error
+
+
+def test_slow_answer_within_timeout_is_taken(serve):
+    server = serve(lambda body, n: ("sleep", 0.2, answer_by_keyword(body, n)))
+    heads = llm_labels({**TEXTSPAN, "heads": {"L0.H1": TEXTSPAN["heads"]["L0.H1"]}}, config(server.url, timeout=5),
+                       progress=False)
+    assert heads["L0.H1"]["label"] == "shape"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path))
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    started = time.time()
+    with pytest.raises(LLMUnreachable, match="cannot reach the LLM endpoint .*Is the server running"):
+        llm_labels(TEXTSPAN, config(url, retries=1), progress=False)
+    assert time.time() - started < 5
+
+
+def test_wrong_key_and_wrong_path_fail_at_once(serve):
+    server = serve(lambda body, n: ("status", 401))
+    with pytest.raises(ClipInterpretError, match="HTTP 401.*key"):
+        llm_labels(TEXTSPAN, config(server.url), progress=False)
+    assert len(server.requests) == 1
+    server = serve(answer_by_keyword)
+    with pytest.raises(ClipInterpretError, match="HTTP 404"):
+        llm_labels(TEXTSPAN, config(server.url.replace("/v1", "/nope")), progress=False)
+
+
+def test_configuration_comes_from_options_or_environment(monkeypatch):
+    monkeypatch.setenv("CLIP_INTERPRET_LLM_URL", "http://env:1/v1")
+    monkeypatch.setenv("CLIP_INTERPRET_LLM_MODEL", "env-model")
+    monkeypatch.setenv("OPENAI_API_KEY", "env-key")
+    cfg = LLMConfig.from_env(model="opt-model")
+    assert (cfg.url, cfg.model, cfg.api_key) == ("http://env:1/v1", "opt-model", "env-key")
+    monkeypatch.delenv("CLIP_INTERPRET_LLM_URL")
+    with pytest.raises(ClipInterpretError, match="--llm-url"):
+        LLMConfig.from_env(model="m").check()
+
+
+@pytest.mark.parametrize("content,problem", [
+    ('{"property": "colors", "confidence": 0.5, "judgements": [true, false]}', "3 booleans"),
+    ('{"property": "colors", "confidence": 1.5, "judgements": [true, true, true]}', "confidence"),
+    ('{"property": "", "confidence": 0.5, "judgements": [true, true, true]}', "property"),
+    ('{"property": "colors", "confidence": 0.5, "judgements": [1, 0, 1]}', "booleans"),
+    ('[1, 2, 3]', "not a JSON object"),
+    ('{"property": "colors", "confidence": 0.5, "judgements": [true, true, true]} and more', "malformed"),
+])
+def test_answers_are_parsed_strictly(content, problem):
+    with pytest.raises(ClipInterpretError, match=problem):
+        parse_answer(content, 3, None)
+
+
+def test_fenced_answer_and_none_property():
+    ok = parse_answer('```json\n{"property": "Colours", "confidence": 0.7, "judgements": [true]}\n```', 1, None)
+    assert ok == {"label": "color", "confidence": 0.7, "judgements": [True]}
+    assert parse_answer('{"property": "none", "confidence": 0.2, "judgements": [false]}', 1, None)["label"] is None
+
+
+def test_few_shot_examples_use_the_published_property_names():
+    published = {label for m in published_labels()["models"].values() for label in m["head_labels"].values()}
+    examples = default_examples()
+    assert examples and all(ex["property"] in published for ex in examples)
+    assert all(len(ex["judgements"]) == len(ex["texts"]) for ex in examples)
+    messages = build_messages(["a", "b"], examples, None)
+    assert len(messages) == 2 + 2 * len(examples)

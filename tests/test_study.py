@@ -1,0 +1,125 @@
+"""The whole study: analyze (steps skipped when up to date), report, demo, and the label/metrics commands."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from clip_interpret.cli import main
+
+
+def _steps(out: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"\[\d/7\] (\w+): (.*)", out)}
+
+
+def test_analyze_chains_every_step_and_skips_what_is_up_to_date(tmp_path, capsys):
+    run = tmp_path / "run"
+    manual = tmp_path / "manual.tsv"
+    manual.write_text("L5.H1\tposition\n")
+    args = ["analyze", "--model", "toy", "--images", "toyworld:200:1", "--out", str(run), "--pool", "toy",
+            "--layers", "4,5", "--labeller", "taxonomy", "--labeller", "embedding"]
+    assert main(args) == 0
+    first = _steps(capsys.readouterr().out)
+    assert list(first) == ["index", "ablate", "textspan", "label", "faithfulness", "metrics", "report"]
+    assert all(v.startswith("done") for v in first.values()), first
+    for name in ("manifest.json", "ablation.json", "textspan-toy.json", "labels-taxonomy.json",
+                 "labels-embedding.json", "labels.json", "faithfulness.json", "metrics.json", "metrics.png",
+                 "report.html"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "labels.json").read_text())["labeller"] == "taxonomy"  # the first labeller is in force
+
+    assert main(args) == 0
+    second = _steps(capsys.readouterr().out)
+    assert all("up to date" in v for v in second.values()), second
+
+    assert main(args + ["--manual", str(manual)]) == 0  # a new input: only the steps after it run again
+    third = _steps(capsys.readouterr().out)
+    assert "up to date" in third["textspan"] and "up to date" in third["faithfulness"]
+    assert third["label"].startswith("done") and third["report"].startswith("done")
+    labels = json.loads((run / "labels.json").read_text())["heads"]
+    assert labels["L5.H1"]["label"] == "position" and labels["L5.H1"]["source"] == "manual"
+
+
+def test_report_is_self_contained(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["analyze", "--model", "toy", "--images", "toyworld:120:1", "--out", str(run), "--pool", "toy",
+                 "--layers", "5"]) == 0
+    capsys.readouterr()
+    page = (run / "report.html").read_text()
+    for section in ("Model card", "Mean-ablation study", "Interpretability scores", "Faithfulness", "Heads",
+                    "Heat maps"):
+        assert f"<h2>{section}" in page
+    for head in (f"L5.H{h}" for h in range(8)):
+        assert f"<td>{head}</td>" in page
+    assert page.count("data:image/png;base64,") >= 4  # the chart and three heat maps
+    # nothing to fetch: every src/href is a data URL
+    assert not re.findall(r'(?:src|href)="(?!data:)', page)
+    assert "<script" not in page
+    # the report names the paper's six models' published scores
+    assert "ViT-L-14/laion2b_s32b_b82k" in page
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--images", "1"]) == 0
+    assert (tmp_path / "r.html").read_text().count("<figure>") == 1
+
+
+def test_demo_runs_the_whole_study(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "150"]) == 0
+    text = capsys.readouterr().out
+    assert "report: " in text and str((out / "report.html").resolve()) in text
+    assert "taxonomy:" in text and "confirmed by ablation" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["faithfulness"]) == {"taxonomy", "embedding"}
+    with pytest.raises(SystemExit):
+        main(["demo", "--n", "abc"])
+    assert main(["demo", "--out", str(out), "--n", "10"]) == 2
+    assert "at least 50" in capsys.readouterr().err
+
+
+@pytest.fixture
+def labelled_copy(toy_textspan_run, tmp_path):
+    src, _ = toy_textspan_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    return run
+
+
+def test_label_command_and_errors(labelled_copy, tmp_path, capsys):
+    run = labelled_copy
+    assert main(["label", str(run)]) == 0  # a tagged pool: taxonomy by default
+    out = capsys.readouterr().out
+    assert "labels by taxonomy" in out and (run / "labels.json").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"L7.H0": "color"}))
+    assert main(["label", str(run), "--manual", str(bad)]) == 2
+    assert "L7.H0" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("textspan-*.json"))
+    assert main(["label", str(bare)]) == 2
+    assert "clip-interpret textspan" in capsys.readouterr().err
+    assert main(["label", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["label", str(run), "--labeller", "llm"]) == 2  # no endpoint configured
+    assert "--llm-url" in capsys.readouterr().err
+
+
+def test_metrics_compares_runs(labelled_copy, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["label", str(labelled_copy), "--labeller", "embedding", "--encoder", "minilm"]) == 0
+    shutil.copytree(labelled_copy, other)
+    assert main(["faithfulness", str(labelled_copy)]) == 0
+    assert "testable labels confirmed" in capsys.readouterr().out
+    out_dir = tmp_path / "cmp"
+    assert main(["metrics", str(labelled_copy), str(other), "--out", str(out_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "association" in text and "ViT-B-32/openai" in text and "confirmed by ablation" in text
+    assert (out_dir / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out_dir / "comparison.json").read_text())
+    assert {"run: toy (embedding)", "other: toy (embedding)"} <= set(rows) and len(rows) == 2 + 6
+    assert main(["metrics", str(tmp_path / "nothing")]) == 2
+
+
+def test_textspan_without_the_reconstruction_check(labelled_copy, capsys):
+    assert main(["textspan", str(labelled_copy), "--pool", "toy", "--no-check"]) == 0
+    result = json.loads((labelled_copy / "textspan-toy.json").read_text())
+    assert "reconstruction" not in result and len(result["heads"]) == 48
