@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/textspan.py
 	$(PY) bench/index.py
 	$(PY) bench/toy_card.py
+	$(PY) bench/study.py
 
 clean:
 	rm -rf $(VENV) out

@@ -123,3 +123,20 @@ def test_textspan_without_the_reconstruction_check(labelled_copy, capsys):
     assert main(["textspan", str(labelled_copy), "--pool", "toy", "--no-check"]) == 0
     result = json.loads((labelled_copy / "textspan-toy.json").read_text())
     assert "reconstruction" not in result and len(result["heads"]) == 48
+
+
+def test_analyze_a_folder_without_classes(tmp_path, capsys):
+    """No zero-shot tasks: the ablation steps say why they cannot run; the rest of the study goes on."""
+    from clip_interpret.toyworld import export
+
+    export(tmp_path / "imgs", 20, seed=1, masks=False)
+    run = tmp_path / "run"
+    assert main(["analyze", "--model", "open_clip:test-vit-tiny", "--images", str(tmp_path / "imgs" / "images"),
+                 "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    steps = _steps(out)
+    assert "not possible here" in steps["ablate"] and "class sub-folders" in steps["ablate"]
+    assert "not possible here" in steps["faithfulness"]
+    assert steps["textspan"].startswith("done") and "pool general" in steps["textspan"]
+    assert "open_clip:test-vit-tiny (taxonomy)" in out  # the run's own row in the printed comparison
+    assert "RANDOM" in out and (run / "report.html").is_file()

@@ -400,7 +400,7 @@ def _print_study(result: dict) -> None:
     from .metrics import format_comparison
 
     print()
-    rows = {k: v for k, v in result["metrics"]["rows"].items() if not k.startswith("open_clip:")}
+    rows = {k: v for k, v in result["metrics"]["rows"].items() if "published" not in v.get("source", "")}
     print(format_comparison(rows))
     for labeller, faith in (result["metrics"].get("faithfulness") or {}).items():
         if faith["share_confirmed"] is not None:
