@@ -179,7 +179,8 @@ def neighbours_text(result: analyses.Neighbours) -> str:
                     + (", ".join(result.heads) if len(result.heads) < 12 else f"{len(result.heads)} heads")}
     rows = "\n".join(f"| {r + 1} | {i} | {n} | {s:+.5f} |"
                      for r, (i, n, s) in enumerate(zip(result.indices, result.names, result.scores)))
-    return f"Top {len(result.indices)} by {what[result.analysis]}:\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
+    score = "cosine" if result.metric == "cosine" else "dot product"
+    return f"Top {len(result.indices)} by {what[result.analysis]} ({score}):\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
 
 
 def segmentation_gallery(result: analyses.Segmentation) -> list[tuple[Image.Image, str]]:
@@ -194,12 +195,12 @@ def segmentation_text(result: analyses.Segmentation) -> str:
             f"(red raises the similarity, blue lowers it). The heads' share of the similarity: {shares}.")
 
 
-def run_property_neighbours(registry: Registry, key, image, prop, k):
+def run_property_neighbours(registry: Registry, key, image, prop, k, metric="dot"):
     entry = registry.get(key)
     if not entry.labels:
         raise ClipInterpretError(entry.labels_note or f"run {entry.key} has no labelled heads")
     result = analyses.property_neighbours(entry.model, entry.run, _image(image), prop or "", k=int(k or 4),
-                                          labels=entry.labels, store=entry.store)
+                                          labels=entry.labels, store=entry.store, metric=metric or "dot")
     return neighbours_gallery(result), neighbours_text(result)
 
 
@@ -216,10 +217,10 @@ def run_contrastive_segmentation(registry: Registry, key, image, text_a, text_b,
     return segmentation_gallery(result), segmentation_text(result)
 
 
-def run_image_neighbours(registry: Registry, key, image, heads, k):
+def run_image_neighbours(registry: Registry, key, image, heads, k, metric="dot"):
     entry = registry.get(key)
     result = analyses.image_neighbours(entry.model, entry.run, _image(image), entry.heads(heads), k=int(k or 8),
-                                       store=entry.store)
+                                       store=entry.store, metric=metric or "dot")
     return neighbours_gallery(result), neighbours_text(result)
 
 

@@ -103,6 +103,10 @@ def build(registry: core.Registry) -> gr.Blocks:
             message = gr.Markdown(elem_id=f"{prefix}-msg", elem_classes="ci-msg")
             return gallery, message
 
+        def metric_choice(prefix: str):
+            return gr.Radio([("dot product (the paper's)", "dot"), ("cosine", "cosine")], value="dot",
+                            label="Score", elem_id=f"{prefix}-metric")
+
         props = entry.properties() if usable else []
         with gr.Tabs():
             with gr.Tab("Property neighbours", elem_id="tab-property"):
@@ -112,6 +116,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                     prop = gr.Dropdown(props, value=props[0] if props else None, allow_custom_value=True,
                                        label="Property", elem_id="prop-property")
                     prop_k = gr.Number(value=4, precision=0, minimum=1, maximum=64, label="k")
+                    prop_metric = metric_choice("prop")
                 prop_go = gr.Button("Find neighbours", variant="primary", elem_id="prop-run")
                 prop_out = outputs("prop", 4)
             with gr.Tab("Topic segmentation", elem_id="tab-segment"):
@@ -129,9 +134,11 @@ def build(registry: core.Registry) -> gr.Blocks:
                 con_go = gr.Button("Contrast", variant="primary", elem_id="con-run")
                 con_out = outputs("con", 3)
             with gr.Tab("Image neighbours", elem_id="tab-image"):
-                gr.Markdown("The run's images closest to the query in one head (dot product of contributions).")
+                gr.Markdown("The run's images closest to the query in one head (the score compares the two images' contributions).")
                 img_heads = head_picker("img", multiselect=False)
-                img_k = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="k")
+                with gr.Row():
+                    img_k = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="k")
+                    img_metric = metric_choice("img")
                 img_go = gr.Button("Find neighbours", variant="primary", elem_id="img-run")
                 img_out = outputs("img", 4)
             with gr.Tab("Text neighbours", elem_id="tab-text"):
@@ -145,22 +152,22 @@ def build(registry: core.Registry) -> gr.Blocks:
         # --------------------------------------------------------------- events
         def on_upload(path):
             if not path:
-                return None, None, ""
+                return gr.skip(), None, None, ""
             try:
                 image = load_image(_uploaded(path))
-            except ClipInterpretError as err:
-                return None, None, f"**Error:** {err}"
-            return ("upload", path), core.display(image, 220), "Query: the uploaded image."
+            except ClipInterpretError as err:  # refused: the box is emptied for the next try
+                return None, None, None, f"**Error:** {err}"
+            return gr.skip(), ("upload", path), core.display(image, 220), "Query: the uploaded image."
 
         def on_pick(key, index):
             try:
                 image = core.pick_run_image(registry, key, index)
             except ClipInterpretError as err:
-                return gr.skip(), gr.skip(), f"**Error:** {err}"
-            return ("run", int(index)), core.display(image, 220), f"Query: run image {int(index)}."
+                return gr.skip(), gr.skip(), gr.skip(), f"**Error:** {err}"
+            return None, ("run", int(index)), core.display(image, 220), f"Query: run image {int(index)}."
 
-        upload.upload(on_upload, upload, [query, preview, query_msg])
-        pick.click(on_pick, [run_box, index_box], [query, preview, query_msg])
+        upload.upload(on_upload, upload, [upload, query, preview, query_msg])
+        pick.click(on_pick, [run_box, index_box], [upload, query, preview, query_msg])
 
         def on_run(key):
             picked = registry.entries.get(key)
@@ -180,14 +187,14 @@ def build(registry: core.Registry) -> gr.Blocks:
         def analysis(fn):
             return _guard(lambda *a: fn(registry, *a), 2)
 
-        prop_go.click(analysis(lambda r, key, q, p, k: core.run_property_neighbours(r, key, _query(q), p, k)),
-                      [run_box, query, prop, prop_k], list(prop_out))
+        prop_go.click(analysis(lambda r, key, q, p, k, m: core.run_property_neighbours(r, key, _query(q), p, k, m)),
+                      [run_box, query, prop, prop_k, prop_metric], list(prop_out))
         seg_go.click(analysis(lambda r, key, q, t, h: core.run_topic_segmentation(r, key, _query(q), t, h)),
                      [run_box, query, seg_text, seg_heads], list(seg_out))
         con_go.click(analysis(lambda r, key, q, a, b, h: core.run_contrastive_segmentation(r, key, _query(q), a, b, h)),
                      [run_box, query, con_a, con_b, con_heads], list(con_out))
-        img_go.click(analysis(lambda r, key, q, h, k: core.run_image_neighbours(r, key, _query(q), h, k)),
-                     [run_box, query, img_heads, img_k], list(img_out))
+        img_go.click(analysis(lambda r, key, q, h, k, m: core.run_image_neighbours(r, key, _query(q), h, k, m)),
+                     [run_box, query, img_heads, img_k, img_metric], list(img_out))
         txt_go.click(analysis(core.run_text_neighbours), [run_box, txt_text, txt_heads, txt_k], list(txt_out))
     return demo
 
