@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/index.py
 	$(PY) bench/toy_card.py
 	$(PY) bench/study.py
+	$(PY) bench/analyses.py
 
 clean:
 	rm -rf $(VENV) out

@@ -20,6 +20,14 @@ LABELS = {"labeller": "manual", "heads": {
     "L2.H2": {"label": None, "source": "manual"},
 }}
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -116,7 +124,7 @@ def test_top_k_is_exact_with_ties_and_small_inputs():
     assert list(A.top_k(np.array([0.5, 2.0], np.float32), 5)) == [1, 0]
 
 
-def test_approximate_index_recall(run):
+def test_approximate_index_recall(model, run):
     pytest.importorskip("faiss")  # the optional `ann` extra
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 32)).astype(np.float32)
@@ -127,6 +135,9 @@ def test_approximate_index_recall(run):
     approx = np.stack([index.search(q, 10)[0] for q in queries])
     assert A.recall_at_k(exact, approx) >= 0.9
     assert A.recall_at_k(exact, exact) == 1.0
+    store = A.ContributionStore(run, approximate=True, ann_min_rows=100)  # the run is served approximately
+    result = A.image_neighbours(model, run, 42, "L5.H3", metric="cosine", store=store)
+    assert result.indices[0] == 42 and len(result.indices) == 8
 
 
 def test_topic_segmentation_all_heads_is_the_sum_over_heads(model, run):

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from clip_interpret import load_model
@@ -27,6 +28,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LABELS = {"labeller": "manual", "heads": {"L5.H3": {"label": "colours"}, "L4.H1": {"label": "color"},
                                           "L3.H0": {"label": "shape"}}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

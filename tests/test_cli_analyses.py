@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clip_interpret import analyses, cli, cli_analyses, load_model
@@ -12,6 +13,15 @@ from clip_interpret.toyworld import generate
 
 
 _BUILD = cli.build_parser
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _parser():

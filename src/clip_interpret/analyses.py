@@ -241,7 +241,7 @@ class ApproximateIndex:
         self.index.cp.seed = seed
         self.index.train(matrix)
         self.index.add(matrix)
-        self.index.nprobe = nprobe or max(1, self.nlist // 8)
+        self.index.nprobe = nprobe or max(1, self.nlist // 4)
         self._quantiser = quantiser  # keep alive: the IVF index refers to it
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
