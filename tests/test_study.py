@@ -140,3 +140,30 @@ def test_analyze_a_folder_without_classes(tmp_path, capsys):
     assert steps["textspan"].startswith("done") and "pool general" in steps["textspan"]
     assert "open_clip:test-vit-tiny (taxonomy)" in out  # the run's own row in the printed comparison
     assert "RANDOM" in out and (run / "report.html").is_file()
+
+
+def test_csv_table_of_labelled_images_gives_one_task_per_property(tmp_path, capsys):
+    """Faithfulness on any labelled image collection: a CSV names the images and their properties."""
+    from clip_interpret.index.sources import open_source
+    from clip_interpret.toyworld import export
+
+    export(tmp_path / "set", 80, seed=1, masks=False)  # writes attributes.csv: image, caption, shape, color, ...
+    table = tmp_path / "set" / "attributes.csv"
+    source = open_source(str(table))
+    assert source.kind == "table" and len(source) == 80
+    assert source.names[0] == str(tmp_path / "set" / "images" / "000000.png")
+    # the free-text caption, the empty mask column and the per-image object lists are not label sets
+    assert set(source.labels) == {"shape", "color", "size", "count", "position", "background", "pattern"}
+    run = tmp_path / "run"
+    assert main(["analyze", "--model", "toy", "--images", str(table), "--out", str(run), "--pool", "toy",
+                 "--layers", "5"]) == 0
+    capsys.readouterr()
+    drops = json.loads((run / "faithfulness.json").read_text())
+    assert set(drops["tasks"]) == set(source.labels)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["faithfulness"]["taxonomy"]["testable"] > 0
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,color\na.png,red\n")
+    assert main(["index", "--model", "toy", "--images", str(bad), "--out", str(tmp_path / "r2")]) == 2
+    assert "needs an 'image' column" in capsys.readouterr().err

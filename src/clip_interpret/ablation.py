@@ -12,7 +12,8 @@ by its mean over the run's images there. Variants:
 Tasks: on a toy-world run, one task per toy property; on a run whose class
 labels are ImageNet synsets or class names, ImageNet zero-shot with open_clip's
 class names and templates; otherwise the folder class names with simple
-templates.
+templates. A CSV image table adds one task per labelled column (property),
+its values as classes, with property templates.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from .errors import ClipInterpretError
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
+PROPERTY_TEMPLATES = ("a photo of {}.", "an image with {}.", "{}.")
 
 
 @dataclass
@@ -55,9 +57,26 @@ def zero_shot_tasks(run, model) -> list[Task]:
             labels = np.asarray([values.index(v) for v in run.labels[prop]])
             tasks.append(Task(prop, labels, class_embeddings(model, prop).cpu().numpy(), list(values)))
         return tasks
-    if "class" not in run.labels:
+    property_sets = [k for k in run.labels if k != "class"]
+    if "class" not in run.labels and not property_sets:
         raise ClipInterpretError(f"run {run.path} has no labels to classify: the mean-ablation study needs images "
-                                 "in class sub-folders (ImageFolder layout) or a toyworld source")
+                                 "in class sub-folders (ImageFolder layout), a CSV table of labelled images, "
+                                 "or a toyworld source")
+    tasks = [_property_task(model, prop, run.labels[prop]) for prop in property_sets]
+    if "class" not in run.labels:
+        return tasks
+    return tasks + _class_tasks(run, model)
+
+
+def _property_task(model, prop: str, values: list[str]) -> Task:
+    names = sorted(set(values))
+    index = {n: i for i, n in enumerate(names)}
+    readable = [n.replace("_", " ") for n in names]
+    return Task(prop, np.asarray([index[v] for v in values]), _class_embeddings(model, readable, PROPERTY_TEMPLATES),
+                readable)
+
+
+def _class_tasks(run, model) -> list[Task]:
     folder_labels = run.labels["class"]
     names = sorted(set(folder_labels))
     from open_clip import zero_shot_metadata as meta

@@ -1,4 +1,4 @@
-"""Interpretability scores of a model from its head labels (definitions in docs/metrics.md).
+"""Interpretability scores of a model from its head labels (definitions in docs/study.md).
 
 With L the set of labelled heads, p(h) the property of head h, and J_h the
 judgements of h's TextSpan descriptions (1 when a description belongs to p(h)):

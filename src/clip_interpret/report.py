@@ -49,10 +49,11 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
+def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1, numeric_until: int = 999) -> str:
+    """An HTML table; cells are HTML already. Columns numeric_from..numeric_until-1 align right."""
     out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
     for row in rows:
-        cells = [f"<td{' class=n' if i >= numeric_from else ''}>{c}</td>" for i, c in enumerate(row)]
+        cells = [f"<td{' class=n' if numeric_from <= i < numeric_until else ''}>{c}</td>" for i, c in enumerate(row)]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
@@ -72,7 +73,7 @@ def _model_card(run, model) -> str:
     if man["model"]["spec"] == "toy":
         from .models.loader import TOY_WEIGHTS
 
-        card = _read(TOY_WEIGHTS.with_suffix(".json"))
+        card = _read(TOY_WEIGHTS / "toy.json")
         if card and "eval" in card:
             accs = ", ".join(f"{p} {v['accuracy']:.0%}" for p, v in card["eval"]["zero_shot"].items())
             rows.append(["toy model zero-shot (held-out)", _esc(accs)])
@@ -107,8 +108,8 @@ def _metrics_section(metrics, chart: str | None) -> str:
         rows.append([_esc(name), "n/a" if row["association"] is None else f"{row['association']:.3f}",
                      "n/a" if row["entanglement"] is None else f"{row['entanglement']:.3f}",
                      f"{row['n_labelled']}/{row['n_heads']}", str(row["n_properties"]), _esc(top)])
-    text = _table(["labels", "association", "entanglement", "labelled", "properties", "top properties (heads)"],
-                  rows)
+    text = _table(["model (labeller)", "association", "entanglement", "labelled", "properties",
+                   "top properties (heads)"], rows, numeric_until=5)
     text += ("<p class=muted>Association: mean share of a labelled head's TextSpan descriptions judged to belong "
              "to its label. Entanglement: share of labelled heads whose property another head also carries. "
              "The published labels come without descriptions, so their association is n/a.</p>")
@@ -125,7 +126,7 @@ def _faithfulness_section(faith: dict | None) -> str:
         rows.append([_esc(labeller), str(res["testable"]), str(res["confirmed"]), _pct(res["share_confirmed"]),
                      _pct(res["share_confirmed_by_accuracy"])])
     return ("<p>A label is confirmed when mean-ablating the head lowers the margin of its own property's "
-            "zero-shot task more than any other task's (see docs/metrics.md).</p>"
+            "zero-shot task more than any other task's (see docs/study.md).</p>"
             + _table(["labeller", "testable labels", "confirmed", "share confirmed", "by accuracy drops alone"],
                      rows))
 
@@ -248,7 +249,7 @@ def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -
         "<h2>Heads</h2>", _heads_table(labels, faith, textspan),
         "<h2>Heat maps</h2>", _heatmaps(run, model, (primary or {}).get("heads"), textspan, n_images),
         "<p class=muted>Written by clip-interpret. Pieces and scores follow docs/decomposition.md and "
-        "docs/metrics.md.</p></body></html>",
+        "docs/study.md.</p></body></html>",
     ]
     path = Path(out) if out else root / "report.html"
     from .index.store import atomic_write_bytes

@@ -85,6 +85,38 @@ def _list_file(path: Path, spec: str) -> ImageSource:
     return ImageSource(spec, names, {}, kind="list")
 
 
+def _csv_file(path: Path, spec: str) -> ImageSource:
+    """A CSV whose ``image`` (or ``file``/``path``) column lists images (relative to the CSV) and whose
+    other columns label them. A column is a label set when every row has a value and the values
+    repeat (2 to 1000 distinct values, fewer than the rows); free text such as captions is left out."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ClipInterpretError(f"cannot read image table {path}: {err}") from None
+    if not rows:
+        raise ClipInterpretError(f"image table {path} has no rows")
+    column = next((c for c in ("image", "file", "path", "filename") if c in rows[0]), None)
+    if column is None:
+        raise ClipInterpretError(f"image table {path} needs an 'image' column (image paths, relative to the file); "
+                                 f"it has {', '.join(rows[0])}")
+    names = []
+    for row in rows:
+        candidate = Path(row[column].strip()).expanduser()
+        names.append(str(candidate if candidate.is_absolute() else (path.parent / candidate)))
+    labels = {}
+    for key in rows[0]:
+        if key == column or key is None:
+            continue
+        values = [(row.get(key) or "").strip() for row in rows]
+        distinct = set(values)
+        if all(values) and 2 <= len(distinct) <= 1000 and len(distinct) < len(values):
+            labels[key.strip()] = values
+    return ImageSource(spec, names, labels, kind="table")
+
+
 def _toyworld(spec: str) -> ImageSource:
     from ..toyworld import PROPERTIES, ToyWorld
     from ..toyworld.world import sample_attributes
@@ -101,7 +133,8 @@ def _toyworld(spec: str) -> ImageSource:
 
 
 def open_source(spec: str) -> ImageSource:
-    """Parse an image source spec: ``toyworld:N[:seed]``, a folder, or a text file of paths."""
+    """Parse an image source spec: ``toyworld:N[:seed]``, a folder, a CSV table of labelled images,
+    or a text file of paths."""
     if not isinstance(spec, str) or not spec.strip():
         raise ClipInterpretError("no image source given; pass a folder, a text file of paths, or toyworld:N[:seed]")
     if spec.startswith("toyworld:"):
@@ -114,6 +147,8 @@ def open_source(spec: str) -> ImageSource:
         return _folder(path, spec)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageSource(spec, [str(path)], {}, kind="files")
+    if path.suffix.lower() == ".csv":
+        return _csv_file(path, spec)
     try:
         with Image.open(path):
             return ImageSource(spec, [str(path)], {}, kind="files")
