@@ -218,3 +218,34 @@ def test_few_shot_examples_use_the_published_property_names():
     assert all(len(ex["judgements"]) == len(ex["texts"]) for ex in examples)
     messages = build_messages(["a", "b"], examples, None)
     assert len(messages) == 2 + 2 * len(examples)
+
+
+def test_label_command_with_a_local_llm_server(serve, toy_textspan_run, tmp_path, capsys):
+    """The whole path: `clip-interpret label --labeller llm` against the local server; one head's answers
+    are always invalid, so it fails alone and the command still writes the others."""
+    import shutil
+
+    from clip_interpret.cli import main
+
+    src, _ = toy_textspan_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    ts = json.loads((run / "textspan-toy.json").read_text())
+    doomed = ts["heads"]["L5.H4"]["texts"]
+
+    def script(body, n):
+        texts = _texts(body)
+        if texts == doomed:
+            return "I think these are backgrounds."
+        return {"property": "colors", "confidence": 0.6, "judgements": [True] * len(texts)}
+
+    server = serve(script)
+    code = main(["label", str(run), "--labeller", "llm", "--llm-url", server.url, "--llm-model", "m",
+                 "--llm-retries", "1", "--properties", "colors,background,pattern"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "L5.H4" in captured.err and "malformed JSON" in captured.err
+    labels = json.loads((run / "labels-llm.json").read_text())
+    assert labels["heads"]["L5.H4"]["label"] is None and labels["failed"] == {"L5.H4": labels["heads"]["L5.H4"]["error"]}
+    assert sum(1 for e in labels["heads"].values() if e["label"] == "color") == 47
+    assert labels["options"]["properties"] == ["colors", "background", "pattern"]
