@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from clip_interpret import load_model
 from clip_interpret.app import core
@@ -140,7 +139,7 @@ def server(runs, tmp_path_factory):
                 if time.time() > deadline:
                     pytest.fail(f"the app did not answer within 90 s:\n{log.read_text()}")
                 time.sleep(0.3)
-        yield {"url": url, "log": log}
+        yield {"url": url, "log": log, "runs": runs}
     finally:
         proc.terminate()
         try:
@@ -163,6 +162,18 @@ def test_app_binds_localhost_says_which_run_failed_and_limits_uploads(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 413
+    for path in ("/etc/passwd", str(server["runs"]["toy"] / "manifest.json")):  # gradio serves no other files
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server["url"] + "gradio_api/file=" + path, timeout=10)
+        assert err.value.code in (403, 404)
+
+
+def test_uploads_are_only_read_from_the_upload_folder(server):
+    from clip_interpret.app import ui
+
+    with pytest.raises(ClipInterpretError, match="must be uploaded through the page"):
+        ui._query(("upload", "/etc/passwd"))
+    assert ui._query(("run", "7")) == 7
 
 
 def test_browser_runs_all_five_tabs(server, tmp_path_factory):

@@ -64,7 +64,7 @@ def run_image(run, index: int) -> Image.Image:
     return load_image(name)
 
 
-def _query_image(model, run, image) -> tuple[Image.Image, str]:
+def _query_image(run, image) -> tuple[Image.Image, str]:
     """(RGB image, description) for a path, bytes, PIL image, array, or a run image index."""
     if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
         if run is None:
@@ -311,17 +311,15 @@ class Segmentation:
 
 # ---------------------------------------------------------------- analyses
 def _decompose_query(model, run, image, spatial: bool = False):
-    pil, name = _query_image(model, run, image)
+    pil, name = _query_image(run, image)
     layers, _ = _layers(model, run)
     if run is not None:
         run.check_model(model)
     return pil, name, decompose(model, [pil], layers=layers, spatial=spatial)
 
 
-def _neighbours(run, analysis, query, heads, idx, scores, query_image=None, prop=None, metric="dot", crop=None):
-    images = [run_image(run, int(i)) for i in idx]
-    if crop is not None:
-        images = [crop(im) for im in images]
+def _neighbours(model, run, analysis, query, heads, idx, scores, query_image=None, prop=None, metric="dot"):
+    images = [model.preprocess.crop(run_image(run, int(i))) for i in idx]  # as the model saw them
     return Neighbours(analysis, query, heads, np.asarray(idx), np.asarray(scores, np.float32),
                       [run.names[int(i)] for i in idx], images, query_image, prop, metric, str(run.path))
 
@@ -355,8 +353,8 @@ def property_neighbours(model, run, image, prop: str, k: int = DEFAULT_K["proper
     pil, name, d = _decompose_query(model, run, image)
     store = store or ContributionStore(run, max_bytes=0)
     idx, scores = store.search(heads, _head_sum(d, heads, "mean"), k, reduce="mean", metric=metric)
-    return _neighbours(run, "property", name, heads, idx, scores, model.preprocess.crop(pil),
-                       normalise_property(prop), metric, model.preprocess.crop)
+    return _neighbours(model, run, "property", name, heads, idx, scores, model.preprocess.crop(pil),
+                       normalise_property(prop), metric)
 
 
 def image_neighbours(model, run, image, heads, k: int = DEFAULT_K["image"], store: ContributionStore | None = None,
@@ -368,8 +366,7 @@ def image_neighbours(model, run, image, heads, k: int = DEFAULT_K["image"], stor
     pil, name, d = _decompose_query(model, run, image)
     store = store or ContributionStore(run, max_bytes=0)
     idx, scores = store.search(heads, _head_sum(d, heads), k, metric=metric)
-    return _neighbours(run, "image", name, heads, idx, scores, model.preprocess.crop(pil), None, metric,
-                       model.preprocess.crop)
+    return _neighbours(model, run, "image", name, heads, idx, scores, model.preprocess.crop(pil), None, metric)
 
 
 def text_neighbours(model, run, text: str, heads, k: int = DEFAULT_K["text"],
@@ -383,7 +380,7 @@ def text_neighbours(model, run, text: str, heads, k: int = DEFAULT_K["text"],
     query = model.encode_text([text])[0].float().numpy()
     store = store or ContributionStore(run, max_bytes=0)
     idx, scores = store.search(heads, query, k)
-    return _neighbours(run, "text", text, heads, idx, scores, crop=model.preprocess.crop)
+    return _neighbours(model, run, "text", text, heads, idx, scores)
 
 
 def _maps(model, run, image, texts: list[str], heads):
