@@ -276,6 +276,10 @@ def _add_label_options(p, many: bool = False) -> None:
     p.add_argument("--vocabulary", default=None, help="embedding labeller: candidate properties: toy, general or a "
                                                       "file of property<TAB>exemplar lines (default: toy on a "
                                                       "toy-world run, else general)")
+    _add_llm_options(p)
+
+
+def _add_llm_options(p) -> None:
     p.add_argument("--llm-url", default=None, help="llm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 "
                                                    "(or CLIP_INTERPRET_LLM_URL)")
     p.add_argument("--llm-model", default=None, help="llm: model name (or CLIP_INTERPRET_LLM_MODEL)")
@@ -586,13 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="run folder (default out/demo)")
     p.add_argument("--n", type=int, default=5000, help="held-out toy-world images (default 5000)")
     p.add_argument("--force", action="store_true", help="redo every step")
-    p.add_argument("--llm-url", default=None, help="also label with an LLM at this OpenAI-compatible URL")
-    p.add_argument("--llm-model", default=None)
-    p.add_argument("--llm-key", default=None)
-    p.add_argument("--llm-timeout", type=float, default=60.0)
-    p.add_argument("--llm-retries", type=int, default=3)
-    p.add_argument("--properties", default=None)
-    p.add_argument("--examples", default=None)
+    _add_llm_options(p)  # with --llm-url, the llm labeller runs too
     p.set_defaults(func=cmd_demo)
     return parser
 
