@@ -592,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every step")
     _add_llm_options(p)  # with --llm-url, the llm labeller runs too
     p.set_defaults(func=cmd_demo)
+
+    from . import cli_analyses  # the five analyses and the web app
+
+    cli_analyses.register(sub)
     return parser
 
 
