@@ -91,6 +91,13 @@ def test_head_choosers_show_labels(registry):
         core.run_property_neighbours(registry, "bare", 0, "color", 4)
 
 
+def test_page_images_are_enlarged_or_shrunk():
+    from PIL import Image
+
+    assert core.display(Image.new("RGB", (64, 64))).size == (192, 192)
+    assert core.display(Image.new("RGB", (2000, 1000))).size == (640, 320)
+
+
 def test_concurrent_requests_get_their_own_results(registry):
     jobs = [("text", "a red circle", "L5.H3"), ("text", "a blue star", "L2.H6"), ("text", "stripes", "L5.H3")] + \
         [("image", i, "L4.H1") for i in (3, 77, 199)]

@@ -42,9 +42,12 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
 
     demo = build(registry)
     demo.queue(default_concurrency_limit=max(1, concurrency))
-    return demo.launch(server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20),
-                       prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, css=CSS,
-                       footer_links=["gradio", "settings"])
+    try:
+        return demo.launch(server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20),
+                           prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, css=CSS,
+                           footer_links=["gradio", "settings"])
+    except OSError as err:  # port taken, address not on this machine, ...
+        raise ClipInterpretError(f"cannot serve on {host}:{port}: {err}") from None
 
 
 __all__ = ["Registry", "serve"]

@@ -89,6 +89,22 @@ class RunEntry:
         return heads
 
 
+class _Serialised:
+    """A model's text encoder called by one request at a time (Hugging Face fast tokenizers are
+    not thread-safe: "Already borrowed"); image work and search stay concurrent."""
+
+    def __init__(self, encoder):
+        self._encoder = encoder
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._encoder(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+
 class Registry:
     """The runs of one app process. Models are loaded once (at start) and shared by spec."""
 
@@ -126,7 +142,9 @@ class Registry:
         with self._lock:
             if spec not in self._models:
                 try:
-                    self._models[spec] = self._loader(spec)
+                    model = self._loader(spec)
+                    model.text = _Serialised(model.text)
+                    self._models[spec] = model
                 except Exception as err:  # noqa: BLE001 - remembered, so every run of this model says why
                     self._models[spec] = err
             found = self._models[spec]
@@ -154,8 +172,13 @@ class Registry:
 
 
 # ------------------------------------------------------------------ handlers
-def display(image: Image.Image, least: int = 160) -> Image.Image:
-    """Small images (the toy model's 64x64) enlarged by a whole factor, pixels kept sharp."""
+def display(image: Image.Image, least: int = 160, most: int = 640) -> Image.Image:
+    """An image for the page: small ones (the toy model's 64x64) enlarged by a whole factor with
+    sharp pixels, large ones shrunk to ``most`` pixels on their longer side."""
+    if max(image.size) > most:
+        shown = image.copy()
+        shown.thumbnail((most, most))
+        return shown
     factor = -(-least // max(image.size))
     return image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST) if factor > 1 else image
 

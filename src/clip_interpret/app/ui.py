@@ -64,7 +64,7 @@ def build(registry: core.Registry) -> gr.Blocks:
     usable = entry is not None and entry.usable
     run_choices = [(k if e.usable else f"{k} (unavailable)", k) for k, e in registry.entries.items()]
 
-    with gr.Blocks(title="clip-interpret", analytics_enabled=False) as demo:
+    with gr.Blocks(title="clip-interpret", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         query = gr.State(None)  # per session: ("upload", path) or ("run", index)
         gr.Markdown("## clip-interpret: the five CLIP-InterpreT analyses")
         with gr.Row():
