@@ -5,6 +5,7 @@ Python package (the ``test`` extra); it never downloads a browser.
 """
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from clip_interpret.errors import ClipInterpretError
 from clip_interpret.index import index_images
 from clip_interpret.toyworld import generate
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("CLIP_INTERPRET_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LABELS = {"labeller": "manual", "heads": {"L5.H3": {"label": "colours"}, "L4.H1": {"label": "color"},
@@ -234,6 +235,13 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
                            {"#con-a": "a red circle", "#con-b": "a striped background"}, "for every map")
             assert "a striped background" in text
             page.fill("#run-index input", "17")
+            page.click("#pick-run-image")
+            page.wait_for_function("document.querySelector('#query-msg').innerText.includes('run image 17')")
+            page.click("#browse-run")  # browse 16 run images from number 17, click the third
+            page.wait_for_function("document.querySelectorAll('#run-browser img').length >= 16")
+            page.locator("#run-browser img").nth(2).click()
+            page.wait_for_function("document.querySelector('#query-msg').innerText.includes('run image 19')")
+            page.screenshot(path=str(shots / "browse.png"), full_page=True)
             page.click("#pick-run-image")
             page.wait_for_function("document.querySelector('#query-msg').innerText.includes('run image 17')")
             text = run_tab("Image neighbours", "#img-run", "img", 8)

@@ -22,6 +22,7 @@ from . import core  # noqa: E402
 
 log = logging.getLogger(__name__)
 CSS = ".ci-msg p { margin: 0.2em 0; }"
+BROWSE = 16  # run images shown at once when browsing
 
 
 def _uploaded(path) -> str:
@@ -76,10 +77,15 @@ def build(registry: core.Registry) -> gr.Blocks:
             with gr.Column():
                 index_box = gr.Number(value=0, precision=0, minimum=0, label="...or a run image, by number",
                                       elem_id="run-index")
-                pick = gr.Button("Use this run image", elem_id="pick-run-image")
+                with gr.Row():
+                    pick = gr.Button("Use this run image", elem_id="pick-run-image")
+                    browse = gr.Button(f"Browse {BROWSE} from this number", elem_id="browse-run")
                 query_msg = gr.Markdown(elem_id="query-msg", elem_classes="ci-msg")
             preview = gr.Image(label="Query image", interactive=False, format="png", height=220, buttons=["fullscreen"],
                                elem_id="query-preview")
+        browse_start = gr.State(0)  # per session: the run image number of the first thumbnail
+        browser = gr.Gallery(label="The run's images: click one to use it as the query", columns=BROWSE // 2,
+                             height=270, allow_preview=False, format="png", visible=False, elem_id="run-browser")
 
         layer_boxes, head_boxes = [], []
 
@@ -166,10 +172,25 @@ def build(registry: core.Registry) -> gr.Blocks:
                 return gr.skip(), gr.skip(), gr.skip(), f"**Error:** {err}"
             return None, ("run", int(index)), core.display(image, 220), f"Query: run image {int(index)}."
 
+        def on_browse(key, start):
+            try:
+                entry_ = registry.get(key)
+                start = max(0, min(int(start or 0), len(entry_.run) - 1))
+                stop = min(len(entry_.run), start + BROWSE)
+                shown = [(core.display(core.analyses.run_image(entry_.run, i), 96), f"#{i}") for i in range(start, stop)]
+            except ClipInterpretError as err:
+                return gr.skip(), gr.skip(), f"**Error:** {err}"
+            return gr.Gallery(value=shown, visible=True), start, f"Run images {start}-{stop - 1}: click one to use it."
+
+        def on_select(key, start, evt: gr.SelectData):
+            return on_pick(key, int(start) + int(evt.index))
+
         upload.upload(on_upload, upload, [upload, query, preview, query_msg])
         pick.click(on_pick, [run_box, index_box], [upload, query, preview, query_msg])
+        browse.click(on_browse, [run_box, index_box], [browser, browse_start, query_msg])
+        browser.select(on_select, [run_box, browse_start], [upload, query, preview, query_msg])
 
-        def on_run(key):
+        def on_run(key, current):
             picked = registry.entries.get(key)
             ok = picked is not None and picked.usable
             props_now = picked.properties() if ok else []
@@ -180,9 +201,13 @@ def build(registry: core.Registry) -> gr.Blocks:
             for _, multi in head_boxes:
                 default = [core.ALL_HEADS] if multi else (picked.default_head() if ok else None)
                 updates.append(gr.Dropdown(choices=picked.head_choices() if ok else [], value=default))
-            return updates
+            updates.append(gr.Gallery(value=None, visible=False))
+            if current and current[0] == "run":  # a number of the other run's images: forget it
+                return updates + [None, None, "Pick a query image of this run, or upload one."]
+            return updates + [gr.skip()] * 3
 
-        run_box.change(on_run, run_box, [run_info, prop, *layer_boxes, *[h for h, _ in head_boxes]])
+        run_box.change(on_run, [run_box, query], [run_info, prop, *layer_boxes, *[h for h, _ in head_boxes],
+                                                  browser, query, preview, query_msg])
 
         def analysis(fn):
             return _guard(lambda *a: fn(registry, *a), 2)
