@@ -184,6 +184,15 @@ def test_uploads_are_only_read_from_the_upload_folder(server):
     assert ui._query(("run", "7")) == 7
 
 
+def test_layer_choice_narrows_the_head_chooser(registry, server):
+    from clip_interpret.app import ui
+
+    single = ui._heads_update(registry, "toy", "4", False)
+    assert single.value == "L4.H1" and ("L4.H1 (color)", "L4.H1") in single.choices and len(single.choices) == 9
+    assert ui._heads_update(registry, "toy", "3", True).value == ["layer:3"]
+    assert ui._heads_update(registry, "toy", "all layers", False).value == "L3.H0"
+
+
 def test_browser_runs_all_five_tabs(server, tmp_path_factory):
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: the browser test needs Debian's chromium "
@@ -253,6 +262,9 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
             page.get_by_role("tab", name="Text neighbours").click()
             shown = page.input_value("#txt-heads input")
             assert shown == "L3.H0 (shape)"  # head choosers show labels
+            page.click("#txt-layer input")
+            page.get_by_role("option", name="layer 4").click()
+            page.wait_for_function("document.querySelector('#txt-heads input').value == 'L4.H1 (color)'")
             text = run_tab("Text neighbours", "#txt-run", "txt", 3, {"#txt-text": "a blue star"})
             assert "a blue star" in text and text.count("toyworld:1:") == 3
 

@@ -200,7 +200,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                         for _ in layer_boxes]
             for _, multi in head_boxes:
                 default = [core.ALL_HEADS] if multi else (picked.default_head() if ok else None)
-                updates.append(gr.Dropdown(choices=picked.head_choices() if ok else [], value=default))
+                updates.append(gr.Dropdown(choices=picked.head_choices() if ok else [], value=default, multiselect=multi))
             updates.append(gr.Gallery(value=None, visible=False))
             if current and current[0] == "run":  # a number of the other run's images: forget it
                 return updates + [None, None, "Pick a query image of this run, or upload one."]
@@ -230,5 +230,7 @@ def _heads_update(registry: core.Registry, key, layer, multiselect: bool):
         return gr.Dropdown(choices=[], value=None)
     layer = core.ALL_LAYERS if layer in (None, core.ALL_LAYERS) else int(layer)
     choices = entry.head_choices(layer)
-    first = choices[0][1]
-    return gr.Dropdown(choices=choices, value=[first] if multiselect else (choices[1][1] if len(choices) > 1 else first))
+    if multiselect:  # the whole layer (or every head)
+        return gr.Dropdown(choices=choices, value=[choices[0][1]], multiselect=True)
+    names = [value for _, value in choices[1:]]
+    return gr.Dropdown(choices=choices, value=([n for n in names if n in entry.labels] + names)[0])
