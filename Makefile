@@ -8,7 +8,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 QUIET := sed '/^WARNING: Location/d'   # pip's notes about local package folders
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,7 +22,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/clip-interpret demo
 
-test: setup
+# Debian's chromium for the web app's browser test (playwright drives it; no browser is downloaded)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+	  $$SUDO apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup
