@@ -411,6 +411,7 @@ def _print_study(result: dict) -> None:
             print(f"{labeller}: {faith['confirmed']} of {faith['testable']} testable labels confirmed by ablation "
                   f"({faith['share_confirmed']:.0%})")
     print(f"\nreport: {Path(result['report']).resolve()}")
+    print(f"explore the five analyses in the browser: clip-interpret app {result['run'].path}")
 
 
 # --------------------------------------------------------------------- toyworld
