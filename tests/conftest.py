@@ -63,13 +63,29 @@ def tiny_ls_model():
 
 
 @pytest.fixture(scope="session")
-def toy_textspan_run(tmp_path_factory):
-    """A 300-image held-out toy-world run of the bundled toy model (all layers) with TextSpan on the toy pool."""
+def toy_model():
+    """The bundled toy CLIP, loaded once for the session."""
     from clip_interpret import load_model
+
+    return load_model("toy")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_textspan_run(tmp_path_factory, toy_model):
+    """A 300-image held-out toy-world run of the bundled toy model (all layers) with TextSpan on the toy pool."""
     from clip_interpret.index import index_images
     from clip_interpret.study import step_textspan
 
-    model = load_model("toy")
+    model = toy_model
     out = tmp_path_factory.mktemp("toyrun") / "run"
     run = index_images(model, "toyworld:300:1", out, layers="all", progress=False)
     step_textspan(run, model, "toy", check=False, progress=False)

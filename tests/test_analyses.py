@@ -20,18 +20,12 @@ LABELS = {"labeller": "manual", "heads": {
     "L2.H2": {"label": None, "source": "manual"},
 }}
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model("toy")
+def model(toy_model):
+    return toy_model
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The web app: its runs and handlers, then the real page driven by headless Chromium.
 
-The browser test needs Debian's ``chromium`` (``.ci/run`` installs it) and the ``playwright``
+The browser test needs Debian's ``chromium`` (``make test`` installs it) and the ``playwright``
 Python package (the ``test`` extra); it never downloads a browser.
 """
 
@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from clip_interpret import load_model
 from clip_interpret.app import core
@@ -30,20 +29,14 @@ LABELS = {"labeller": "manual", "heads": {"L5.H3": {"label": "colours"}, "L4.H1"
                                           "L3.H0": {"label": "shape"}}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, toy_model):
     """A labelled toy run, an unlabelled one (same model), and one whose model cannot be loaded."""
     root = tmp_path_factory.mktemp("app-runs")
-    model = load_model("toy")
+    model = toy_model
     index_images(model, "toyworld:200:1", root / "toy", progress=False)
     (root / "toy" / "labels.json").write_text(json.dumps(LABELS))
     index_images(model, "toyworld:40:2", root / "bare", progress=False)

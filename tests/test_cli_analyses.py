@@ -4,33 +4,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from clip_interpret import analyses, cli, cli_analyses, load_model
+from clip_interpret import analyses, cli
 from clip_interpret.index import index_images
 from clip_interpret.toyworld import generate
 
 
-_BUILD = cli.build_parser
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-image work: one torch thread is as fast, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _parser():
-    """clip-interpret's parser, with the analysis subcommands whether or not cli.py registers them yet."""
-    parser = _BUILD()
-    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    if "segment" not in sub.choices:
-        cli_analyses.register(sub)
-    return parser
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -38,14 +19,13 @@ def main(monkeypatch, model):
     from clip_interpret import models
 
     real = models.load_model
-    monkeypatch.setattr(cli, "build_parser", _parser)
     monkeypatch.setattr(models, "load_model", lambda spec, **kw: model if spec == "toy" else real(spec, **kw))  # load once
     return cli.main
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model("toy")
+def model(toy_model):
+    return toy_model
 
 
 @pytest.fixture(scope="module")
@@ -125,5 +105,5 @@ def test_errors_are_one_line(main, run_dir, tmp_path, capsys, argv, message):
 
 
 def test_app_command_defaults_to_this_machine():
-    args = _parser().parse_args(["app", "runs/a", "runs/b"])
+    args = cli.build_parser().parse_args(["app", "runs/a", "runs/b"])
     assert args.runs == ["runs/a", "runs/b"] and args.host == "127.0.0.1" and args.max_upload_mb == 10

