@@ -172,6 +172,7 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
     if model is None or not textspan:
         return "<p class=muted>Heat maps need the model and TextSpan results.</p>"
     from .decompose import decompose
+    from .images import load_image
     from .index.sources import open_source
     from .viz import save_heatmap
 
@@ -204,8 +205,6 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
         best = int(sims.argmax())
         text, prop, heads = candidates[best]
         heat = result.similarity_maps(text_emb[best:best + 1], heads=heads)[0, 0].numpy()
-        from .images import load_image
-
         shown = model.preprocess.crop(load_image(item))
         who = f"heads labelled {prop} ({', '.join(heads)})" if heads else "all analysed heads"
         uri = _png(lambda buf: save_heatmap(buf, shown, heat, title=f"{text!r}: {who}"[:90]))
