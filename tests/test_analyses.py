@@ -140,7 +140,7 @@ def test_topic_segmentation_all_heads_is_the_sum_over_heads(model, run):
     assert every.heads_label == "all heads" and len(every.heads) == len(run.layers) * run.n_heads
     d = decompose(model, [image], layers=run.layers, spatial=True)
     t = model.encode_text([text])[0]
-    per_head = torch.einsum("lthd,d->lht", d.heads[0], t)[..., 1:]  # [L, H, patches]
+    per_head = torch.einsum("lthd,d->lht", d.head_tokens[0], t)[..., 1:]  # [L, H, patches]
     grid = per_head.sum((0, 1)).reshape(d.grid).numpy()
     assert np.allclose(every.grid[0], grid, atol=1e-6)
     assert every.maps.shape == (1, *model.vit.cfg.image_size) and every.image.size == (64, 64)

@@ -36,10 +36,11 @@ def test_real_architecture_spatial_all_layers_is_exact():
     model = load_model(make_open_clip("ViT-B-16"))
     x = pixels_for(model, n=1)
     d = decompose(model, x, layers="all", spatial=True)
-    assert d.heads.shape == (1, 12, 197, 12, 512)
+    assert d.head_tokens.shape == (1, 12, 197, 12, 512) and d.heads.shape == (1, 12, 12, 512)
     assert (d.total() - d.embedding).abs().max() < 1e-5
     summed = decompose(model, x)  # last 4 layers, token-summed
-    assert torch.allclose(d.heads[:, 8:].sum(2), summed.heads, atol=1e-6)
+    assert torch.allclose(d.head_tokens[:, 8:].sum(2), summed.heads, atol=1e-6)
+    assert torch.allclose(d.heads[:, 8:], summed.heads, atol=1e-6)
 
 
 def naive_pieces(vit, pixels):
@@ -85,7 +86,8 @@ def test_each_piece_equals_its_definition(which, request):
     ref = naive_pieces(model.vit, x)
     d = decompose(model, x, layers=[0, 2], spatial=True)
     atol = 1e-6
-    assert torch.allclose(d.heads, ref["heads"][:, [0, 2]], atol=atol)
+    assert torch.allclose(d.head_tokens, ref["heads"][:, [0, 2]], atol=atol)
+    assert torch.allclose(d.heads, ref["heads"][:, [0, 2]].sum(2), atol=atol)
     assert torch.allclose(d.attn_bias, torch.stack([ref["bias"][0], ref["bias"][2]], 1), atol=atol)
     others = [l for l in range(model.vit.cfg.layers) if l not in (0, 2)]
     assert d.other_layers == others
@@ -99,8 +101,9 @@ def test_token_summed_heads_equal_spatial_heads_summed(tiny_ls_model):
     x = pixels_for(tiny_ls_model)
     flat = decompose(tiny_ls_model, x, layers="all")
     spatial = decompose(tiny_ls_model, x, layers="all", spatial=True)
-    assert torch.allclose(flat.heads, spatial.heads.sum(2), atol=1e-6)
-    assert torch.allclose(flat.head_contributions(), spatial.head_contributions(), atol=1e-6)
+    assert torch.allclose(flat.heads, spatial.head_tokens.sum(2), atol=1e-6)
+    assert torch.allclose(flat.heads, spatial.heads, atol=1e-6)  # heads is [B, L, H, D] either way
+    assert flat.head_tokens is None and not flat.spatial and spatial.spatial
 
 
 def test_similarity_splits_additively(tiny_model):

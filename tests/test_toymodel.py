@@ -81,7 +81,7 @@ def test_toy_model_decomposes_exactly():
     model = load_model("toy")
     x = torch.randn(2, 3, 64, 64)
     d = decompose(model, x, layers="all", spatial=True)
-    assert d.heads.shape == (2, 6, 65, 8, 128)
+    assert d.head_tokens.shape == (2, 6, 65, 8, 128) and d.heads.shape == (2, 6, 8, 128)
     assert (d.total() - d.embedding).abs().max() < 1e-5
 
 

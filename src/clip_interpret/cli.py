@@ -12,6 +12,35 @@ from pathlib import Path
 from .errors import ClipInterpretError
 
 
+def _add_compute_options(p, pipeline: bool = False) -> None:
+    """--device and --precision (every command that loads a model); with ``pipeline``, the
+    input pipeline's options too (commands that read many images)."""
+    from .device import DEVICE_HELP, PRECISIONS
+
+    p.add_argument("--device", default="auto", help=f"where the model computes: {DEVICE_HELP} (default auto)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="compute precision of the matrix work (default fp32, exact; bf16/fp16 are faster on a GPU, "
+                        "within 1e-2; not the storage dtype of runs)")
+    if pipeline:
+        p.add_argument("--workers", type=int, default=None,
+                       help="image-reading processes (default: the CPU cores available; 0: read in this process)")
+        p.add_argument("--decode", choices=["auto", "pil", "torch", "device"], default="auto",
+                       help="JPEG decoding: pil (exactly open_clip's transform), torch (torchvision in the workers), "
+                            "device (on the GPU); default auto = device on a GPU, torch on the CPU")
+        p.add_argument("--draft", action="store_true",
+                       help="pil decoding: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale")
+
+
+def _pipeline(args) -> dict:
+    return {"workers": args.workers, "decode": args.decode, "draft": args.draft}
+
+
+def _load(spec, args):
+    from .models import load_model
+
+    return load_model(spec, device=args.device, precision=args.precision)
+
+
 def _slug(text: str, limit: int = 40) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
     return (slug[:limit].rstrip("-")) or "x"
@@ -39,12 +68,12 @@ def cmd_models(args) -> int:
 
 # -------------------------------------------------------------------- decompose
 def _decompose_report(model, images, texts, layers, spatial, out: Path | None, top: int, skip_bad: bool,
-                      heat_heads=None) -> dict:
+                      heat_heads=None, pipeline: dict | None = None) -> dict:
     from .decompose import decompose
     from .images import load_image
 
     result = decompose(model, images, layers=layers, spatial=spatial and bool(texts),
-                       on_error="skip" if skip_bad else "raise")
+                       on_error="skip" if skip_bad else "raise", **(pipeline or {}))
     report = {
         "model": model.spec,
         "random_weights": model.random_weights,
@@ -54,6 +83,8 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
         "images": [],
         "failures": [{"source": f.source, "reason": f.reason} for f in result.failures],
         "convention": "cosine similarity split exactly into pieces; see docs/decomposition.md",
+        "device": str(model.device),
+        "precision": model.precision,
     }
     text_emb = model.encode_text(texts) if texts else None
     names = result.head_names
@@ -128,17 +159,15 @@ def _print_report(report: dict, top: int) -> None:
 
 
 def cmd_decompose(args) -> int:
-    from .models import load_model
-
     out = Path(args.out) if args.out else None
     if args.spatial and not args.text:
         raise ClipInterpretError("--spatial draws heat maps of image-text similarity; give at least one --text")
     if out is not None:
         _ensure_dir(out)
-    model = load_model(args.model)
+    model = _load(args.model, args)
     heads = args.heads.split(",") if args.heads else None
     report = _decompose_report(model, args.images, args.text or [], args.layers, args.spatial, out, args.top,
-                               args.skip_bad, heat_heads=heads)
+                               args.skip_bad, heat_heads=heads, pipeline=_pipeline(args))
     _print_report(report, args.top)
     if out is not None:
         (out / "decomposition.json").write_text(json.dumps(report, indent=1))
@@ -175,31 +204,32 @@ def cmd_demo(args) -> int:
           f"(index -> mean-ablation -> TextSpan -> labels: {', '.join(labellers)} -> faithfulness -> metrics -> "
           "report). Each step is skipped when its result is already in the run folder.\n")
     result = analyze(args.model, f"toyworld:{args.n}:1", args.out, pool="toy", labellers=tuple(labellers),
-                     layers="all", m=5, rank=80, encoder=encoder, llm=llm, force=args.force)
+                     layers="all", m=5, rank=80, encoder=encoder, llm=llm, force=args.force,
+                     device=args.device, precision=args.precision, **_pipeline(args))
     _print_study(result)
     return 0
 
 
 # ------------------------------------------------------------------------ runs
-def _run_and_model(path: str, spec: str | None):
-    """Open a run and load its model (the manifest's spec unless --model is given), checked against it."""
+def _run_and_model(path: str, args):
+    """Open a run and load its model (the manifest's spec unless --model is given) on --device in
+    --precision, checked against the run."""
     from .index import open_run
-    from .models import load_model
 
     run = open_run(path)
-    model = load_model(spec or run.manifest["model"]["spec"])
+    model = _load(args.model or run.manifest["model"]["spec"], args)
     run.check_model(model)
     return run, model
 
 
 def cmd_index(args) -> int:
     from .index import index_images
-    from .models import load_model
 
-    model = load_model(args.model)
+    model = _load(args.model, args)
     run = index_images(model, args.images, args.out, layers=args.layers, batch_size=args.batch_size,
-                       dtype=args.dtype, shard_size=args.shard_size)
-    print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, {run.manifest['dtype']})")
+                       storage=args.storage, shard_size=args.shard_size, **_pipeline(args))
+    print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, computed in "
+          f"{run.manifest['precision']} on {model.device}, stored as {run.manifest['dtype']})")
     for failure in run.failures[:20]:
         print(f"  skipped {failure['source']}: {failure['reason']}")
     if len(run.failures) > 20:
@@ -211,7 +241,7 @@ def cmd_ablate(args) -> int:
     from .ablation import ablation_study, format_table
     from .index.store import atomic_write_json
 
-    run, model = _run_and_model(args.run, args.model)
+    run, model = _run_and_model(args.run, args)
     result = ablation_study(run, model)
     result["stamp"] = {"fingerprint": run.manifest["model"]["fingerprint"],
                        "source_hash": run.manifest["source"]["hash"]}
@@ -227,7 +257,7 @@ def cmd_textspan(args) -> int:
     from .pools import load_pool
     from .textspan import format_heads, textspan_run
 
-    run, model = _run_and_model(args.run, args.model)
+    run, model = _run_and_model(args.run, args)
     pool = load_pool(args.pool)
     checks = [] if args.no_check else [1, 3, 5, 10, 20]
     result = textspan_run(run, model, pool, m=args.m, rank=args.rank, check_ms=checks)
@@ -303,7 +333,7 @@ def cmd_label(args) -> int:
     labeller = args.labeller or _default_labeller(run_dir, args.textspan)
     model = None
     if labeller == "embedding" and args.encoder == "model":
-        _, model = _run_and_model(args.run, args.model)
+        _, model = _run_and_model(args.run, args)
     llm = _llm_config(args) if labeller == "llm" else None
     result = label_run(run_dir, labeller, textspan=args.textspan, model=model, manual=args.manual,
                        encoder=args.encoder, vocabulary=args.vocabulary, llm=llm)
@@ -318,7 +348,7 @@ def cmd_faithfulness(args) -> int:
     from .faithfulness import confirm_labels, format_confirmation
     from .study import step_faithfulness
 
-    run, model = _run_and_model(args.run, args.model)
+    run, model = _run_and_model(args.run, args)
     drops, _ = step_faithfulness(run, model, force=True)
     print(f"mean-ablating each head alone, {drops['n_images']} images, tasks {', '.join(drops['tasks'])}")
     found = sorted(run.path.glob("labels-*.json"))
@@ -369,7 +399,7 @@ def cmd_metrics(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    run, model = _run_and_model(args.run, args.model)
+    run, model = _run_and_model(args.run, args)
     path = write_report(run, model, args.out, n_images=args.images)
     print(f"wrote {path} (self-contained; open it in a browser)")
     return 0
@@ -389,7 +419,8 @@ def cmd_analyze(args) -> int:
     if options["labellers"] is None:
         options["labellers"] = ("taxonomy",) if load_pool(args.pool).tagged else ("embedding",)
     result = analyze(args.model, args.images, args.out, pool=args.pool, layers=args.layers, m=args.m,
-                     rank=args.rank, batch_size=args.batch_size, force=args.force, **options)
+                     rank=args.rank, batch_size=args.batch_size, force=args.force, device=args.device,
+                     precision=args.precision, **_pipeline(args), **options)
     _print_study(result)
     return 0
 
@@ -419,7 +450,6 @@ def cmd_toyworld_export(args) -> int:
 
 
 def cmd_toyworld_train(args) -> int:
-    from .models import load_model
     from .toyworld.evaluate import evaluate, format_eval
     from .toyworld.train import TrainConfig, export_weights, train
 
@@ -433,8 +463,8 @@ def cmd_toyworld_train(args) -> int:
           f"final loss {sum(result['history'][-20:]) / min(20, len(result['history'])):.3f}")
     weights = out / "toy.safetensors"
     sha = export_weights(result["model"], weights)
-    model = load_model(f"open_clip:toy@{weights}")
-    summary = evaluate(model, n=args.eval_n)
+    model = _load(f"open_clip:toy@{weights}", args)
+    summary = evaluate(model, n=args.eval_n, workers=args.workers)
     print(format_eval(summary))
     (out / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "elapsed_s": result["elapsed_s"],
                                                   "sha256": sha, "eval": summary}, indent=1))
@@ -443,14 +473,13 @@ def cmd_toyworld_train(args) -> int:
 
 
 def cmd_toyworld_eval(args) -> int:
-    from .models import load_model
     from .toyworld.evaluate import evaluate, format_effects, format_eval, head_property_effects
 
-    model = load_model(args.model)
-    summary = evaluate(model, n=args.n, seed=args.seed)
+    model = _load(args.model, args)
+    summary = evaluate(model, n=args.n, seed=args.seed, workers=args.workers)
     print(format_eval(summary))
     if args.heads:
-        effects = head_property_effects(model, n=min(args.n, 500), seed=args.seed)
+        effects = head_property_effects(model, n=min(args.n, 500), seed=args.seed, workers=args.workers)
         print()
         print(format_effects(effects))
         summary["head_effects"] = {"properties": effects["properties"], "effects": effects["effects"].tolist()}
@@ -486,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder for decomposition.json and heat maps")
     p.add_argument("--top", type=int, default=5, help="how many heads to list (default 5)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end) instead of stopping")
+    _add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_decompose)
 
     p = sub.add_parser("index", help="decompose an image collection into a run directory (resumable)")
@@ -494,13 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="storage dtype (default fp16)")
+    p.add_argument("--storage", "--dtype", dest="storage", choices=["fp16", "fp32"], default="fp16",
+                   help="storage dtype of the stored pieces (default fp16; --dtype is its old name)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    _add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("ablate", help="mean-ablation study: zero-shot accuracy of the run's reconstructions")
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("textspan", help="TextSpan: a text basis for each analysed head")
@@ -510,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=80, help="rank of the head subspace (default 80)")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--no-check", action="store_true", help="skip the reconstruction check")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_textspan)
 
     toy = sub.add_parser("toyworld", help="the known-answer world: export images, train and evaluate the toy CLIP")
@@ -530,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-seed", type=int, default=defaults.world_seed, help="training world seed")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=1000, help="held-out images for the final evaluation")
+    p.add_argument("--workers", type=int, default=None, help="processes generating the evaluation images")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_toyworld_train)
     p = toy_sub.add_parser("eval", help="zero-shot accuracy per property and caption retrieval on held-out images")
     p.add_argument("--model", default="toy", help="model spec (default: the bundled toy model)")
@@ -537,6 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="held-out world seed (default 1)")
     p.add_argument("--heads", action="store_true", help="also list the heads with the largest effect per property")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--workers", type=int, default=None, help="processes generating the images (default: the cores)")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_toyworld_eval)
     toy.set_defaults(func=lambda args: toy.print_help() or 2)
 
@@ -546,11 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model spec (default: the run's; only the embedding labeller "
                                                  "with --encoder model loads it)")
     _add_label_options(p)
+    _add_compute_options(p)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("faithfulness", help="check the labels by mean-ablating each head alone")
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_faithfulness)
 
     p = sub.add_parser("metrics", help="association and entanglement scores; compare runs (table + bar chart)")
@@ -565,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML file (default RUN/report.html)")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--images", type=int, default=3, help="sample images with heat maps (default 3)")
+    _add_compute_options(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("analyze", help="the whole study: index, ablate, textspan, label, faithfulness, metrics, report")
@@ -578,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--force", action="store_true", help="redo every step even when its result is up to date")
     _add_label_options(p, many=True)
+    _add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (a few minutes on CPU)")
@@ -586,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=5000, help="held-out toy-world images (default 5000)")
     p.add_argument("--force", action="store_true", help="redo every step")
     _add_llm_options(p)  # with --llm-url, the llm labeller runs too
+    _add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_demo)
 
     from . import cli_analyses  # the five analyses and the web app

@@ -15,7 +15,7 @@ def _prepare(args):
     """The run, its model (the manifest's spec unless --model), the output folder, the query image."""
     from .cli import _ensure_dir, _run_and_model
 
-    run, model = _run_and_model(args.run, args.model)
+    run, model = _run_and_model(args.run, args)
     out = Path(args.out or f"out/{args.command}")
     _ensure_dir(out)
     image = None
@@ -105,11 +105,13 @@ def cmd_app(args) -> int:
     from .app import serve
 
     serve(args.runs, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, model=args.model,
-          threads=args.threads, concurrency=args.concurrency)
+          threads=args.threads, concurrency=args.concurrency, device=args.device, precision=args.precision)
     return 0
 
 
 def _common(p, image: bool = True) -> None:
+    from .cli import _add_compute_options
+
     p.add_argument("run", help="run directory (from `clip-interpret index`)")
     if image:
         group = p.add_mutually_exclusive_group(required=True)
@@ -117,6 +119,7 @@ def _common(p, image: bool = True) -> None:
         group.add_argument("--run-image", type=int, metavar="N", help="use image number N of the run as the query")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--out", default=None, help="output folder for the PNG and JSON (default out/COMMAND)")
+    _add_compute_options(p)
 
 
 def register(sub) -> None:
@@ -166,4 +169,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model spec for every run (default: each run's own)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
     p.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
+    from .cli import _add_compute_options
+
+    _add_compute_options(p)
     p.set_defaults(func=cmd_app)

@@ -29,14 +29,14 @@ attention weight before the projection, never materialising [B, N, N, H, width].
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ClipInterpretError
-from .images import LoadFailure, describe, load_images
+from .errors import ClipInterpretError, ImageLoadError
+from .images import LoadFailure
 
 DEFAULT_LAST_LAYERS = 4
 
@@ -89,13 +89,17 @@ def parse_head(name: str | tuple[int, int]) -> tuple[int, int]:
 class Decomposition:
     """Pieces of the unit image embedding in the joint space; they sum to ``embedding``.
 
-    ``heads``: [B, L, H, D], or [B, L, T, H, D] per token when ``spatial`` (T = CLS + patches).
+    ``heads``: [B, L, H, D], each analysed head's contribution (summed over tokens).
+    ``head_tokens``: [B, L, T, H, D] per token (T = CLS + patches), only when ``spatial``
+    (``None`` otherwise); ``head_tokens.sum(2)`` equals ``heads``.
     ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
     ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
     not analysed (the earlier layers under the default choice).
     ``mlps``: [B, n_layers, D], every block's MLP output.
     ``cls_embed``: [B, D], the CLS token embedding (class + position, after ln_pre).
     ``constant``: [B, D], the LN_post bias term ``P^T beta / ||emb||``.
+
+    Every tensor is float32 on the CPU, whatever device and precision computed it.
     """
 
     heads: torch.Tensor
@@ -109,11 +113,16 @@ class Decomposition:
     other_layers: list[int]
     grid: tuple[int, int]
     image_size: tuple[int, int]
-    spatial: bool = False
+    head_tokens: torch.Tensor | None = None
     sources: list[str] = field(default_factory=list)
     failures: list[LoadFailure] = field(default_factory=list)
+    precision: str = "fp32"
 
     PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "constant")
+
+    @property
+    def spatial(self) -> bool:
+        return self.head_tokens is not None
 
     @property
     def n_heads(self) -> int:
@@ -124,8 +133,14 @@ class Decomposition:
         return [head_name(layer, h) for layer in self.layers for h in range(self.n_heads)]
 
     def head_contributions(self) -> torch.Tensor:
-        """Token-summed head pieces [B, L, H, D] (summing tokens when spatial)."""
-        return self.heads.sum(dim=2) if self.spatial else self.heads
+        """Head pieces [B, L, H, D] (the same as ``heads``)."""
+        return self.heads
+
+    def to(self, device) -> "Decomposition":
+        """This decomposition with every tensor on ``device``."""
+        moved = {name: getattr(self, name).to(device) for name in (*self.PIECES, "embedding")}
+        tokens = self.head_tokens.to(device) if self.head_tokens is not None else None
+        return replace(self, **moved, head_tokens=tokens)
 
     def pieces(self) -> dict[str, torch.Tensor]:
         """Every piece as [B, K, D] (heads flattened over layers, and tokens)."""
@@ -174,7 +189,7 @@ class Decomposition:
             raise ClipInterpretError("per-token similarity needs a spatial decomposition; call "
                                      "decompose(..., spatial=True)")
         positions, indices = self._index(heads)
-        chosen = self.heads[:, positions, :, indices]  # advanced indices first: [K, B, T, D]
+        chosen = self.head_tokens[:, positions, :, indices]  # advanced indices first: [K, B, T, D]
         return chosen.sum(dim=0) @ self._texts(text_emb).to(self.embedding).T
 
     def similarity_maps(self, text_emb: torch.Tensor, heads=None, upsample: bool = True) -> torch.Tensor:
@@ -201,119 +216,176 @@ class Decomposition:
 
 def _map(c: torch.Tensor, g_centered: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Residual-space pieces [B, ..., width] -> joint space [B, ..., D] (centre, gamma, P, /sigma|emb|)."""
-    out = c @ g_centered
+    out = c.float() @ g_centered
     return out / scale.view(-1, *([1] * (out.ndim - 1)))
 
 
 @torch.no_grad()
-def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False) -> Decomposition:
-    """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc)."""
+def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False,
+                     precision: str = "fp32") -> Decomposition:
+    """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc).
+
+    The result stays on the pixels' device (``decompose`` hands it back on the CPU).
+    ``precision``: compute precision of the matrix work (``fp32``, ``bf16``, ``fp16``);
+    LayerNorm statistics, the residual stream and the map to the joint space are float32.
+    """
+    from .device import compute, full_precision
+
     cfg = vit.cfg
+    device = pixels.device
     chosen = resolve_layers(layers, cfg.layers)
     chosen_set = set(chosen)
-    # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
-    # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
-    g = vit.ln_post.weight[:, None] * vit.proj
-    g_centered = g - g.mean(dim=0, keepdim=True)
     scale_q = cfg.head_dim ** -0.5
 
-    x = vit.embed(pixels)
-    r0 = x[:, 0]
-    last = cfg.layers - 1
-    attn_cls, mlp_cls, head_z, bias_terms = {}, [], {}, {}
-    for index, block in enumerate(vit.blocks):
-        only_cls = index == last
-        q, k, v = vit.qkv(block, block.ln1(x), cls_query_only=only_cls)
-        if index in chosen_set:
-            # the CLS query row, explicitly: its weights split the CLS output by token
-            pattern = torch.softmax((q[:, :, :1] * scale_q) @ k.transpose(-1, -2), dim=-1)  # [B, H, 1, T]
-            if spatial:
-                z_tokens = pattern.transpose(-1, -2) * v  # [B, H, T, d]
-                z_cls = z_tokens.sum(dim=2, keepdim=True)
-                head_z[index] = z_tokens
+    with compute(device, precision):
+        x = vit.embed(pixels)
+        r0 = x[:, 0]
+        last = cfg.layers - 1
+        attn_cls, mlp_cls, head_z = {}, [], {}
+        for index, block in enumerate(vit.blocks):
+            only_cls = index == last
+            q, k, v = vit.qkv(block, vit.norm(block.ln1, x), cls_query_only=only_cls)
+            if index in chosen_set:
+                # the CLS query row, explicitly: its weights split the CLS output by token
+                pattern = torch.softmax((q[:, :, :1] * scale_q) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
+                if spatial:
+                    z_tokens = pattern.transpose(-1, -2) * v  # [B, H, T, d]
+                    z_cls = z_tokens.sum(dim=2, keepdim=True)
+                    head_z[index] = z_tokens
+                else:
+                    z_cls = pattern @ v  # [B, H, 1, d]
+                    head_z[index] = z_cls[:, :, 0]
+                z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
+                                                     dim=2)
             else:
-                z_cls = pattern @ v  # [B, H, 1, d]
-                head_z[index] = z_cls[:, :, 0]
-            z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)], dim=2)
-            bias = block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias
-            bias_terms[index] = bias
-        else:
-            z = F.scaled_dot_product_attention(q, k, v)
-        attn = vit.attn_out(block, z)
-        attn_cls[index] = attn[:, 0]
-        x = (x[:, :1] if only_cls else x) + attn
-        mlp = vit.mlp(block, x)
-        mlp_cls.append(mlp[:, 0])
-        x = x + mlp
+                z = F.scaled_dot_product_attention(q, k, v)
+            attn = vit.attn_out(block, z)
+            if index in chosen_set and precision != "fp32":
+                # the CLS row's output projection in float32, as its pieces are mapped: the pieces
+                # then sum to the embedding this forward computes, in any precision
+                with full_precision(device):
+                    cls_row = vit.attn_out(block, z[:, :, :1].float())
+                attn = torch.cat([cls_row, attn[:, 1:].float()], dim=1)
+            attn_cls[index] = attn[:, 0]
+            x = (x[:, :1] if only_cls else x) + attn
+            mlp = vit.mlp(block, x)
+            mlp_cls.append(mlp[:, 0])
+            x = x + mlp
 
-    r = x[:, 0]
-    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
-    emb = vit.project(r)
-    norm = emb.norm(dim=-1)
-    scale = sigma * norm
-    batch = pixels.shape[0]
+    with full_precision(device):
+        # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
+        # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
+        g = vit.ln_post.weight[:, None] * vit.proj
+        g_centered = g - g.mean(dim=0, keepdim=True)
+        r = x[:, 0].float()
+        sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
+        emb = vit.project(r)
+        norm = emb.norm(dim=-1)
+        scale = sigma * norm
+        batch = pixels.shape[0]
 
-    head_pieces = []
-    for index in chosen:
-        block = vit.blocks[index]
-        w_o = block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
-        u = (w_o.T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
-        if spatial:
-            piece = torch.einsum("bhtd,hdk->bthk", head_z[index], u)  # [B, T, H, D]
+        head_pieces, token_pieces, bias_terms = [], [], []
+        for index in chosen:
+            block = vit.blocks[index]
+            w_o = block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
+            u = (w_o.T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
+            z = head_z[index].float()
+            if spatial:
+                piece = torch.einsum("bhtd,hdk->bthk", z, u)  # [B, T, H, D]
+                piece = piece / scale.view(-1, 1, 1, 1)
+                token_pieces.append(piece)
+                head_pieces.append(piece.sum(dim=1))
+            else:
+                piece = torch.einsum("bhd,hdk->bhk", z, u)  # [B, H, D]
+                head_pieces.append(piece / scale.view(-1, 1, 1))
+            bias_terms.append(block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias)
+        others = [i for i in range(cfg.layers) if i not in chosen_set]
+        attn_bias = _map(torch.stack([b.expand(batch, -1) for b in bias_terms], dim=1), g_centered, scale)
+        if others:
+            other_attn = _map(torch.stack([attn_cls[i] for i in others], dim=1), g_centered, scale)
         else:
-            piece = torch.einsum("bhd,hdk->bhk", head_z[index], u)  # [B, H, D]
-        head_pieces.append(piece / scale.view(-1, *([1] * (piece.ndim - 1))))
-    heads = torch.stack(head_pieces, dim=1)
-    others = [i for i in range(cfg.layers) if i not in chosen_set]
-    attn_bias = _map(torch.stack([bias_terms[i].expand(batch, -1) for i in chosen], dim=1), g_centered, scale)
-    if others:
-        other_attn = _map(torch.stack([attn_cls[i] for i in others], dim=1), g_centered, scale)
-    else:
-        other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
-    mlps = _map(torch.stack(mlp_cls, dim=1), g_centered, scale)
-    cls_embed = _map(r0, g_centered, scale)
-    constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
+            other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
+        mlps = _map(torch.stack(mlp_cls, dim=1), g_centered, scale)
+        cls_embed = _map(r0, g_centered, scale)
+        constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
     return Decomposition(
-        heads=heads, attn_bias=attn_bias, other_attn=other_attn, mlps=mlps, cls_embed=cls_embed,
-        constant=constant, embedding=emb / norm[:, None], layers=chosen, other_layers=others,
-        grid=cfg.grid, image_size=tuple(cfg.image_size), spatial=spatial,
+        heads=torch.stack(head_pieces, dim=1), attn_bias=attn_bias, other_attn=other_attn, mlps=mlps,
+        cls_embed=cls_embed, constant=constant, embedding=emb / norm[:, None], layers=chosen, other_layers=others,
+        grid=cfg.grid, image_size=tuple(cfg.image_size),
+        head_tokens=torch.stack(token_pieces, dim=1) if spatial else None, precision=precision,
     )
 
 
-def prepare_pixels(model, images, on_error: str = "raise") -> tuple[torch.Tensor, list[str], list[LoadFailure]]:
-    """Images (paths, bytes, PIL, arrays, or a preprocessed tensor) -> pixels, names, failures."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim == 3:
-            images = images[None]
-        if images.shape[0] == 0:
-            raise ClipInterpretError("empty image batch: the tensor has 0 images")
-        return images, [f"<tensor[{i}]>" for i in range(images.shape[0])], []
-    if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ClipInterpretError("no images given: the image list is empty")
-    loaded, kept, failures = load_images(images, on_error=on_error)
-    if not loaded:
-        reasons = "; ".join(f"{f.source}: {f.reason}" for f in failures[:3])
-        raise ClipInterpretError(f"none of the {len(images)} images could be read ({reasons})")
-    return model.preprocess.batch(loaded), [describe(images[i]) for i in kept], failures
+def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
+    from .pipeline import PixelBatch
+
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    if pixels.shape[0] == 0:
+        raise ClipInterpretError("empty image batch: the tensor has 0 images")
+    for k, start in enumerate(range(0, pixels.shape[0], batch_size)):
+        chunk = pixels[start:start + batch_size]
+        yield PixelBatch(k, list(range(start, start + chunk.shape[0])), chunk.to(device), [])
 
 
 def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spatial: bool = False,
-              batch_size: int = 32, on_error: str = "raise") -> Decomposition:
+              batch_size: int = 32, on_error: str = "raise", precision: str | None = None,
+              workers: int | None = None, decode: str = "auto", draft: bool = False) -> Decomposition:
     """Decompose the image embeddings of ``images`` with ``model`` (a ClipModel).
 
     ``images``: image paths, bytes, PIL images, numpy arrays, or a preprocessed tensor
     [B, 3, H, W]. ``layers``: analysed layers (default: the last 4). ``spatial``: keep
     per-token head pieces. ``on_error``: ``"raise"`` or ``"skip"`` unreadable images
-    (skipped ones are listed in ``Decomposition.failures``).
+    (skipped ones are listed in ``Decomposition.failures``). ``precision``: compute
+    precision (default: the model's). ``workers``, ``decode``, ``draft``: the input
+    pipeline (``clip_interpret.pipeline``; default: worker processes from 64 images on).
+    The model computes on its device; the result is on the CPU.
     """
-    pixels, names, failures = prepare_pixels(model, images, on_error=on_error)
+    from .device import check_precision, is_out_of_memory, out_of_memory_error
+    from .pipeline import ListSource, pixel_batches
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if batch_size < 1:
+        raise ClipInterpretError(f"batch size must be at least 1, got {batch_size}")
     vit = model.vit if hasattr(model, "vit") else model
     device = vit.proj.device
-    parts = [decompose_pixels(vit, pixels[start:start + batch_size].to(device), layers=layers, spatial=spatial)
-             for start in range(0, pixels.shape[0], batch_size)]
+    precision = check_precision(precision or getattr(model, "precision", "fp32"))
+    chosen = resolve_layers(layers, vit.cfg.layers)
+    if isinstance(images, torch.Tensor):
+        stream = _tensor_batches(images, batch_size, device)
+        name = "<tensor[{}]>".format
+    else:
+        if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
+            images = [images]
+        source = ListSource(images)
+        if not len(source):
+            raise ClipInterpretError("no images given: the image list is empty")
+        ranges = [list(range(s, min(len(source), s + batch_size))) for s in range(0, len(source), batch_size)]
+        stream = pixel_batches(source, model.preprocess, ranges, device, workers=workers, decode=decode, draft=draft)
+        name = source.name
+    parts, names, failures = [], [], []
+    for batch in stream:
+        if batch.failures and on_error == "raise":
+            stream.close()
+            raise ImageLoadError(batch.failures[0]["source"], batch.failures[0]["reason"])
+        failures += [LoadFailure(f["index"], f["source"], f["reason"]) for f in batch.failures]
+        if not batch.indices:
+            continue
+        try:
+            parts.append(decompose_pixels(vit, batch.pixels, layers=chosen, spatial=spatial,
+                                          precision=precision).to("cpu"))
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            stream.close()
+            cfg = vit.cfg
+            per_image = 2 * 4 * len(chosen) * cfg.n_tokens * cfg.heads * cfg.output_dim if spatial else None
+            raise out_of_memory_error(device, batch_size, "while decomposing ", per_image) from None
+        names += [name(i) for i in batch.indices]
+    if not parts:
+        reasons = "; ".join(f"{f.source}: {f.reason}" for f in failures[:3])
+        raise ClipInterpretError(f"none of the {len(failures)} images could be read ({reasons})")
     result = parts[0] if len(parts) == 1 else _concat(parts)
     result.sources = names
     result.failures = failures
@@ -322,6 +394,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
 
 def _concat(parts: list[Decomposition]) -> Decomposition:
     first = parts[0]
-    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in (*Decomposition.PIECES, "embedding")}
+    names = (*Decomposition.PIECES, "embedding") + (("head_tokens",) if first.spatial else ())
+    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in names}
     return Decomposition(**tensors, layers=first.layers, other_layers=first.other_layers, grid=first.grid,
-                         image_size=first.image_size, spatial=first.spatial)
+                         image_size=first.image_size, precision=first.precision)

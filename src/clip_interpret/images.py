@@ -46,7 +46,7 @@ def describe(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _open_bytes(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def _open_bytes(data: bytes, name: str, max_pixels: int, draft: int | None = None) -> Image.Image:
     if len(data) == 0:
         raise ImageLoadError(name, "the file is empty (0 bytes)")
     previous = Image.MAX_IMAGE_PIXELS
@@ -57,6 +57,8 @@ def _open_bytes(data: bytes, name: str, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
+            if draft and image.format == "JPEG":
+                image.draft(None, (draft, draft))  # DCT-domain downscale by 2, 4 or 8 while keeping >= draft
             image.load()  # decode now, so truncation and corruption surface here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(name, f"too many pixels (decompression bomb guard, limit {max_pixels:,}): {err}") from None
@@ -116,8 +118,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
-def load_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read one image from a path, bytes, PIL image or numpy array, as RGB."""
+def load_image(source: Any, max_pixels: int = MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Read one image from a path, bytes, PIL image or numpy array, as RGB.
+
+    ``draft``: a JPEG file at least twice this size on both sides is decoded at 1/2, 1/4 or
+    1/8 scale (JPEG draft mode), keeping both sides >= ``draft``; much faster for photos
+    far larger than the model's input, and slightly different pixels (docs/pipeline.md).
+    """
     name = describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -129,9 +136,9 @@ def load_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
             data = path.read_bytes()
         except OSError as err:
             raise ImageLoadError(name, f"cannot read the file ({err.strerror or err})") from None
-        image = _open_bytes(data, name, max_pixels)
+        image = _open_bytes(data, name, max_pixels, draft)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = _open_bytes(bytes(source), name, max_pixels)
+        image = _open_bytes(bytes(source), name, max_pixels, draft)
     elif isinstance(source, Image.Image):
         image = source
         if image.size[0] * image.size[1] > max_pixels:
@@ -201,31 +208,67 @@ class Preprocess:
             raise ClipInterpretError(f"unknown interpolation {self.interpolation!r}; choose one of {sorted(modes)}")
         return modes[self.interpolation]
 
+    @property
+    def draft_size(self) -> int:
+        """The smallest side a JPEG may be draft-decoded to (the larger side of the crop)."""
+        return max(self.image_size)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the shortest-side resize, before the centre crop."""
+        th, tw = self.image_size
+        if th == tw:
+            short = th
+            return (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+        scale = max(th / height, tw / width)
+        return max(tw, round(width * scale)), max(th, round(height * scale))
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop in the resized image."""
+        th, tw = self.image_size
+        return int(round((width - tw) / 2.0)), int(round((height - th) / 2.0))
+
     def crop(self, image: Image.Image) -> Image.Image:
         """Resize (shortest side) and centre-crop to ``image_size``; the image the model sees."""
         th, tw = self.image_size
         w, h = image.size
         if (w, h) != (tw, th):
-            short = min(th, tw) if th == tw else None
-            if short is not None:
-                scale = short / min(w, h)
-                nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            else:
-                scale = max(th / h, tw / w)
-                nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+            nw, nh = self.resized_size(w, h)
             if (nw, nh) != (w, h):
                 image = image.resize((nw, nh), self._resample())
-            left = int(round((nw - tw) / 2.0))
-            top = int(round((nh - th) / 2.0))
+            left, top = self.crop_box(nw, nh)
             image = image.crop((left, top, left + tw, top + th))
         return image
 
+    def crop_uint8(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> the crop as uint8 [3, H, W] (what travels to the device)."""
+        a = np.asarray(self.crop(to_rgb(image)), dtype=np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+    def crop_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The same resize and centre crop on a uint8 image tensor [3, h, w] on any device
+        (torchvision's antialiased resampling; within a few grey levels of Pillow's)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2.functional import resize
+
+        th, tw = self.image_size
+        h, w = image.shape[-2:]
+        if (w, h) != (tw, th):
+            nw, nh = self.resized_size(w, h)
+            if (nw, nh) != (w, h):
+                image = resize(image, [nh, nw], interpolation=InterpolationMode(self.interpolation), antialias=True)
+            left, top = self.crop_box(nw, nh)
+            image = image[:, top:top + th, left:left + tw]
+        return image.contiguous()
+
+    def normalise(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 crops [..., 3, H, W] on any device -> normalised float32 pixels, on that device."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=crops.device).view(3, 1, 1)
+        return (crops.float() / 255.0 - mean) / std
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> normalised tensor [3, H, W]."""
-        image = self.crop(to_rgb(image))
-        a = np.asarray(image, dtype=np.float32) / 255.0
-        a = (a - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        return self.normalise(self.crop_uint8(image))
 
     def batch(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])

@@ -183,8 +183,12 @@ def step_report(run, model, force: bool = False) -> tuple[Path, bool]:
 def analyze(model_spec, images: str, out: str | Path, pool: str = "general", labellers=("taxonomy",),
             layers=None, m: int = 5, rank: int = 80, manual: str | None = None, encoder: str = "model",
             vocabulary: str | None = None, llm=None, published: bool = True, batch_size: int = 64,
-            force: bool = False, progress: bool = True, log=print) -> dict:
-    """Chain every step for one model and image source; return what each produced (see module doc)."""
+            force: bool = False, progress: bool = True, log=print, device: str = "auto", precision: str = "fp32",
+            workers: int | None = None, decode: str = "auto", draft: bool = False) -> dict:
+    """Chain every step for one model and image source; return what each produced (see module doc).
+
+    ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
+    the input pipeline of the index step."""
     from .index import index_images, open_run
     from .models import load_model
 
@@ -200,13 +204,14 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
 
     out = Path(out)
     log(f"loading {model_spec} ...")
-    model = load_model(model_spec)
+    model = load_model(model_spec, device=device, precision=precision)
     if model.random_weights:
         log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
     t0 = time.time()
     existing = _read(out / "manifest.json")
     was_complete = bool(existing and existing.get("complete"))
-    run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress)
+    run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
+                       decode=decode, draft=draft)
     say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
     run = open_run(out, model)
 

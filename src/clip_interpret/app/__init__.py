@@ -15,11 +15,13 @@ from .core import Registry
 
 
 def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10, model: str | None = None,
-          threads: int = 1, concurrency: int = 4, block: bool = True):
+          threads: int = 1, concurrency: int = 4, block: bool = True, device: str = "auto",
+          precision: str = "fp32"):
     """Start the app; returns gradio's (app, local url, share url) when ``block`` is False.
 
     ``threads``: torch threads per request (single-image work gains little from more, and
-    several requests run at once, up to ``concurrency``).
+    several requests run at once, up to ``concurrency``). ``device``/``precision``: where and
+    how the models compute (each loaded once per process).
     """
     import torch
 
@@ -28,7 +30,13 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
     # this process's own upload folder, made before gradio is imported (it reads the variable then)
     os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="clip-interpret-app-"))
     torch.set_num_threads(max(1, threads))
-    registry = Registry(runs, model=model)
+    from functools import partial
+
+    from ..device import check_precision, resolve_device
+    from ..models import load_model
+
+    loader = partial(load_model, device=resolve_device(device), precision=check_precision(precision))
+    registry = Registry(runs, model=model, loader=loader)
     for entry in registry.entries.values():
         if entry.usable:
             print(f"run {entry.key}: {len(entry.run):,} images, model {entry.run.manifest['model']['spec']}"

@@ -1,26 +1,36 @@
-"""index_images: decompose an image collection into a run directory, resumably."""
+"""index_images: decompose an image collection into a run directory, resumably.
+
+Images flow through the input pipeline (``clip_interpret.pipeline``: worker
+processes, device decoding, pinned non-blocking copies), the model decomposes
+each batch on its device in the chosen compute precision, the rows come back in
+the storage dtype, and a background writer thread writes each finished shard
+atomically while the next ones are computed.
+"""
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..decompose import decompose_pixels, resolve_layers
-from ..errors import ClipInterpretError, ImageLoadError
-from ..images import load_image
+from ..device import check_precision, is_out_of_memory, out_of_memory_error
+from ..errors import ClipInterpretError
+from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder
 from .sources import ImageSource, open_source
 from .store import MANIFEST_VERSION, Run, atomic_save_npy, atomic_write_json, piece_layout
 
-DTYPES = {"fp16": np.float16, "fp32": np.float32}
+STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SHARD_SIZE = 1024
 
 
-def _manifest(model, source: ImageSource, layers, other_layers, dtype: str, shard_size: int) -> dict:
+def _manifest(model, source: ImageSource, layers, other_layers, storage: str, shard_size: int,
+              precision: str) -> dict:
     cfg = model.vit.cfg
     return {
         "version": MANIFEST_VERSION,
@@ -33,14 +43,16 @@ def _manifest(model, source: ImageSource, layers, other_layers, dtype: str, shar
         "n_layers": cfg.layers,
         "n_heads": cfg.heads,
         "dim": cfg.output_dim,
-        "dtype": dtype,
+        "dtype": storage,
+        "precision": precision,
         "shard_size": shard_size,
         "layout": piece_layout(layers, other_layers, cfg.layers, cfg.heads),
         "complete": False,
     }
 
 
-_CHECKED = ("version", "layers", "dtype", "shard_size", "preprocess")
+_CHECKED = {"version": None, "layers": None, "dtype": None, "shard_size": None, "preprocess": None,
+            "precision": "fp32"}  # key -> its value in runs written before the key existed
 
 
 def _check_resume(existing: dict, fresh: dict, out: Path) -> None:
@@ -53,53 +65,97 @@ def _check_resume(existing: dict, fresh: dict, out: Path) -> None:
         problems.append(f"image source {existing.get('source', {}).get('spec')!r} "
                         f"({existing.get('source', {}).get('n')} images) vs {fresh['source']['spec']!r} "
                         f"({fresh['source']['n']} images)")
-    for key in _CHECKED:
-        if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(fresh[key])):
-            problems.append(f"{key} {existing.get(key)!r} vs {fresh[key]!r}")
+    for key, old_default in _CHECKED.items():
+        theirs = existing.get(key, old_default)
+        if json.loads(json.dumps(theirs)) != json.loads(json.dumps(fresh[key])):
+            name = {"dtype": "storage dtype", "precision": "compute precision"}.get(key, key)
+            problems.append(f"{name} {theirs!r} vs {fresh[key]!r}")
     if problems:
         raise ClipInterpretError(f"{out} already holds a run made with other settings: {'; '.join(problems)}. "
-                                 "Choose another --out folder (or delete this one)")
+                                 "Choose another --out folder (or delete this one), or resume with the run's settings")
 
 
-def _flatten(d, layout: dict, dtype) -> np.ndarray:
-    """A Decomposition -> [B, P, D] rows in the manifest layout."""
+def _rows(d, layout: dict, storage: torch.dtype) -> torch.Tensor:
+    """A Decomposition -> [B, P, D] rows in the manifest layout, in the storage dtype, on its device."""
     b, dim = d.embedding.shape
     parts = [d.heads.reshape(b, -1, dim), d.attn_bias, d.other_attn, d.mlps, d.cls_embed[:, None], d.constant[:, None]]
-    rows = torch.cat(parts, dim=1).float().cpu().numpy()
+    rows = torch.cat(parts, dim=1)
     assert rows.shape[1] == max(stop for _, stop in layout.values())
-    return rows.astype(dtype)
+    return rows.to(storage)
 
 
-def _load(source: ImageSource, index: int, preprocess):
-    try:
-        return preprocess(load_image(source.load(index))), None
-    except ImageLoadError as err:
-        return None, {"index": index, "source": err.source, "reason": err.reason}
+class ShardWriter:
+    """Writes finished shards in a background thread (atomically, the record last), so the
+    device keeps computing; a write error stops the run at the next submit or at close."""
+
+    def __init__(self, folder: Path, pending: int = 2):
+        self.folder = folder
+        self.queue: queue.Queue = queue.Queue(maxsize=pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="clip-interpret-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    self._write(*job)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self.error = err
+
+    def _write(self, record: dict, pieces: np.ndarray, embs: np.ndarray) -> None:
+        stem = self.folder / f"{record['shard']:05d}"
+        atomic_save_npy(stem.with_name(stem.name + ".pieces.npy"), pieces)
+        atomic_save_npy(stem.with_name(stem.name + ".emb.npy"), embs)
+        atomic_write_json(stem.with_name(stem.name + ".json"), record)  # last: the shard is done
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, record: dict, pieces: np.ndarray, embs: np.ndarray) -> None:
+        self._raise()
+        self.queue.put((record, pieces, embs))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
 
 
-def _prefetched(pool, batches, load):
-    """Load batch k+1 in the background while batch k is decomposed (one batch ahead, bounded memory)."""
-    future = pool.submit(load, batches[0]) if batches else None
-    for k in range(len(batches)):
-        current = future.result()
-        future = pool.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
-        yield current
+class _Shard:
+    """Rows of one shard as its batches finish."""
+
+    def __init__(self, shard: int, start: int, stop: int, n_batches: int):
+        self.record = {"shard": shard, "start": start, "stop": stop, "kept": [], "failures": []}
+        self.left = n_batches
+        self.pieces, self.embs = [], []
 
 
 def index_images(model, source: str | ImageSource, out: str | Path, layers=None, batch_size: int = 64,
-                 dtype: str = "fp16", shard_size: int = SHARD_SIZE, progress: bool = True,
-                 stop_after_shards: int | None = None) -> Run:
+                 storage: str = "fp16", shard_size: int = SHARD_SIZE, progress: bool = True,
+                 stop_after_shards: int | None = None, workers: int | None = None, decode: str = "auto",
+                 draft: bool = False, precision: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 dtype: str | None = None) -> Run:
     """Decompose every image of ``source`` into the run directory ``out`` and return the Run.
 
     Resumes an interrupted run (only unfinished shards are redone); refuses a
-    folder that holds a run made with other settings.
+    folder that holds a run made with other settings. ``storage``: dtype of the
+    stored pieces (fp16 or fp32); ``precision``: compute precision (default: the
+    model's); ``workers``: image-reading processes (default: the cores available);
+    ``decode``/``draft``/``timeout``: see ``clip_interpret.pipeline``.
     """
     from tqdm import tqdm
 
-    if dtype not in DTYPES:
-        raise ClipInterpretError(f"unknown dtype {dtype!r}; choose fp16 or fp32")
+    storage = dtype or storage  # ``dtype`` is the old name of ``storage``
+    if storage not in STORAGE_DTYPES:
+        raise ClipInterpretError(f"unknown storage dtype {storage!r}; choose fp16 or fp32")
     if batch_size < 1 or shard_size < 1:
         raise ClipInterpretError("batch size and shard size must be at least 1")
+    precision = check_precision(precision or getattr(model, "precision", "fp32"))
     src = open_source(source) if isinstance(source, str) else source
     chosen = resolve_layers(layers, model.vit.cfg.layers)
     others = [i for i in range(model.vit.cfg.layers) if i not in chosen]
@@ -108,7 +164,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         (out / "shards").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ClipInterpretError(f"cannot create run folder {out}: {err.strerror or err}") from None
-    manifest = _manifest(model, src, chosen, others, dtype, shard_size)
+    manifest = _manifest(model, src, chosen, others, storage, shard_size, precision)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         _check_resume(json.loads(manifest_path.read_text()), manifest, out)
@@ -119,43 +175,82 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         stale.unlink()
 
     layout = manifest["layout"]
-    np_dtype = DTYPES[dtype]
     n = len(src)
     n_shards = (n + shard_size - 1) // shard_size
     done = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
     todo = [s for s in range(n_shards) if s not in done]
-    already = sum(min(shard_size, n - s * shard_size) for s in done)
-    bar = tqdm(total=n, initial=already, desc="indexing", unit="img", disable=not progress, smoothing=0.1)
     vit = model.vit
     device = vit.proj.device
+    decoder = resolve_decoder(decode, device, model.preprocess)
+    batches, owner, shards = [], [], {}
+    for shard in todo:
+        start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
+        ranges = [list(range(b, min(stop, b + batch_size))) for b in range(start, stop, batch_size)]
+        shards[shard] = _Shard(shard, start, stop, len(ranges))
+        batches += ranges
+        owner += [shard] * len(ranges)
+
+    already = sum(min(shard_size, n - s * shard_size) for s in done)
+    bar = tqdm(total=n, initial=already, desc="indexing", unit="img", disable=not progress, smoothing=0.1)
+    writer = ShardWriter(out / "shards")
     written = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:  # image decoding overlaps the forward pass
-        for shard in todo:
-            start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-            rows, embs, kept, failures = [], [], [], []
-            batches = [list(range(b, min(stop, b + batch_size))) for b in range(start, stop, batch_size)]
-            for loaded in _prefetched(pool, batches, lambda ids: [(i, *_load(src, i, model.preprocess)) for i in ids]):
-                good = [(i, px) for i, px, failure in loaded if px is not None]
-                failures += [failure for _, px, failure in loaded if px is None]
-                if good:
-                    pixels = torch.stack([px for _, px in good]).to(device)
-                    d = decompose_pixels(vit, pixels, layers=chosen)
-                    rows.append(_flatten(d, layout, np_dtype))
-                    embs.append(d.embedding.float().cpu().numpy())
-                    kept += [i for i, _ in good]
-                bar.update(len(loaded))
-            dim = manifest["dim"]
-            p_rows = max(stop_ for _, stop_ in layout.values())
-            atomic_save_npy(out / "shards" / f"{shard:05d}.pieces.npy",
-                            np.concatenate(rows) if rows else np.zeros((0, p_rows, dim), np_dtype))
-            atomic_save_npy(out / "shards" / f"{shard:05d}.emb.npy",
-                            np.concatenate(embs) if embs else np.zeros((0, dim), np.float32))
-            atomic_write_json(out / "shards" / f"{shard:05d}.json",
-                              {"shard": shard, "start": start, "stop": stop, "kept": kept, "failures": failures})
-            written += 1
+    pending = None  # the previous batch, its rows still on their way to the host
+
+    def finish(item) -> int:
+        """Hand a computed batch's rows to its shard; write the shard when it is complete."""
+        shard, batch, pieces, embs, event = item
+        if event is not None:
+            event.synchronize()
+        acc = shards[shard]
+        if pieces is not None:
+            acc.pieces.append(pieces.numpy())
+            acc.embs.append(embs.numpy())
+            acc.record["kept"] += batch.indices
+        acc.record["failures"] += batch.failures
+        acc.left -= 1
+        bar.update(len(batch.indices) + len(batch.failures))
+        if acc.left:
+            return 0
+        p_rows = max(stop for _, stop in layout.values())
+        np_dtype = np.float16 if storage == "fp16" else np.float32
+        acc.record["decoder"] = decoder
+        writer.submit(acc.record,
+                      np.concatenate(acc.pieces) if acc.pieces else np.zeros((0, p_rows, manifest["dim"]), np_dtype),
+                      np.concatenate(acc.embs) if acc.embs else np.zeros((0, manifest["dim"]), np.float32))
+        del shards[shard]
+        return 1
+
+    stream = pixel_batches(src, model.preprocess, batches, device, workers=workers, decode=decoder, draft=draft,
+                           timeout=timeout)
+    try:
+        for batch in stream:
+            item = (owner[batch.number], batch, None, None, None)
+            if batch.indices:
+                try:
+                    d = decompose_pixels(vit, batch.pixels, layers=chosen, precision=precision)
+                except RuntimeError as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    raise out_of_memory_error(device, batch_size, "while indexing ") from None
+                non_blocking = device.type == "cuda"  # into pinned host memory, while the device goes on
+                pieces = _rows(d, layout, STORAGE_DTYPES[storage]).to("cpu", non_blocking=non_blocking)
+                embs = d.embedding.to("cpu", non_blocking=non_blocking)
+                event = torch.cuda.Event() if non_blocking else None
+                if event is not None:
+                    event.record()
+                item = (owner[batch.number], batch, pieces, embs, event)
+            if pending is not None:
+                written += finish(pending)
+            pending = item
             if stop_after_shards is not None and written >= stop_after_shards:
+                pending = None
                 break
-    bar.close()
+        if pending is not None:
+            written += finish(pending)
+    finally:
+        stream.close()
+        bar.close()
+        writer.close()
     finished = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
     if len(finished) == n_shards:
         final = json.loads(manifest_path.read_text())

@@ -44,6 +44,9 @@ class ImageSource:
             return self._toy[i].image
         return self.names[i]
 
+    def name(self, i: int) -> str:
+        return self.names[i]
+
     def list_hash(self) -> str:
         digest = hashlib.sha256()
         for name in self.names:

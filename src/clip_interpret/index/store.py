@@ -79,6 +79,7 @@ class ShardInfo:
     stop: int
     kept: list[int]  # source indices of the rows
     failures: list[dict]
+    decoder: str = ""  # how its images were decoded (pil, torch or device; "" before it was recorded)
 
 
 class Run:
@@ -186,6 +187,13 @@ class Run:
         if not self._emb:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate([np.asarray(e) for e in self._emb]).astype(np.float32)
+
+    def iter_pieces(self):
+        """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order."""
+        start = 0
+        for pieces in self._pieces:
+            yield start, pieces
+            start += pieces.shape[0]
 
     def sum_of_pieces(self) -> np.ndarray:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""

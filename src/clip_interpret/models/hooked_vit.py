@@ -119,8 +119,16 @@ class HookedViT(nn.Module):
             )
         x = self.patch_embed(pixels.to(self.proj.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embedding
-        return self.ln_pre(x) if self.ln_pre is not None else x
+        x = torch.cat([cls.to(x.dtype), x], dim=1) + self.pos_embedding  # float32 from here (the stream)
+        return self.norm(self.ln_pre, x) if self.ln_pre is not None else x.float()
+
+    @staticmethod
+    def norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm with float32 statistics, whatever the compute precision (autocast off)."""
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return ln(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """[B, T, width] -> [B, H, T, head_dim]."""
@@ -149,12 +157,13 @@ class HookedViT(nn.Module):
         return out * block.ls1 if block.ls1 is not None else out
 
     def mlp(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        out = block.fc2(self._act(block.fc1(block.ln2(x))))
+        out = block.fc2(self._act(block.fc1(self.norm(block.ln2, x))))
         return out * block.ls2 if block.ls2 is not None else out
 
     def project(self, resid_cls: torch.Tensor) -> torch.Tensor:
-        """Final CLS residual [B, width] -> image embedding [B, output_dim] (not normalised)."""
-        return self.ln_post(resid_cls) @ self.proj
+        """Final CLS residual [B, width] -> image embedding [B, output_dim] (not normalised), in float32."""
+        with torch.autocast(device_type=resid_cls.device.type, enabled=False):
+            return self.norm(self.ln_post, resid_cls) @ self.proj.float()
 
     # ---------------------------------------------------------------- forwards
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -163,7 +172,7 @@ class HookedViT(nn.Module):
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             only_cls = index == last
-            q, k, v = self.qkv(block, block.ln1(x), cls_query_only=only_cls)
+            q, k, v = self.qkv(block, self.norm(block.ln1, x), cls_query_only=only_cls)
             z = F.scaled_dot_product_attention(q, k, v)
             x = (x[:, :1] if only_cls else x) + self.attn_out(block, z)
             x = x + self.mlp(block, x)
@@ -187,7 +196,7 @@ class HookedViT(nn.Module):
         for index, block in enumerate(self.blocks):
             name = f"blocks.{index}"
             cache[f"{name}.hook_resid_pre"] = x
-            h = block.ln1(x)
+            h = self.norm(block.ln1, x)
             cache[f"{name}.ln1.hook_normalized"] = h
             q, k, v = self.qkv(block, h)
             pattern = torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1)

@@ -72,7 +72,10 @@ class TextEncoder:
         self._encode = encode
         self.context_length = context_length
 
-    def __call__(self, texts: Sequence[str], batch_size: int = 256, device=None) -> torch.Tensor:
+    def __call__(self, texts: Sequence[str], batch_size: int = 256, device=None, precision: str = "fp32") -> torch.Tensor:
+        """Unit embeddings [n, D], float32 on the CPU (computed on ``device`` in ``precision``)."""
+        from ..device import compute
+
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -87,13 +90,14 @@ class TextEncoder:
             warnings.warn(f"{len(long)} text(s) longer than the model's context of {self.context_length} tokens "
                           f"were truncated: {shown}", stacklevel=3)
         out = []
+        where = torch.device(device or "cpu")
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                batch = self._tokenize(texts[start:start + batch_size])
-                if device is not None:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                emb = self._encode(**batch).float()
-                out.append(emb / emb.norm(dim=-1, keepdim=True))
+                batch = {k: v.to(where) for k, v in self._tokenize(texts[start:start + batch_size]).items()}
+                with compute(where, precision):
+                    emb = self._encode(**batch)
+                emb = emb.float()
+                out.append((emb / emb.norm(dim=-1, keepdim=True)).cpu())
         return torch.cat(out)
 
 
@@ -101,8 +105,10 @@ class ClipModel:
     """A CLIP-like model opened up: HookedViT image tower, preprocessing, text encoder."""
 
     def __init__(self, spec: str, vit: HookedViT, preprocess: Preprocess, text: TextEncoder,
-                 native: nn.Module | None = None, random_weights: bool = False, note: str = ""):
+                 native: nn.Module | None = None, random_weights: bool = False, note: str = "",
+                 precision: str = "fp32"):
         self.spec = spec
+        self.precision = precision  # compute precision of the matrix work (fp32, bf16, fp16)
         self.vit = vit.eval()
         self.preprocess = preprocess
         self.text = text
@@ -115,27 +121,39 @@ class ClipModel:
         c = self.vit.cfg
         kind = "RANDOM weights" if self.random_weights else "loaded weights"
         return (f"ClipModel({self.spec!r}, {c.layers} layers x {c.heads} heads, width {c.width}, "
-                f"embedding {c.output_dim}, image {c.image_size[0]}x{c.image_size[1]}, {kind})")
+                f"embedding {c.output_dim}, image {c.image_size[0]}x{c.image_size[1]}, {kind}, "
+                f"{self.device}, {self.precision})")
 
     @property
     def device(self) -> torch.device:
         return self.vit.proj.device
 
-    def to(self, device) -> "ClipModel":
-        self.vit.to(device)
-        if self.native is not None:
-            self.native.to(device)
+    def to(self, device=None, precision: str | None = None) -> "ClipModel":
+        """Move the model to ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and/or set its compute
+        precision. Weights stay float32; ``bf16``/``fp16`` run the matrix work under autocast."""
+        from ..device import check_precision, resolve_device
+
+        if precision is not None:
+            self.precision = check_precision(precision)
+        if device is not None:
+            where = resolve_device(device)
+            self.vit.to(where)
+            if self.native is not None:
+                self.native.to(where)
         return self
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Unit text embeddings [n, D] (float32). Long texts are truncated with a warning."""
-        return self.text(texts, batch_size=batch_size, device=self.device)
+        """Unit text embeddings [n, D] (float32, on the CPU). Long texts are truncated with a warning."""
+        return self.text(texts, batch_size=batch_size, device=self.device, precision=self.precision)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Unit image embeddings [B, D] from preprocessed pixels [B, 3, H, W]."""
-        emb = self.vit(pixels.to(self.device)).float()
-        return emb / emb.norm(dim=-1, keepdim=True)
+        """Unit image embeddings [B, D] (float32, on the CPU) from preprocessed pixels [B, 3, H, W]."""
+        from ..device import compute
+
+        with compute(self.device, self.precision):
+            emb = self.vit(pixels.to(self.device)).float()
+        return (emb / emb.norm(dim=-1, keepdim=True)).cpu()
 
     def fingerprint(self) -> str:
         """A short hash of the image tower's weights (what a run directory is checked against)."""
@@ -481,15 +499,21 @@ def _load_hf(spec: str, parsed: ModelSpec) -> ClipModel:
 
 
 # ------------------------------------------------------------------ public API
-def load_model(spec: Any, tokenizer=None, device: str | torch.device = "cpu") -> ClipModel:
+def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", precision: str = "fp32") -> ClipModel:
     """Load a CLIP-like model into a ClipModel.
 
     ``spec`` is a spec string (see ``clip_interpret.models.spec``) or an
     already-built open_clip ``CLIP`` / Hugging Face ``CLIPModel``. For in-memory
     models whose tokenizer is not the standard CLIP BPE, pass ``tokenizer``.
+    ``device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``;
+    ``precision``: compute precision ``fp32``, ``bf16`` or ``fp16`` (docs/decomposition.md).
+    Whatever the device, every result handed back is on the CPU.
     """
+    from ..device import check_precision, resolve_device
+
+    device, precision = resolve_device(device), check_precision(precision)  # bad values fail before loading
     if isinstance(spec, ClipModel):
-        return spec.to(device)
+        return spec.to(device, precision)
     if isinstance(spec, nn.Module):
         kind = type(spec).__name__
         if hasattr(spec, "visual") and hasattr(spec, "encode_text"):
@@ -500,7 +524,7 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "cpu") ->
         else:
             raise ModelLoadError(f"cannot use a {kind} as a CLIP model; pass an open_clip CLIP, a Hugging Face "
                                  "CLIPModel or a spec string")
-        return model.to(device)
+        return model.to(device, precision)
     if not isinstance(spec, str):
         raise ModelLoadError(f"expected a model spec string or a model object, got {type(spec).__name__}")
     parsed = parse_spec(spec)
@@ -512,4 +536,4 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "cpu") ->
             model = _load_open_clip(spec, parsed)
         else:
             model = _load_hf(spec, parsed)
-    return model.to(device)
+    return model.to(device, precision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .world import PROPERTIES, ToyWorld
+from .world import PROPERTIES, generate
 
 # Prompts per property: {v} is the value's wording. Several templates, averaged.
 PROMPTS = {
@@ -42,18 +42,45 @@ def class_embeddings(model, prop: str) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def heldout_embeddings(model, n: int = 1000, seed: int = HELD_OUT_SEED, batch_size: int = 256):
-    """Unit image embeddings, attribute labels and captions of ``n`` held-out images."""
-    world = ToyWorld(n, seed)
-    embs, labels, captions = [], {p: [] for p in PROPERTIES}, []
-    for start in range(0, n, batch_size):
-        items = [world[i] for i in range(start, min(n, start + batch_size))]
-        embs.append(model.encode_image(model.preprocess.batch([it.image for it in items])))
-        for it in items:
-            captions.append(it.caption)
-            for p, values in PROPERTIES.items():
-                labels[p].append(values.index(it.attributes[p]))
-    return torch.cat(embs), {p: np.asarray(v) for p, v in labels.items()}, captions
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+
+
+def _caption(key: tuple[int, int]) -> str:
+    return generate(key[1], seed=key[0]).caption
+
+
+def captions(n: int, seed: int, workers: int | None = None) -> list[str]:
+    """Captions of the first ``n`` images of world ``seed`` (rendered in ``workers`` processes)."""
+    from ..pipeline import resolve_workers
+
+    keys = [(seed, i) for i in range(n)]
+    workers = resolve_workers(workers, n)
+    if workers == 0:
+        return [_caption(k) for k in keys]
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+        return pool.map(_caption, keys, chunksize=64)
+
+
+def toy_pixel_batches(model, n: int, seed: int, batch_size: int = 256, workers: int | None = None):
+    """The source ``toyworld:n:seed`` and its pixel batches on the model's device (images made by the workers)."""
+    from ..index import open_source
+    from ..pipeline import pixel_batches
+
+    source = open_source(f"toyworld:{n}:{seed}")
+    return source, pixel_batches(source, model.preprocess, _batches(n, batch_size), model.device, workers=workers)
+
+
+def heldout_embeddings(model, n: int = 1000, seed: int = HELD_OUT_SEED, batch_size: int = 256,
+                       workers: int | None = None):
+    """Unit image embeddings (CPU), attribute labels and captions of ``n`` held-out images."""
+    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers)
+    embs = torch.cat([model.encode_image(batch.pixels) for batch in stream])
+    labels = {p: np.asarray([values.index(v) for v in source.labels[p]]) for p, values in PROPERTIES.items()}
+    return embs, labels, captions(n, seed, workers)
 
 
 def zero_shot(model, images: torch.Tensor, labels: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -75,9 +102,9 @@ def retrieval(model, images: torch.Tensor, captions: list[str]) -> dict[str, flo
             "pairs": len(captions)}
 
 
-def evaluate(model, n: int = 1000, seed: int = HELD_OUT_SEED) -> dict:
-    images, labels, captions = heldout_embeddings(model, n, seed)
-    return {"zero_shot": zero_shot(model, images, labels), "retrieval": retrieval(model, images, captions),
+def evaluate(model, n: int = 1000, seed: int = HELD_OUT_SEED, workers: int | None = None) -> dict:
+    images, labels, texts = heldout_embeddings(model, n, seed, workers=workers)
+    return {"zero_shot": zero_shot(model, images, labels), "retrieval": retrieval(model, images, texts),
             "n": n, "seed": seed}
 
 
@@ -92,7 +119,8 @@ def format_eval(result: dict) -> str:
     return "\n".join(lines)
 
 
-def head_property_effects(model, n: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100) -> dict:
+def head_property_effects(model, n: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100,
+                          workers: int | None = None) -> dict:
     """Each head's direct effect on the zero-shot margin of each property.
 
     For an image with true value ``y`` of property ``p``, the margin direction is
@@ -100,24 +128,26 @@ def head_property_effects(model, n: int = 500, seed: int = HELD_OUT_SEED, batch_
     images of its contribution dotted with that direction. Returns ``effects``
     [n_layers, n_heads, n_properties] and the property order.
     """
-    from ..decompose import decompose
+    from ..decompose import decompose_pixels
 
-    world = ToyWorld(n, seed)
-    classes = {p: class_embeddings(model, p) for p in PROPERTIES}
+    device = model.device
+    classes = {p: class_embeddings(model, p).to(device) for p in PROPERTIES}
+    labels = {}
+    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers)
+    for p, values in PROPERTIES.items():
+        labels[p] = torch.tensor([values.index(v) for v in source.labels[p]], device=device)
     total = None
-    for start in range(0, n, batch_size):
-        items = [world[i] for i in range(start, min(n, start + batch_size))]
-        d = decompose(model, model.preprocess.batch([it.image for it in items]), layers="all")
-        heads = d.heads  # [B, L, H, D]
+    for batch in stream:
+        heads = decompose_pixels(model.vit, batch.pixels, layers="all", precision=model.precision).heads  # [B, L, H, D]
+        rows = torch.tensor(batch.indices, device=device)
         cols = []
-        for p, values in PROPERTIES.items():
+        for p in PROPERTIES:
             c = classes[p]
-            y = torch.tensor([values.index(it.attributes[p]) for it in items])
-            direction = c[y] - c.mean(dim=0, keepdim=True)  # [B, D]
+            direction = c[labels[p][rows]] - c.mean(dim=0, keepdim=True)  # [B, D]
             cols.append(torch.einsum("blhd,bd->lh", heads, direction))
         part = torch.stack(cols, dim=-1)
         total = part if total is None else total + part
-    return {"effects": (total / n).numpy(), "properties": list(PROPERTIES), "n": n, "seed": seed}
+    return {"effects": (total / n).cpu().numpy(), "properties": list(PROPERTIES), "n": n, "seed": seed}
 
 
 def format_effects(result: dict, top: int = 3) -> str:

@@ -1,0 +1,435 @@
+"""The input pipeline: image items -> normalised pixel batches on the compute device.
+
+    source.load(i) ──► worker processes: read + decode + resize + crop (uint8)
+                   ──► main process: pinned, copied without blocking, [JPEGs decoded
+                       on the device], normalised on the device ──► the model
+
+* **Workers** (``workers=N``) are processes of our own pool, each reading whole
+  batches; several batches per worker are in flight, and batches are handed on
+  in order, so a run is the same image for image whatever the number of workers
+  (``workers=0`` reads in this process). Failures keep their item indices.
+* A worker that **dies** (killed, or crashed by a hostile file) is replaced and
+  its batches are read again; an item that was being read when workers died
+  twice is left out as a failure naming the file. An item that takes longer than
+  ``timeout`` seconds is left out the same way (its worker is killed). The run
+  never hangs on a file.
+* **Decoding**: ``decode="pil"`` decodes in the workers with Pillow, exactly as
+  open_clip's transform (draft mode for JPEGs at least twice the input size when
+  ``draft``); ``"torch"`` decodes JPEGs in the workers with torchvision
+  (libjpeg-turbo) and resizes them with torch, about 3x faster per core;
+  ``"device"`` sends JPEG bytes to the compute device and decodes them there in
+  batches (nvJPEG on a GPU), resizing on the device too. Other formats, and any
+  JPEG that torchvision refuses or warns about, take the Pillow path. ``"auto"``:
+  ``device`` on a GPU, ``torch`` on the CPU. The paths agree within a few grey
+  levels (resampling differs slightly; docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import time
+import warnings
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .device import cores
+from .errors import ClipInterpretError, ImageLoadError
+from .images import MAX_PIXELS, describe, load_image
+
+DECODERS = ("auto", "pil", "torch", "device")
+DEFAULT_TIMEOUT_S = 120.0
+PREFETCH = 2  # batches in flight per worker
+MAX_RESTARTS = 20  # worker replacements per call before giving up
+
+
+class ListSource:
+    """A plain list of images (paths, bytes, PIL images, arrays) as an item source."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int):
+        return self.items[i]
+
+    def name(self, i: int) -> str:
+        return describe(self.items[i])
+
+
+def resolve_workers(workers: int | None, n_items: int | None = None) -> int:
+    """``None`` -> the cores available (0 for a handful of items); more than the cores is
+    clamped with a warning."""
+    available = cores()
+    if workers is None:
+        return 0 if n_items is not None and n_items < 64 else available
+    workers = int(workers)
+    if workers < 0:
+        raise ClipInterpretError(f"--workers must be 0 or more, got {workers}")
+    if workers > available:
+        warnings.warn(f"--workers {workers} is more than the {available} CPU cores available; using {available}",
+                      stacklevel=2)
+        return available
+    return workers
+
+
+def resolve_decoder(decode: str, device: torch.device, preprocess) -> str:
+    if decode not in DECODERS:
+        raise ClipInterpretError(f"unknown decoder {decode!r}; choose one of {', '.join(DECODERS)}")
+    if decode == "auto":
+        decode = "device" if device.type == "cuda" else "torch"
+    if decode != "pil" and preprocess.interpolation not in ("bicubic", "bilinear", "nearest"):
+        return "pil"  # torchvision resizes tensors with these only
+    return decode
+
+
+def _decode_jpeg(data, device="cpu"):
+    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on a GPU): RGB, EXIF orientation applied.
+    A warning (corrupt or truncated data) counts as a failure: the caller falls back to Pillow."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at torchcodec
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+# ------------------------------------------------------------------ reading
+def _jpeg_bytes(raw) -> bytes | None:
+    """The bytes of a JPEG that the device decoder can take (RGB or grey, within the pixel limit), else None."""
+    from PIL import Image
+
+    try:
+        if isinstance(raw, (str, os.PathLike)):
+            with open(raw, "rb") as handle:
+                data = handle.read()
+        elif isinstance(raw, (bytes, bytearray)):
+            data = bytes(raw)
+        else:
+            return None
+        if not data.startswith(b"\xff\xd8\xff"):
+            return None
+        with Image.open(io.BytesIO(data)) as image:  # the header only: format, mode, size
+            w, h = image.size
+            if image.format != "JPEG" or image.mode not in ("RGB", "L") or not 0 < w * h <= MAX_PIXELS:
+                return None
+        return data
+    except Exception:  # noqa: BLE001 - anything odd takes the Pillow path, which names the problem
+        return None
+
+
+def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], decoder: str,
+               draft: bool, mark: Callable[[int], None] | None = None) -> dict:
+    """Read the items ``indices`` of ``source``: uint8 crops, raw JPEG bytes (for the ``device``
+    decoder), and failures (index, source, reason); items in ``bad`` are failures unread.
+    ``decoder``: ``pil``, ``torch`` (JPEGs decoded here by torchvision) or ``device``."""
+    crops, crop_idx, jpegs, jpeg_idx, failures = [], [], [], [], []
+    for i in indices:
+        if i in bad:
+            failures.append({"index": i, "source": source.name(i), "reason": bad[i]})
+            continue
+        if mark is not None:
+            mark(i)
+        try:
+            raw = source.load(i)
+            data = _jpeg_bytes(raw) if decoder != "pil" else None
+            if data is not None and decoder == "device":
+                jpegs.append(np.frombuffer(data, np.uint8))
+                jpeg_idx.append(i)
+                continue
+            crop = None
+            if data is not None:
+                try:
+                    crop = preprocess.crop_tensor(_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                except Exception:  # noqa: BLE001 - Pillow decides below, and names the problem
+                    crop = None
+            if crop is None:
+                crop = preprocess.crop_uint8(load_image(raw, draft=preprocess.draft_size if draft else None))
+            crops.append(crop)
+            crop_idx.append(i)
+        except ImageLoadError as err:
+            failures.append({"index": i, "source": source.name(i), "reason": err.reason})
+    h, w = preprocess.image_size
+    return {
+        "crops": torch.stack(crops) if crops else torch.zeros((0, 3, h, w), dtype=torch.uint8),
+        "crop_idx": crop_idx,
+        "jpeg": torch.from_numpy(np.concatenate(jpegs)) if jpegs else torch.zeros(0, dtype=torch.uint8),
+        "jpeg_len": [len(j) for j in jpegs],
+        "jpeg_idx": jpeg_idx,
+        "failures": failures,
+    }
+
+
+# --------------------------------------------------------------------- pool
+def _worker_main(slot: int, tasks, results, status, reader, parent: int) -> None:
+    """One pool worker: read the batches it is given, report which item it is on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+
+    def mark(item: int) -> None:
+        status[3 * slot + 2] = time.monotonic()
+        status[3 * slot + 1] = item
+
+    while True:
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return  # the main process is gone
+            continue
+        if task is None:
+            return
+        k, indices, bad = task
+        status[3 * slot] = k
+        payload = reader(indices, bad, mark)
+        status[3 * slot + 1] = -1
+        results.put((k, payload))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    tasks: Any
+    results: Any  # its own queue: a worker killed while answering cannot garble the others' answers
+    outstanding: deque
+
+
+class DecodePool:
+    """Worker processes reading batches of items; results come back in batch order.
+
+    ``reader(indices, bad, mark)`` runs in the workers (it must not touch a GPU).
+    """
+
+    def __init__(self, reader: Callable, workers: int, timeout: float = DEFAULT_TIMEOUT_S,
+                 describe_item: Callable[[int], str] = str):
+        import torch.multiprocessing as mp
+
+        self.reader = reader
+        self.n = workers
+        self.timeout = timeout
+        self.describe_item = describe_item
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        self.ctx = mp.get_context(method)
+        self.status = self.ctx.Array("d", [-1.0] * (3 * workers), lock=False)  # per slot: batch, item, start
+        self.workers: list[_Worker | None] = [None] * workers
+        self.bad: dict[int, str] = {}
+        self.blamed: Counter = Counter()
+        self.restarts = 0
+        self._checked = time.monotonic()
+        for slot in range(workers):
+            self._start(slot)
+
+    def _start(self, slot: int) -> None:
+        tasks, results = self.ctx.Queue(), self.ctx.Queue()
+        for j in range(3):
+            self.status[3 * slot + j] = -1.0
+        process = self.ctx.Process(target=_worker_main, daemon=True, name=f"clip-interpret-reader-{slot}",
+                                   args=(slot, tasks, results, self.status, self.reader, os.getpid()))
+        process.start()
+        self.workers[slot] = _Worker(process, tasks, results, deque())
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker is not None and worker.process.is_alive():
+                worker.tasks.put(None)
+        deadline = time.monotonic() + 2.0
+        for worker in self.workers:
+            if worker is None:
+                continue
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        self.workers = []
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- health
+    def _replace(self, slot: int, why: str) -> None:
+        """Replace a dead or stuck worker; its batches go to the new one (without the blamed item)."""
+        worker = self.workers[slot]
+        item = int(self.status[3 * slot + 1])
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        self.restarts += 1
+        if item >= 0:
+            if why == "stuck":
+                self.bad[item] = f"reading took longer than {self.timeout:g} s (a hostile or huge file?); skipped"
+            else:
+                self.blamed[item] += 1
+                if self.blamed[item] >= 2:
+                    self.bad[item] = "the reading process died twice on this file (crashed or killed); skipped"
+        if self.restarts > MAX_RESTARTS:
+            suspects = ", ".join(self.describe_item(i) for i in list(self.blamed)[:5]) or "none in particular"
+            raise ClipInterpretError(f"image reading workers died {self.restarts} times (killed, or crashed by "
+                                     f"files: {suspects}); stopping. Run again to resume, or use --workers 0 to see "
+                                     "the error in this process")
+        pending = list(worker.outstanding)
+        self._start(slot)
+        for task in pending:
+            self._send(slot, task)
+
+    def _check(self) -> None:
+        now = self._checked = time.monotonic()
+        for slot, worker in enumerate(self.workers):
+            if not worker.process.is_alive():
+                self._replace(slot, "died")
+            elif self.status[3 * slot + 1] >= 0 and now - self.status[3 * slot + 2] > self.timeout:
+                self._replace(slot, "stuck")
+
+    def _send(self, slot: int, task) -> None:
+        k, indices = task
+        worker = self.workers[slot]
+        worker.outstanding.append(task)
+        worker.tasks.put((k, indices, {i: self.bad[i] for i in indices if i in self.bad}))
+
+    def _receive(self, timeout: float) -> list[tuple[int, dict]]:
+        """Answers that arrived within ``timeout`` seconds, as (batch, payload)."""
+        from multiprocessing.connection import wait
+
+        readers = {worker.results._reader: slot for slot, worker in enumerate(self.workers)}
+        answers = []
+        for ready in wait(list(readers), timeout=timeout):
+            slot = readers[ready]
+            worker = self.workers[slot]
+            try:
+                k, payload = worker.results.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            except Exception:  # noqa: BLE001 - an answer its dying worker could not finish sending
+                self._replace(slot, "died")
+                continue
+            match = [task for task in worker.outstanding if task[0] == k]
+            if match:  # else a late answer to a batch that was sent again
+                worker.outstanding.remove(match[0])
+                answers.append((k, payload))
+        return answers
+
+    # -------------------------------------------------------------- batches
+    def map(self, batches: Sequence[Sequence[int]]) -> Iterator[tuple[int, dict]]:
+        """(k, payload) for each batch of item indices, in order."""
+        todo = deque(enumerate(batches))
+        arrived: dict[int, dict] = {}
+        window = self.n * PREFETCH  # batches read ahead of the one handed on (bounds memory)
+        for k in range(len(batches)):
+            while k not in arrived:
+                for slot, worker in enumerate(self.workers):
+                    while todo and todo[0][0] < k + window and len(worker.outstanding) < PREFETCH:
+                        self._send(slot, todo.popleft())
+                for done, payload in self._receive(timeout=0.5):
+                    arrived[done] = payload
+                if k not in arrived and time.monotonic() - self._checked > 0.5:
+                    self._check()
+            yield k, arrived.pop(k)
+
+
+# ------------------------------------------------------------------- device
+def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """JPEG bytes of a batch -> uint8 crops on ``device`` by index; indices the device could not decode."""
+    if not payload["jpeg_idx"]:
+        return {}, []
+    data = torch.split(payload["jpeg"], payload["jpeg_len"])
+    try:
+        images = _decode_jpeg(list(data), device)
+    except Exception:  # noqa: BLE001 - one bad file fails the batch call: decode them one by one
+        images = []
+        for one in data:
+            try:
+                images.append(_decode_jpeg(one, device))
+            except Exception:  # noqa: BLE001
+                images.append(None)
+    crops, failed = {}, []
+    for i, image in zip(payload["jpeg_idx"], images):
+        if image is None:
+            failed.append(i)
+        else:
+            crops[i] = preprocess.crop_tensor(image)
+    return crops, failed
+
+
+@dataclass
+class _Reader:
+    """``read_batch`` with its settings bound (a picklable callable for the pool's workers)."""
+
+    source: Any
+    preprocess: Any
+    decoder: str
+    draft: bool
+
+    def __call__(self, indices, bad, mark=None) -> dict:
+        return read_batch(self.source, self.preprocess, indices, bad, self.decoder, self.draft, mark)
+
+
+@dataclass
+class PixelBatch:
+    """One batch ready for the model: ``pixels`` [n, 3, H, W] normalised float32 on the device."""
+
+    number: int
+    indices: list[int]  # the source items of the rows
+    pixels: torch.Tensor
+    failures: list[dict]  # {"index", "source", "reason"}
+
+
+def pixel_batches(source, preprocess, batches: Sequence[Sequence[int]], device: torch.device | str = "cpu",
+                  workers: int | None = 0, decode: str = "auto", draft: bool = False,
+                  timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[PixelBatch]:
+    """Read, decode and preprocess the items of ``source`` batch by batch (see the module doc)."""
+    device = torch.device(device)
+    n_items = sum(len(b) for b in batches)
+    workers = resolve_workers(workers, n_items)
+    decoder = resolve_decoder(decode, device, preprocess)
+    pin = device.type == "cuda"
+
+    reader = _Reader(source, preprocess, decoder, draft)
+    if workers == 0:
+        payloads = ((k, reader(list(b), {})) for k, b in enumerate(batches))
+        pool = None
+    else:
+        pool = DecodePool(reader, workers, timeout, describe_item=source.name)
+        payloads = pool.map([list(b) for b in batches])
+    try:
+        for k, payload in payloads:
+            yield _to_device(k, payload, source, preprocess, device, pin, draft)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _to_device(k: int, payload: dict, source, preprocess, device, pin: bool, draft: bool) -> PixelBatch:
+    crops = payload["crops"]
+    if pin and crops.numel():
+        crops = crops.pin_memory()
+    crops = crops.to(device, non_blocking=True)
+    if not payload["jpeg_idx"]:  # the common CPU case: the rows are already in order
+        return PixelBatch(k, list(payload["crop_idx"]), preprocess.normalise(crops), list(payload["failures"]))
+    on_device = dict(zip(payload["crop_idx"], crops))
+    decoded, fallback = decode_on_device(payload, preprocess, device)
+    on_device.update(decoded)
+    failures = list(payload["failures"])
+    for i in fallback:  # what the device decoder refused: Pillow decides (and names the problem)
+        try:
+            image = load_image(source.load(i), draft=preprocess.draft_size if draft else None)
+            on_device[i] = preprocess.crop_uint8(image).to(device)
+        except ImageLoadError as err:
+            failures.append({"index": i, "source": source.name(i), "reason": err.reason})
+    kept = sorted(on_device)
+    failures.sort(key=lambda f: f["index"])
+    if kept:
+        pixels = preprocess.normalise(torch.stack([on_device[i] for i in kept]))
+    else:
+        h, w = preprocess.image_size
+        pixels = torch.zeros((0, 3, h, w), device=device)
+    return PixelBatch(k, kept, pixels, failures)
