@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .errors import ClipInterpretError
 
@@ -113,7 +114,7 @@ def _imagenet_synsets() -> list[str] | None:
     return synsets if len(synsets) == 1000 else None
 
 
-def layer_parts(rows: np.ndarray, run) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def layer_parts(rows: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shard rows [S, P, D] -> (attention per layer [S, L, D], MLP per layer [S, L, D],
     analysed heads [S, La, H, D], the rest [S, D]: CLS embedding + constant)."""
     layout = run.layout
@@ -121,60 +122,70 @@ def layer_parts(rows: np.ndarray, run) -> tuple[np.ndarray, np.ndarray, np.ndarr
     n_layers = run.manifest["n_layers"]
     heads = rows[:, slice(*layout["heads"])].reshape(s, len(run.layers), run.n_heads, d)
     bias = rows[:, slice(*layout["attn_bias"])]
-    attn = np.zeros((s, n_layers, d), np.float32)
-    for i, layer in enumerate(run.layers):
-        attn[:, layer] = heads[:, i].sum(axis=1) + bias[:, i]
-    other = rows[:, slice(*layout["other_attn"])]
-    for i, layer in enumerate(run.manifest["other_layers"]):
-        attn[:, layer] = other[:, i]
+    attn = rows.new_zeros((s, n_layers, d))
+    attn[:, run.layers] = heads.sum(dim=2) + bias
+    other = run.manifest["other_layers"]
+    if other:
+        attn[:, other] = rows[:, slice(*layout["other_attn"])]
     mlps = rows[:, slice(*layout["mlps"])]
-    rest = rows[:, slice(*layout["cls_embed"])].sum(axis=1) + rows[:, slice(*layout["constant"])].sum(axis=1)
+    rest = rows[:, slice(*layout["cls_embed"])].sum(dim=1) + rows[:, slice(*layout["constant"])].sum(dim=1)
     return attn, mlps, heads, rest
 
 
-def iter_rows(run):
-    """(start index, rows [S, P, D] float32) per shard."""
-    start = 0
-    for pieces in run._pieces:
-        rows = np.asarray(pieces, dtype=np.float32)
-        yield start, rows
-        start += rows.shape[0]
+def iter_rows(run, device="cpu"):
+    """(start index, rows [S, P, D] float32 on ``device``) per shard (one shard in memory at a time)."""
+    for start, pieces in run.iter_pieces():
+        yield start, torch.from_numpy(np.ascontiguousarray(pieces)).to(device).float()
 
 
-def piece_means(run) -> tuple[np.ndarray, np.ndarray]:
-    """Dataset means of every layer's attention and MLP pieces ([L, D] each)."""
+def task_tensors(task: Task, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [N], classes [C, D]) of a task as tensors on ``device``."""
+    return (torch.as_tensor(task.labels, device=device),
+            torch.as_tensor(task.classes, dtype=torch.float32, device=device))
+
+
+def piece_means(run, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset means of every layer's attention and MLP pieces ([L, D] each, float64 sums)."""
     n_layers, d = run.manifest["n_layers"], run.dim
-    attn_sum, mlp_sum, n = np.zeros((n_layers, d)), np.zeros((n_layers, d)), 0
-    for _, rows in iter_rows(run):
+    attn_sum = torch.zeros((n_layers, d), dtype=torch.float64, device=device)
+    mlp_sum, n = torch.zeros_like(attn_sum), 0
+    for _, rows in iter_rows(run, device):
         attn, mlps, _, _ = layer_parts(rows, run)
-        attn_sum += attn.sum(axis=0)
-        mlp_sum += mlps.sum(axis=0)
+        attn_sum += attn.sum(dim=0)
+        mlp_sum += mlps.sum(dim=0)
         n += rows.shape[0]
     if n == 0:
         raise ClipInterpretError(f"run {run.path} holds no images")
-    return (attn_sum / n).astype(np.float32), (mlp_sum / n).astype(np.float32)
+    return (attn_sum / n).float(), (mlp_sum / n).float()
 
 
-def ablation_study(run, model) -> dict:
-    """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc)."""
+def _device(model, device):
+    return torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
+
+
+def ablation_study(run, model, device=None) -> dict:
+    """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc).
+    Computed on ``device`` (default: the model's), one shard at a time."""
+    device = _device(model, device)
     tasks = zero_shot_tasks(run, model)
-    attn_mean, mlp_mean = piece_means(run)
+    on_device = [task_tensors(t, device) for t in tasks]
+    attn_mean, mlp_mean = piece_means(run, device)
     n_layers = attn_mean.shape[0]
     variants = ["full", "MLPs mean-ablated"] + [
         f"attention 0-{k} mean-ablated" if k else "attention 0 mean-ablated" for k in range(n_layers)]
-    correct = np.zeros((len(variants), len(tasks)))
-    for start, rows in iter_rows(run):
+    correct = torch.zeros((len(variants), len(tasks)), dtype=torch.float64, device=device)
+    for start, rows in iter_rows(run, device):
         attn, mlps, _, rest = layer_parts(rows, run)
         stop = start + rows.shape[0]
-        attn_total, mlp_total = attn.sum(axis=1), mlps.sum(axis=1)
-        embs = [attn_total + mlp_total + rest, attn_total + mlp_mean.sum(axis=0) + rest]
+        attn_total, mlp_total = attn.sum(dim=1), mlps.sum(dim=1)
+        embs = [attn_total + mlp_total + rest, attn_total + mlp_mean.sum(dim=0) + rest]
         for k in range(n_layers):
-            embs.append(attn_mean[:k + 1].sum(axis=0) + attn[:, k + 1:].sum(axis=1) + mlp_total + rest)
+            embs.append(attn_mean[:k + 1].sum(dim=0) + attn[:, k + 1:].sum(dim=1) + mlp_total + rest)
         for v, emb in enumerate(embs):
-            for t, task in enumerate(tasks):
-                pred = (emb @ task.classes.T).argmax(axis=1)
-                correct[v, t] += (pred == task.labels[start:stop]).sum()
+            for t, (labels, classes) in enumerate(on_device):
+                correct[v, t] += ((emb @ classes.T).argmax(dim=1) == labels[start:stop]).sum()
     n = len(run)
+    correct = correct.cpu().numpy()
     table = {variant: {task.name: float(correct[v, t] / n) for t, task in enumerate(tasks)}
              for v, variant in enumerate(variants)}
     for variant in table:

@@ -24,59 +24,63 @@ task is the folder's classes (property ``class``).
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from .errors import ClipInterpretError
 from .labels.store import normalise_property
 
 
-def _margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Correct-class score minus the best other class, along the last axis ([..., C] -> [...])."""
-    correct = np.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    others = logits.copy()
-    np.put_along_axis(others, labels[..., None], -np.inf, axis=-1)
-    return correct - others.max(axis=-1)
+    correct = logits.gather(-1, labels[..., None])[..., 0]
+    others = logits.scatter(-1, labels[..., None], float("-inf"))
+    return correct - others.max(dim=-1).values
 
 
-def head_ablation_drops(run, model) -> dict:
-    """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated."""
-    from .ablation import iter_rows, zero_shot_tasks
+def head_ablation_drops(run, model, device=None) -> dict:
+    """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
+    Computed on ``device`` (default: the model's), one shard at a time."""
+    from .ablation import _device, iter_rows, task_tensors, zero_shot_tasks
 
+    device = _device(model, device)
     tasks = zero_shot_tasks(run, model)
+    on_device = [task_tensors(t, device) for t in tasks]
     names = run.head_names()
     start_h, stop_h = run.layout["heads"]
-    head_sum = np.zeros((len(names), run.dim))
-    for _, rows in iter_rows(run):
-        head_sum += rows[:, start_h:stop_h].sum(axis=0)
     n = len(run)
     if n == 0:
         raise ClipInterpretError(f"run {run.path} holds no images")
-    mean = (head_sum / n).astype(np.float32)  # [HH, D]
+    head_sum = torch.zeros((len(names), run.dim), dtype=torch.float64, device=device)
+    for _, rows in iter_rows(run, device):
+        head_sum += rows[:, start_h:stop_h].sum(dim=0)
+    mean = (head_sum / n).float()  # [HH, D]
     n_tasks = len(tasks)
-    base_correct = np.zeros(n_tasks)
-    ablated_correct = np.zeros((len(names), n_tasks))
-    margin_drop_sum = np.zeros((len(names), n_tasks))
-    margin_sum, margin_sq = np.zeros(n_tasks), np.zeros(n_tasks)
-    for start, rows in iter_rows(run):
+    f64 = dict(dtype=torch.float64, device=device)
+    base_correct = torch.zeros(n_tasks, **f64)
+    ablated_correct = torch.zeros((len(names), n_tasks), **f64)
+    margin_drop_sum = torch.zeros((len(names), n_tasks), **f64)
+    margin_sum, margin_sq = torch.zeros(n_tasks, **f64), torch.zeros(n_tasks, **f64)
+    for start, rows in iter_rows(run, device):
         stop = start + rows.shape[0]
-        emb = rows.sum(axis=1)  # the exact reconstruction [S, D]
+        emb = rows.sum(dim=1)  # the exact reconstruction [S, D]
         heads = rows[:, start_h:stop_h]  # [S, HH, D]
-        for t, task in enumerate(tasks):
-            labels = task.labels[start:stop]
-            logits = emb @ task.classes.T  # [S, C]
-            base_correct[t] += (logits.argmax(axis=1) == labels).sum()
+        for t, (all_labels, classes) in enumerate(on_device):
+            labels = all_labels[start:stop]
+            logits = emb @ classes.T  # [S, C]
+            base_correct[t] += (logits.argmax(dim=1) == labels).sum()
             base_margin = _margins(logits, labels)  # [S]
             margin_sum[t] += base_margin.sum()
-            margin_sq[t] += (base_margin.astype(np.float64) ** 2).sum()
-            ablated = logits[:, None, :] + (mean[None] - heads) @ task.classes.T  # [S, HH, C]
-            ablated_correct[:, t] += (ablated.argmax(axis=2) == labels[:, None]).sum(axis=0)
-            margin_drop_sum[:, t] += (base_margin[:, None] - _margins(ablated, np.repeat(
-                labels[:, None], len(names), axis=1))).sum(axis=0)
-    spread = np.sqrt(np.maximum(margin_sq / n - (margin_sum / n) ** 2, 1e-12))
-    accuracy_drop = (base_correct[None] - ablated_correct) / n
-    margin_drop = margin_drop_sum / n / spread[None]
+            margin_sq[t] += (base_margin.double() ** 2).sum()
+            ablated = logits[:, None, :] + (mean[None] - heads) @ classes.T  # [S, HH, C]
+            per_head = labels[:, None].expand(-1, len(names))
+            ablated_correct[:, t] += (ablated.argmax(dim=2) == per_head).sum(dim=0)
+            margin_drop_sum[:, t] += (base_margin[:, None] - _margins(ablated, per_head)).sum(dim=0)
+    spread = torch.sqrt(torch.clamp(margin_sq / n - (margin_sum / n) ** 2, min=1e-12))
+    accuracy_drop = ((base_correct[None] - ablated_correct) / n).cpu().numpy()
+    margin_drop = (margin_drop_sum / n / spread[None]).cpu().numpy()
+    base = (base_correct / n).cpu().numpy()
     task_names = [t.name for t in tasks]
-    return {"tasks": task_names, "n_images": n, "accuracy": dict(zip(task_names, (base_correct / n).tolist())),
+    return {"tasks": task_names, "n_images": n, "accuracy": dict(zip(task_names, base.tolist())),
             "drops": {name: dict(zip(task_names, map(float, margin_drop[i]))) for i, name in enumerate(names)},
             "accuracy_drops": {name: dict(zip(task_names, map(float, accuracy_drop[i])))
                                for i, name in enumerate(names)},

@@ -31,7 +31,12 @@ from .errors import ClipInterpretError
 
 @dataclass
 class TextSpanResult:
-    """The m texts picked for one head, in order, with what each explains."""
+    """The m texts picked for one head, in order, with what each explains.
+
+    The reconstruction is linear: an image's coefficients along the picked directions
+    are ``(c - mean) @ projection``, and ``mean + coefficients[:, :m] @ directions[:m]``
+    rebuilds the head's contribution from its first m texts (for any data, streamed).
+    """
 
     indices: list[int]
     texts: list[str]
@@ -39,16 +44,23 @@ class TextSpanResult:
     explained: list[float]  # that variance as a share of the head's total variance
     rank: int
     total_variance: float
-    coefficients: np.ndarray | None = field(default=None, repr=False)  # [K, m] per-image coefficients
-    directions: np.ndarray | None = field(default=None, repr=False)  # [m, D] the picked (projected) directions
     mean: np.ndarray | None = field(default=None, repr=False)  # [D] the head's mean contribution
+    projection: np.ndarray | None = field(default=None, repr=False)  # [D, m] centred contribution -> coefficients
+    directions: np.ndarray | None = field(default=None, repr=False)  # [m, D] the picked (projected) directions
+    coefficients: np.ndarray | None = field(default=None, repr=False)  # [K, m] of the data given to textspan()
 
-    def reconstruct(self, m: int | None = None) -> np.ndarray:
-        """The head's contributions rebuilt from its mean and the first ``m`` picked texts [K, D]."""
-        if self.coefficients is None:
-            raise ClipInterpretError("this TextSpan result was computed without keeping the reconstruction")
+    def reconstruct(self, m: int | None = None, data: np.ndarray | None = None) -> np.ndarray:
+        """The head's contributions rebuilt from its mean and the first ``m`` picked texts [K, D]
+        (of ``data`` [K, D], or of the data given to ``textspan(..., keep_reconstruction=True)``)."""
         m = len(self.indices) if m is None else min(m, len(self.indices))
-        return self.mean[None] + self.coefficients[:, :m] @ self.directions[:m]
+        if data is not None:
+            coefficients = (np.asarray(data, np.float64) - self.mean) @ self.projection
+        elif self.coefficients is not None:
+            coefficients = self.coefficients
+        else:
+            raise ClipInterpretError("this TextSpan result was computed without keeping the reconstruction; "
+                                     "pass the head's data")
+        return self.mean[None] + coefficients[:, :m] @ self.directions[:m]
 
 
 def _clamp_rank(rank: int, k: int, d: int) -> int:
@@ -62,32 +74,37 @@ def _clamp_rank(rank: int, k: int, d: int) -> int:
     return rank
 
 
-def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list[str], m: int = 5,
-             rank: int = 80, keep_reconstruction: bool = False) -> TextSpanResult:
-    """Run TextSpan for one head (exact, in the rank-r subspace; see the module doc)."""
-    c = np.asarray(contributions, dtype=np.float32)
-    t = np.asarray(text_embeddings, dtype=np.float64)
-    k, d = c.shape
+def _check(k: int, d: int, text_embeddings: np.ndarray, texts: list[str], m: int) -> None:
     if k < 2:
         raise ClipInterpretError(f"TextSpan needs at least 2 images, got {k}")
-    if t.shape[0] != len(texts) or t.shape[1] != d:
-        raise ClipInterpretError(f"text embeddings {t.shape} do not match {len(texts)} texts of dimension {d}")
+    if text_embeddings.shape[0] != len(texts) or text_embeddings.shape[1] != d:
+        raise ClipInterpretError(f"text embeddings {text_embeddings.shape} do not match {len(texts)} texts of "
+                                 f"dimension {d}")
     if m < 1:
         raise ClipInterpretError(f"m must be at least 1, got {m}")
     if len(texts) < m:
         raise ClipInterpretError(f"the description pool has {len(texts)} texts, fewer than m={m}")
+
+
+def textspan_from_gram(gram: np.ndarray, mean: np.ndarray, k: int, text_embeddings: np.ndarray, texts: list[str],
+                       m: int = 5, rank: int = 80) -> TextSpanResult:
+    """TextSpan for one head from its statistics alone: the uncentred Gram matrix ``C^T C`` [D, D]
+    and the mean [D] of its contributions over ``k`` images (exact; see the module doc). Memory
+    and time do not depend on ``k``, so the statistics can be accumulated shard by shard."""
+    gram = np.asarray(gram, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    t = np.asarray(text_embeddings, dtype=np.float64)
+    d = gram.shape[0]
+    _check(k, d, t, texts, m)
     rank = _clamp_rank(rank, k, d)
-    c64 = c.astype(np.float64)
-    gram = c64.T @ c64  # uncentred, as the published SVD (float64: picks on near-ties stay stable)
     _, vecs = np.linalg.eigh(gram)
     basis = vecs[:, ::-1][:, :rank].T  # [r, D]: top right singular vectors of C
-    mean = c.mean(axis=0).astype(np.float64)
     centred_gram = gram - k * np.outer(mean, mean)
     cov = basis @ centred_gram @ basis.T / (k - 1)  # [r, r]
     total = float(np.trace(centred_gram) / (k - 1))
     coords = t @ basis.T  # [M, r]
-    x = (c64 - mean) @ basis.T if keep_reconstruction else None  # [K, r]
-    picked, variances, coefs, dirs = [], [], [], []
+    deflate = np.eye(rank)  # rows: the remaining part of each basis coordinate (coefficients are linear)
+    picked, variances, weights, dirs = [], [], [], []
     for _ in range(m):
         var = np.einsum("mr,mr->m", coords @ cov, coords)
         top = int(np.argmax(var))
@@ -100,24 +117,61 @@ def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list
         proj = np.eye(len(a)) - np.outer(a, a) / norm2
         cov = proj @ cov @ proj
         coords = coords - np.outer(coords @ a, a) / norm2
-        if x is not None:
-            coef = x @ a / norm2
-            x = x - np.outer(coef, a)
-            coefs.append(coef)
-            dirs.append(a @ basis)
-    result = TextSpanResult(indices=picked, texts=[texts[i] for i in picked], variance=variances,
-                            explained=[v / total if total > 0 else 0.0 for v in variances], rank=rank,
-                            total_variance=total)
+        w = deflate @ a / norm2
+        deflate = deflate - np.outer(w, a)
+        weights.append(w)
+        dirs.append(a @ basis)
+    return TextSpanResult(
+        indices=picked, texts=[texts[i] for i in picked], variance=variances,
+        explained=[v / total if total > 0 else 0.0 for v in variances], rank=rank, total_variance=total,
+        mean=mean, projection=basis.T @ np.stack(weights, axis=1) if weights else np.zeros((d, 0)),
+        directions=np.stack(dirs) if dirs else np.zeros((0, d)))
+
+
+def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list[str], m: int = 5,
+             rank: int = 80, keep_reconstruction: bool = False) -> TextSpanResult:
+    """Run TextSpan for one head with contributions [K, D] (exact, in the rank-r subspace)."""
+    c = np.asarray(contributions, dtype=np.float32)
+    c64 = c.astype(np.float64)
+    gram = c64.T @ c64  # uncentred, as the published SVD (float64: picks on near-ties stay stable)
+    result = textspan_from_gram(gram, c.mean(axis=0), c.shape[0], text_embeddings, texts, m, rank)
     if keep_reconstruction:
-        result.coefficients = np.stack(coefs, axis=1) if coefs else np.zeros((k, 0))
-        result.directions = np.stack(dirs) if dirs else np.zeros((0, d))
-        result.mean = mean
+        result.coefficients = (c64 - result.mean) @ result.projection
     return result
 
 
-def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5, 10, 20), progress: bool = True):
+def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool = False):
+    """Per analysed head, the Gram matrix ``C^T C`` [D, D] and the sum of its contributions [D]
+    (float64), accumulated shard by shard on ``device``: memory stays at the statistics' size
+    (heads are taken in groups of at most ``max_bytes`` of Gram matrices, one pass per group),
+    whatever the number of images. Yields (head index, gram, sum) as numpy arrays."""
+    import torch
+    from tqdm import tqdm
+
+    from .ablation import iter_rows
+
+    start_h, stop_h = run.layout["heads"]
+    n_heads, d = stop_h - start_h, run.dim
+    group = max(1, min(n_heads, int(max_bytes // (d * d * 8))))
+    passes = range(0, n_heads, group)
+    for first in tqdm(passes, desc="TextSpan statistics", unit="pass", disable=not progress or len(passes) < 2):
+        last = min(n_heads, first + group)
+        grams = torch.zeros((last - first, d, d), dtype=torch.float64, device=device)
+        sums = torch.zeros((last - first, d), dtype=torch.float64, device=device)
+        for _, rows in iter_rows(run, device):
+            h = rows[:, start_h + first:start_h + last].double().transpose(0, 1)  # [G, S, D]
+            grams += h.transpose(1, 2) @ h
+            sums += h.sum(dim=1)
+        for j in range(last - first):
+            yield first + j, grams[j].cpu().numpy(), sums[j].cpu().numpy()
+
+
+def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5, 10, 20), progress: bool = True,
+                 device=None):
     """TextSpan for every analysed head of a run; with ``check_ms``, the reconstruction check.
 
+    Streams the run: each head's Gram matrix and mean are accumulated shard by shard on
+    ``device`` (default: the model's), so memory does not grow with the number of images.
     Returns a JSON-ready dict: per head the picked texts (with categories and the
     variance each explains), the inputs it came from, and — when the run supports
     zero-shot tasks — accuracy with the analysed heads replaced by their
@@ -126,32 +180,34 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
     """
     from tqdm import tqdm
 
+    from .ablation import _device
     from .pools import text_embeddings
 
     if len(pool) < m:
         raise ClipInterpretError(f"pool {pool.name} has {len(pool)} descriptions, fewer than m={m}")
+    device = _device(model, device)
     texts_emb = text_embeddings(model, pool)
     check_ms = sorted(set(check_ms)) if check_ms else []
     depth = max([m, *check_ms])
-    heads = {}
-    recon = {k: None for k in [0, *check_ms]} if check_ms else {}
+    names = run.head_names()
+    n = len(run)
+    heads, results = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for layer in tqdm(run.layers, desc="TextSpan", unit="layer", disable=not progress):
-            for head in range(run.n_heads):
-                data = run.heads(layer, head)
-                result = textspan(data, texts_emb, pool.texts, m=depth, rank=rank, keep_reconstruction=bool(check_ms))
-                heads[f"L{layer}.H{head}"] = {
-                    "texts": result.texts[:m],
-                    "categories": [pool.categories[i] for i in result.indices[:m]],
-                    "indices": result.indices[:m],
-                    "variance": result.variance[:m],
-                    "explained": result.explained[:m],
-                    "rank": result.rank,
-                }
-                for k in recon:
-                    part = result.reconstruct(k)
-                    recon[k] = part if recon[k] is None else recon[k] + part
+        bar = tqdm(total=len(names), desc="TextSpan", unit="head", disable=not progress)
+        for index, gram, total in head_statistics(run, device, progress=progress):
+            result = textspan_from_gram(gram, total / max(n, 1), n, texts_emb, pool.texts, m=depth, rank=rank)
+            results[names[index]] = result
+            heads[names[index]] = {
+                "texts": result.texts[:m],
+                "categories": [pool.categories[i] for i in result.indices[:m]],
+                "indices": result.indices[:m],
+                "variance": result.variance[:m],
+                "explained": result.explained[:m],
+                "rank": result.rank,
+            }
+            bar.update(1)
+        bar.close()
     rank_warnings = sorted({str(w.message) for w in caught if "rank" in str(w.message)})
     for message in rank_warnings:
         warnings.warn(message, stacklevel=2)
@@ -159,38 +215,58 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
         "pool": {"name": pool.name, "hash": pool.content_hash(), "size": len(pool)},
         "m": m, "rank": rank,
         "run": {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"],
-                "n_images": len(run), "layers": run.layers},
+                "n_images": n, "layers": run.layers},
         "heads": heads,
     }
     if check_ms:
-        out["reconstruction"] = reconstruction_check(run, model, {k: v for k, v in recon.items()})
+        out["reconstruction"] = reconstruction_check(run, model, [results[name] for name in names], check_ms, device)
     return out
 
 
-def reconstruction_check(run, model, head_sums: dict[int, np.ndarray]) -> dict | None:
-    """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions."""
-    from .ablation import iter_rows, layer_parts, piece_means, zero_shot_tasks
+def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, device=None) -> dict | None:
+    """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions from their
+    first m texts (``results`` in the run's head order), other layers and MLPs mean-ablated."""
+    import torch
+
+    from .ablation import _device, iter_rows, layer_parts, piece_means, task_tensors, zero_shot_tasks
 
     try:
         tasks = zero_shot_tasks(run, model)
     except ClipInterpretError as err:
         return {"skipped": str(err)}
-    attn_mean, mlp_mean = piece_means(run)
+    device = _device(model, device)
+    on_device = [task_tensors(t, device) for t in tasks]
+    attn_mean, mlp_mean = piece_means(run, device)
     other = run.manifest["other_layers"]
-    fixed_mean = mlp_mean.sum(axis=0) + (attn_mean[other].sum(axis=0) if other else 0)
-    variants = {"full": None, **{f"m={k}" if k else "heads mean-ablated (m=0)": k for k in sorted(head_sums)}}
-    correct = {name: np.zeros(len(tasks)) for name in variants}
-    for start, rows in iter_rows(run):
-        attn, mlps, heads, rest = layer_parts(rows, run)
+    fixed_mean = mlp_mean.sum(dim=0) + (attn_mean[other].sum(dim=0) if other else 0)
+    depth = max(check_ms)
+
+    def padded(array, shape):  # heads that stopped early (no text left) get zero columns
+        out = np.zeros(shape)
+        out[tuple(slice(0, s) for s in array.shape)] = array
+        return out
+
+    d = run.dim
+    f32 = dict(dtype=torch.float32, device=device)
+    means = torch.tensor(np.stack([r.mean for r in results]), **f32)  # [HH, D]
+    projections = torch.tensor(np.stack([padded(r.projection[:, :depth], (d, depth)) for r in results]), **f32)
+    directions = torch.tensor(np.stack([padded(r.directions[:depth], (depth, d)) for r in results]), **f32)
+    variants = {"full": None, **{f"m={k}" if k else "heads mean-ablated (m=0)": k for k in [0, *check_ms]}}
+    correct = {name: torch.zeros(len(tasks), dtype=torch.float64, device=device) for name in variants}
+    start_h, stop_h = run.layout["heads"]
+    for start, rows in iter_rows(run, device):
+        attn, mlps, _, rest = layer_parts(rows, run)
         stop = start + rows.shape[0]
-        bias = rows[:, slice(*run.layout["attn_bias"])].sum(axis=1)
+        bias = rows[:, slice(*run.layout["attn_bias"])].sum(dim=1)
+        coefficients = torch.einsum("shd,hdm->shm", rows[:, start_h:stop_h] - means, projections)  # [S, HH, depth]
         for name, k in variants.items():
             if k is None:
-                emb = attn.sum(axis=1) + mlps.sum(axis=1) + rest
+                emb = attn.sum(dim=1) + mlps.sum(dim=1) + rest
             else:
-                emb = head_sums[k][start:stop] + bias + fixed_mean + rest
-            for t, task in enumerate(tasks):
-                correct[name][t] += ((emb @ task.classes.T).argmax(axis=1) == task.labels[start:stop]).sum()
+                heads = means.sum(dim=0) + torch.einsum("shm,hmd->sd", coefficients[..., :k], directions[:, :k])
+                emb = heads + bias + fixed_mean + rest
+            for t, (labels, classes) in enumerate(on_device):
+                correct[name][t] += ((emb @ classes.T).argmax(dim=1) == labels[start:stop]).sum()
     n = len(run)
     table = {name: {task.name: float(c[t] / n) for t, task in enumerate(tasks)} for name, c in correct.items()}
     for row in table.values():
