@@ -256,3 +256,15 @@ def test_decompose_of_many_files_uses_workers_and_keeps_failure_indices(model, j
     assert [f.index for f in d.failures] == broken
     assert d.sources == [f for f in many if not f.endswith("broken.jpg")]
     assert torch.equal(d.embedding, one_by_one.embedding)
+
+
+class _Broken:
+    def __call__(self, pixels):
+        raise ValueError("a bug in the computation")
+
+
+def test_an_error_in_the_workers_computation_is_raised_not_blamed_on_files(model):
+    source = ListSource([generate(i, seed=1).image for i in range(8)])
+    stream = pixel_batches(source, model.preprocess, [[0, 1, 2, 3], [4, 5, 6, 7]], workers=2, compute=_Broken())
+    with pytest.raises(RuntimeError, match="ValueError: a bug in the computation"):
+        list(stream)

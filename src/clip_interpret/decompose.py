@@ -316,6 +316,20 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     )
 
 
+@dataclass
+class _Decompose:
+    """Pixels -> their Decomposition on the CPU (picklable: on a CPU the reading workers run it)."""
+
+    vit: torch.nn.Module
+    layers: list[int]
+    spatial: bool
+    precision: str
+
+    def __call__(self, pixels: torch.Tensor) -> Decomposition:
+        return decompose_pixels(self.vit, pixels, layers=self.layers, spatial=self.spatial,
+                                precision=self.precision).to("cpu")
+
+
 def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
     from .pipeline import PixelBatch
 
@@ -352,6 +366,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
     device = vit.proj.device
     precision = check_precision(precision or getattr(model, "precision", "fp32"))
     chosen = resolve_layers(layers, vit.cfg.layers)
+    compute = _Decompose(vit, chosen, spatial, precision)
     if isinstance(images, torch.Tensor):
         stream = _tensor_batches(images, batch_size, device)
         name = "<tensor[{}]>".format
@@ -362,7 +377,8 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
         if not len(source):
             raise ClipInterpretError("no images given: the image list is empty")
         ranges = [list(range(s, min(len(source), s + batch_size))) for s in range(0, len(source), batch_size)]
-        stream = pixel_batches(source, model.preprocess, ranges, device, workers=workers, decode=decode, draft=draft)
+        stream = pixel_batches(source, model.preprocess, ranges, device, workers=workers, decode=decode, draft=draft,
+                               compute=compute)
         name = source.name
     parts, names, failures = [], [], []
     for batch in stream:
@@ -373,8 +389,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
         if not batch.indices:
             continue
         try:
-            parts.append(decompose_pixels(vit, batch.pixels, layers=chosen, spatial=spatial,
-                                          precision=precision).to("cpu"))
+            parts.append(batch.result(compute))
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise

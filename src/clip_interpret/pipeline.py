@@ -362,38 +362,66 @@ def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[d
 
 @dataclass
 class _Reader:
-    """``read_batch`` with its settings bound (a picklable callable for the pool's workers)."""
+    """``read_batch`` with its settings bound (a picklable callable for the pool's workers); with
+    ``compute``, the worker also runs it on the normalised pixels and sends back its result."""
 
     source: Any
     preprocess: Any
     decoder: str
     draft: bool
+    compute: Callable | None = None
 
     def __call__(self, indices, bad, mark=None) -> dict:
-        return read_batch(self.source, self.preprocess, indices, bad, self.decoder, self.draft, mark)
+        try:
+            payload = read_batch(self.source, self.preprocess, indices, bad, self.decoder, self.draft, mark)
+            if self.compute is not None:
+                if mark is not None:
+                    mark(-1)  # computing, not reading: no item to blame for the time it takes
+                crops = payload.pop("crops")
+                payload["computed"] = self.compute(self.preprocess.normalise(crops)) if payload["crop_idx"] else None
+            return payload
+        except Exception as err:  # noqa: BLE001 - not the files' fault: the main process re-raises it
+            import traceback
+
+            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
 @dataclass
 class PixelBatch:
-    """One batch ready for the model: ``pixels`` [n, 3, H, W] normalised float32 on the device."""
+    """One batch ready for the model: ``pixels`` [n, 3, H, W] normalised float32 on the device,
+    or, when the workers computed it, ``computed`` (what ``compute`` returned) and no pixels."""
 
     number: int
     indices: list[int]  # the source items of the rows
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     failures: list[dict]  # {"index", "source", "reason"}
+    computed: Any = None
+
+    def result(self, compute: Callable):
+        """``compute(pixels)``, unless the worker that read the batch already ran it."""
+        return self.computed if self.pixels is None else compute(self.pixels)
 
 
 def pixel_batches(source, preprocess, batches: Sequence[Sequence[int]], device: torch.device | str = "cpu",
                   workers: int | None = 0, decode: str = "auto", draft: bool = False,
-                  timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[PixelBatch]:
-    """Read, decode and preprocess the items of ``source`` batch by batch (see the module doc)."""
+                  timeout: float = DEFAULT_TIMEOUT_S, compute: Callable | None = None) -> Iterator[PixelBatch]:
+    """Read, decode and preprocess the items of ``source`` batch by batch (see the module doc).
+
+    ``compute``: a picklable callable on a batch's normalised pixels. When the device is
+    the CPU and there are workers, each worker runs it on the batches it read (one thread
+    each: data parallel, no oversubscribed cores) and the batch carries the result; else
+    the caller runs it in this process (``batch.result(compute)``).
+    """
     device = torch.device(device)
     n_items = sum(len(b) for b in batches)
     workers = resolve_workers(workers, n_items)
     decoder = resolve_decoder(decode, device, preprocess)
+    in_workers = compute is not None and workers > 0 and device.type == "cpu"
+    if in_workers and decoder == "device":
+        decoder = "torch"  # the worker decodes, on the CPU
     pin = device.type == "cuda"
 
-    reader = _Reader(source, preprocess, decoder, draft)
+    reader = _Reader(source, preprocess, decoder, draft, compute if in_workers else None)
     if workers == 0:
         payloads = ((k, reader(list(b), {})) for k, b in enumerate(batches))
         pool = None
@@ -402,7 +430,12 @@ def pixel_batches(source, preprocess, batches: Sequence[Sequence[int]], device: 
         payloads = pool.map([list(b) for b in batches])
     try:
         for k, payload in payloads:
-            yield _to_device(k, payload, source, preprocess, device, pin, draft)
+            if "error" in payload:
+                raise RuntimeError(f"reading batch {k} failed: {payload['error']}\n{payload['traceback']}")
+            if "computed" in payload:
+                yield PixelBatch(k, list(payload["crop_idx"]), None, list(payload["failures"]), payload["computed"])
+            else:
+                yield _to_device(k, payload, source, preprocess, device, pin, draft)
     finally:
         if pool is not None:
             pool.close()

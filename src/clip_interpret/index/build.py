@@ -13,6 +13,7 @@ import json
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from ..decompose import decompose_pixels, resolve_layers
 from ..device import check_precision, is_out_of_memory, out_of_memory_error
 from ..errors import ClipInterpretError
-from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder
+from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
 from .store import MANIFEST_VERSION, Run, atomic_save_npy, atomic_write_json, piece_layout
 
@@ -82,6 +83,22 @@ def _rows(d, layout: dict, storage: torch.dtype) -> torch.Tensor:
     rows = torch.cat(parts, dim=1)
     assert rows.shape[1] == max(stop for _, stop in layout.values())
     return rows.to(storage)
+
+
+@dataclass
+class _Rows:
+    """One batch's pixels -> (rows [n, P, D] in the storage dtype, unit embeddings [n, D]), on the
+    pixels' device; picklable, so that on a CPU the reading workers can run it (data parallel)."""
+
+    vit: torch.nn.Module
+    layers: list[int]
+    precision: str
+    layout: dict
+    storage: str
+
+    def __call__(self, pixels: torch.Tensor):
+        d = decompose_pixels(self.vit, pixels, layers=self.layers, precision=self.precision)
+        return _rows(d, self.layout, STORAGE_DTYPES[self.storage]), d.embedding
 
 
 class ShardWriter:
@@ -182,6 +199,9 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     vit = model.vit
     device = vit.proj.device
     decoder = resolve_decoder(decode, device, model.preprocess)
+    workers = resolve_workers(workers, n)
+    if decoder == "device" and device.type == "cpu" and workers:
+        decoder = "torch"  # on a CPU the workers decode and compute (see pixel_batches)
     batches, owner, shards = [], [], {}
     for shard in todo:
         start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
@@ -220,23 +240,23 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         del shards[shard]
         return 1
 
+    compute = _Rows(vit, chosen, precision, layout, storage)
     stream = pixel_batches(src, model.preprocess, batches, device, workers=workers, decode=decoder, draft=draft,
-                           timeout=timeout)
+                           timeout=timeout, compute=compute)
     try:
         for batch in stream:
             item = (owner[batch.number], batch, None, None, None)
             if batch.indices:
                 try:
-                    d = decompose_pixels(vit, batch.pixels, layers=chosen, precision=precision)
+                    pieces, embs = batch.result(compute)
                 except RuntimeError as err:
                     if not is_out_of_memory(err):
                         raise
                     raise out_of_memory_error(device, batch_size, "while indexing ") from None
-                non_blocking = device.type == "cuda"  # into pinned host memory, while the device goes on
-                pieces = _rows(d, layout, STORAGE_DTYPES[storage]).to("cpu", non_blocking=non_blocking)
-                embs = d.embedding.to("cpu", non_blocking=non_blocking)
-                event = torch.cuda.Event() if non_blocking else None
-                if event is not None:
+                event = None
+                if pieces.device.type == "cuda":  # into pinned host memory, while the device goes on
+                    pieces, embs = pieces.to("cpu", non_blocking=True), embs.to("cpu", non_blocking=True)
+                    event = torch.cuda.Event()
                     event.record()
                 item = (owner[batch.number], batch, pieces, embs, event)
             if pending is not None:

@@ -117,7 +117,8 @@ class HookedViT(nn.Module):
                 f"expected preprocessed images of shape [B, 3, {expected[0]}, {expected[1]}], "
                 f"got {list(pixels.shape)}; use model.preprocess or pass image files"
             )
-        x = self.patch_embed(pixels.to(self.proj.dtype)).flatten(2).transpose(1, 2)
+        with torch.autocast(device_type=pixels.device.type, enabled=False):  # the stream's start, in float32
+            x = self.patch_embed(pixels.to(self.proj.dtype)).flatten(2).transpose(1, 2)
         cls = self.cls_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.pos_embedding  # float32 from here (the stream)
         return self.norm(self.ln_pre, x) if self.ln_pre is not None else x.float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -65,20 +67,38 @@ def captions(n: int, seed: int, workers: int | None = None) -> list[str]:
         return pool.map(_caption, keys, chunksize=64)
 
 
-def toy_pixel_batches(model, n: int, seed: int, batch_size: int = 256, workers: int | None = None):
-    """The source ``toyworld:n:seed`` and its pixel batches on the model's device (images made by the workers)."""
+@dataclass
+class _Forward:
+    """Pixels -> unit embeddings [B, D], or every head's contribution [B, L, H, D] with ``heads``
+    (picklable: on a CPU the workers that make the images run it)."""
+
+    vit: torch.nn.Module
+    precision: str
+    heads: bool = False
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        from ..decompose import decompose_pixels
+
+        d = decompose_pixels(self.vit, pixels, layers="all" if self.heads else None, precision=self.precision)
+        return d.heads if self.heads else d.embedding
+
+
+def toy_pixel_batches(model, n: int, seed: int, batch_size: int = 256, workers: int | None = None, compute=None):
+    """The source ``toyworld:n:seed`` and its batches on the model's device (images made by the workers)."""
     from ..index import open_source
     from ..pipeline import pixel_batches
 
     source = open_source(f"toyworld:{n}:{seed}")
-    return source, pixel_batches(source, model.preprocess, _batches(n, batch_size), model.device, workers=workers)
+    return source, pixel_batches(source, model.preprocess, _batches(n, batch_size), model.device, workers=workers,
+                                 compute=compute)
 
 
 def heldout_embeddings(model, n: int = 1000, seed: int = HELD_OUT_SEED, batch_size: int = 256,
                        workers: int | None = None):
     """Unit image embeddings (CPU), attribute labels and captions of ``n`` held-out images."""
-    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers)
-    embs = torch.cat([model.encode_image(batch.pixels) for batch in stream])
+    compute = _Forward(model.vit, model.precision)
+    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers, compute)
+    embs = torch.cat([batch.result(compute).cpu() for batch in stream])
     labels = {p: np.asarray([values.index(v) for v in source.labels[p]]) for p, values in PROPERTIES.items()}
     return embs, labels, captions(n, seed, workers)
 
@@ -128,17 +148,16 @@ def head_property_effects(model, n: int = 500, seed: int = HELD_OUT_SEED, batch_
     images of its contribution dotted with that direction. Returns ``effects``
     [n_layers, n_heads, n_properties] and the property order.
     """
-    from ..decompose import decompose_pixels
-
     device = model.device
     classes = {p: class_embeddings(model, p).to(device) for p in PROPERTIES}
     labels = {}
-    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers)
+    compute = _Forward(model.vit, model.precision, heads=True)
+    source, stream = toy_pixel_batches(model, n, seed, batch_size, workers, compute)
     for p, values in PROPERTIES.items():
         labels[p] = torch.tensor([values.index(v) for v in source.labels[p]], device=device)
     total = None
     for batch in stream:
-        heads = decompose_pixels(model.vit, batch.pixels, layers="all", precision=model.precision).heads  # [B, L, H, D]
+        heads = batch.result(compute).to(device)  # [B, L, H, D]
         rows = torch.tensor(batch.indices, device=device)
         cols = []
         for p in PROPERTIES:
