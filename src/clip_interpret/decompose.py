@@ -222,62 +222,34 @@ def _map(c: torch.Tensor, g_centered: torch.Tensor, scale: torch.Tensor) -> torc
 
 @torch.no_grad()
 def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False,
-                     precision: str = "fp32") -> Decomposition:
+                     precision: str = "fp32", fwd_hooks=()) -> Decomposition:
     """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc).
 
     The result stays on the pixels' device (``decompose`` hands it back on the CPU).
     ``precision``: compute precision of the matrix work (``fp32``, ``bf16``, ``fp16``);
     LayerNorm statistics, the residual stream and the map to the joint space are float32.
+    ``fwd_hooks``: hooks on the forward (``HookedViT.run_with_hooks``): the pieces then
+    decompose the intervened model's embedding.
     """
     from .device import compute, full_precision
+    from .models.hooked_vit import HookPoints
 
     cfg = vit.cfg
     device = pixels.device
     chosen = resolve_layers(layers, cfg.layers)
     chosen_set = set(chosen)
-    scale_q = cfg.head_dim ** -0.5
-
+    points = HookPoints(vit, fwd_hooks) if fwd_hooks else None
     with compute(device, precision):
-        x = vit.embed(pixels)
-        r0 = x[:, 0]
-        last = cfg.layers - 1
-        attn_cls, mlp_cls, head_z = {}, [], {}
-        for index, block in enumerate(vit.blocks):
-            only_cls = index == last
-            q, k, v = vit.qkv(block, vit.norm(block.ln1, x), cls_query_only=only_cls)
-            if index in chosen_set:
-                # the CLS query row, explicitly: its weights split the CLS output by token
-                pattern = torch.softmax((q[:, :, :1] * scale_q) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
-                if spatial:
-                    z_tokens = pattern.transpose(-1, -2) * v  # [B, H, T, d]
-                    z_cls = z_tokens.sum(dim=2, keepdim=True)
-                    head_z[index] = z_tokens
-                else:
-                    z_cls = pattern @ v  # [B, H, 1, d]
-                    head_z[index] = z_cls[:, :, 0]
-                z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
-                                                     dim=2)
-            else:
-                z = F.scaled_dot_product_attention(q, k, v)
-            attn = vit.attn_out(block, z)
-            if index in chosen_set and precision != "fp32":
-                # the CLS row's output projection in float32, as its pieces are mapped: the pieces
-                # then sum to the embedding this forward computes, in any precision
-                with full_precision(device):
-                    cls_row = vit.attn_out(block, z[:, :, :1].float())
-                attn = torch.cat([cls_row, attn[:, 1:].float()], dim=1)
-            attn_cls[index] = attn[:, 0]
-            x = (x[:, :1] if only_cls else x) + attn
-            mlp = vit.mlp(block, x)
-            mlp_cls.append(mlp[:, 0])
-            x = x + mlp
+        trace = vit.run(pixels, points, cls_rows=chosen, token_z=spatial)
+    r0, attn_cls, mlp_cls, head_z = trace.resid_cls0, trace.attn_cls, trace.mlp_cls, trace.head_z
+    x_cls = trace.final_cls
 
     with full_precision(device):
         # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
         # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
         g = vit.ln_post.weight[:, None] * vit.proj
         g_centered = g - g.mean(dim=0, keepdim=True)
-        r = x[:, 0].float()
+        r = x_cls.float()
         sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
         emb = vit.project(r)
         norm = emb.norm(dim=-1)
