@@ -241,6 +241,10 @@ def cmd_ablate(args) -> int:
     from .ablation import ablation_study, format_table
     from .index.store import atomic_write_json
 
+    if args.heads or args.property:
+        return _ablate_targets(args)
+    if args.groups or args.probe:
+        raise ClipInterpretError("--groups and --probe need targets: --heads L10.H3,... or --property P")
     run, model = _run_and_model(args.run, args)
     result = ablation_study(run, model)
     result["stamp"] = {"fingerprint": run.manifest["model"]["fingerprint"],
@@ -249,6 +253,46 @@ def cmd_ablate(args) -> int:
     atomic_write_json(Path(args.run) / "ablation.json", result)
     print(f"\nwrote {Path(args.run) / 'ablation.json'}")
     return 0
+
+
+def _ablate_targets(args) -> int:
+    """Direct and total effects of ablating chosen heads / MLPs / attention layers (interventions)."""
+    from .effects import format_study, intervention_study
+    from .index import open_run
+    from .index.store import atomic_write_json
+    from .interventions import Targets
+    from .labels import head_labels, heads_with_property
+
+    if args.batch_size < 1 or (args.mean_images is not None and args.mean_images < 1):
+        raise ClipInterpretError("--batch-size and --mean-images must be at least 1")
+    run = open_run(args.run)
+    spec = args.heads or ""
+    if args.property:
+        labels = head_labels(Path(args.labels)) if args.labels else head_labels(run.path)
+        chosen = heads_with_property(labels, args.property)
+        if not chosen:
+            raise ClipInterpretError(f"no head is labelled {args.property!r} in "
+                                     f"{args.labels or run.path / 'labels.json'}")
+        spec = ",".join([p for p in (spec, ",".join(chosen)) if p])
+    probe = open_run(args.probe) if args.probe else None
+    targets = Targets.parse(spec, _vit_config(run))
+    run, model = _run_and_model(args.run, args)
+    result = intervention_study(run, model, targets, args.mode, groups=args.groups, probe=probe,
+                                batch_size=args.batch_size, workers=args.workers, mean_images=args.mean_images)
+    print(format_study(result))
+    name = Path(args.run) / f"intervention-{_slug(targets.describe(), 60)}.json"
+    atomic_write_json(name, result)
+    print(f"\nwrote {name}")
+    return 0
+
+
+def _vit_config(run):
+    """The run's image-tower configuration (to check targets before loading the model)."""
+    from .models.hooked_vit import ViTConfig
+
+    cfg = dict(run.manifest["model"]["vit"])
+    cfg["image_size"], cfg["patch_size"] = tuple(cfg["image_size"]), tuple(cfg["patch_size"])
+    return ViTConfig(**cfg)
 
 
 def cmd_textspan(args) -> int:
@@ -449,6 +493,16 @@ def cmd_toyworld_export(args) -> int:
     return 0
 
 
+def cmd_toyworld_spurious(args) -> int:
+    from .toyworld import spurious
+
+    result = spurious(args.dir, args.n, args.seed, args.agree, core=args.core,
+                      core_values=args.core_values.split(","), cue=args.cue, cue_values=args.cue_values.split(","))
+    print(f"wrote {result['n']} images to {args.dir}/images and {result['table']}; the cue agrees with the class "
+          f"in {result['agreeing']} ({result['agreeing'] / result['n']:.0%})")
+    return 0
+
+
 def cmd_toyworld_train(args) -> int:
     from .toyworld.evaluate import evaluate, format_eval
     from .toyworld.train import TrainConfig, export_weights, train
@@ -530,9 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("ablate", help="mean-ablation study: zero-shot accuracy of the run's reconstructions")
+    p = sub.add_parser("ablate", help="mean-ablation study; with --heads, the direct and total effects of "
+                                      "ablating chosen heads, MLPs or attention layers")
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
+    p.add_argument("--heads", default=None, help="targets: heads L10.H3, MLPs MLP10, attention layers ATTN10, "
+                                                 "comma-separated (re-runs the model on the run's images)")
+    p.add_argument("--property", default=None, help="also target the heads labelled with this property")
+    p.add_argument("--labels", default=None, help="labels for --property: a labels file or a run folder "
+                                                  "(default RUN/labels.json)")
+    p.add_argument("--mode", choices=["mean", "zero"], default="mean",
+                   help="what replaces the targets: their mean over the run's images (per token), or zero")
+    p.add_argument("--mean-images", type=int, default=None, help="average over the first N images only")
+    p.add_argument("--groups", default=None, help="a label set of the run: accuracy per group, worst group")
+    p.add_argument("--probe", default=None, metavar="RUN", help="classify with linear probes fitted on this run's "
+                                                                "embeddings (same intervention) instead of zero-shot")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="image-reading processes (default: the cores)")
     _add_compute_options(p)
     p.set_defaults(func=cmd_ablate)
 
@@ -554,6 +622,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="world seed (0 is the training world; 1 is held out)")
     p.add_argument("--no-masks", action="store_true", help="skip the mask PNGs")
     p.set_defaults(func=cmd_toyworld_export)
+    p = toy_sub.add_parser("spurious", help="a labelled collection where a cue (background) agrees with the class "
+                                            "(shape) in most images: the known-answer Waterbirds")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=10, help="world seed (default 10)")
+    p.add_argument("--agree", type=float, default=0.95, help="share of images whose cue agrees with the class "
+                                                             "(0.5: balanced)")
+    p.add_argument("--core", default="shape", help="the class property (default shape)")
+    p.add_argument("--core-values", default="circle,square")
+    p.add_argument("--cue", default="background", help="the spurious property (default background)")
+    p.add_argument("--cue-values", default="white,black")
+    p.set_defaults(func=cmd_toyworld_spurious)
     p = toy_sub.add_parser("train", help="train the toy CLIP on CPU (resumes from OUT/checkpoint.pt)")
     p.add_argument("--out", default="runs/toy-train", help="run folder (default runs/toy-train)")
     defaults = _train_defaults()

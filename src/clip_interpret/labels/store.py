@@ -70,8 +70,10 @@ def normalise_property(name: str) -> str:
 
 
 def read_labels(run_dir: str | Path, name: str | None = None) -> dict:
-    """The labels file of a run (``labels.json``, or ``labels-<name>.json``), parsed."""
-    path = Path(run_dir) / (LABELS_FILE if name is None else f"labels-{name}.json")
+    """The labels file of a run (``labels.json``, or ``labels-<name>.json``), parsed; ``run_dir``
+    may also be a labels file itself."""
+    path = Path(run_dir) if Path(run_dir).is_file() else Path(run_dir) / (LABELS_FILE if name is None
+                                                                          else f"labels-{name}.json")
     if not path.is_file():
         raise ClipInterpretError(f"run {run_dir} has no head labels ({path.name}); run "
                                  f"`clip-interpret label {run_dir}` first")
