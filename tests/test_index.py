@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,88 @@ def test_manifest_records_what_the_run_came_from(model, tmp_path):
     assert manifest["source"]["hash"] == open_source("toyworld:10:1").list_hash()
     assert manifest["preprocess"]["image_size"] == [32, 32]
     assert manifest["layers"] == run.layers == [0, 1, 2] and manifest["dtype"] == "fp16"
+
+
+@pytest.fixture(scope="module")
+def good_run(model, tmp_path_factory):
+    """A finished two-shard run (with labels) to copy and damage."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    index_images(model, "toyworld:40:1", out, shard_size=25, progress=False)
+    (out / "labels.json").write_text(json.dumps({"labeller": "manual", "heads": {"L2.H1": {"label": "color"}}}))
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_json(name, change):
+    def edit(run):
+        data = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps(change(data)))
+    return edit
+
+
+CORRUPTIONS = {
+    "manifest truncated": (lambda r: _truncate(r / "manifest.json"), r"manifest\.json is not valid JSON"),
+    "manifest empty": (lambda r: (r / "manifest.json").write_text(""), r"manifest\.json is empty"),
+    "manifest a list": (lambda r: (r / "manifest.json").write_text("[]"), r"manifest\.json is not a run manifest"),
+    "manifest version only": (lambda r: (r / "manifest.json").write_text('{"version": 1}'),
+                              r"manifest\.json lacks or has malformed fields: model, preprocess"),
+    "manifest layout": (_edit_json("manifest.json", lambda m: {**m, "n_heads": m["n_heads"] + 1}),
+                        r"manifest\.json has a piece layout that does not match"),
+    "images truncated": (lambda r: _truncate(r / "images.json"), r"images\.json is not valid JSON"),
+    "images missing": (lambda r: (r / "images.json").unlink(), r"images\.json is missing"),
+    "images short": (_edit_json("images.json", lambda d: {**d, "names": d["names"][:-1]}),
+                     r"images\.json lists 39 images, the manifest's source has 40"),
+    "labels short": (_edit_json("images.json", lambda d: {**d, "labels": {"color": d["labels"]["color"][:3]}}),
+                     r"images\.json has labels that are not one list of 40"),
+    "record truncated": (lambda r: _truncate(r / "shards" / "00001.json"), r"00001\.json is not valid JSON"),
+    "record fields": (lambda r: (r / "shards" / "00001.json").write_text('{"shard": 1}'),
+                      r"00001\.json is not a valid shard record"),
+    "record items": (_edit_json("shards/00000.json", lambda d: {**d, "kept": d["kept"] + [30]}),
+                     r"00000\.json is not a valid shard record"),
+    "array shape": (lambda r: np.save(r / "shards" / "00000.pieces.npy", np.zeros((25, 3, 8), np.float16)),
+                    r"00000\.pieces\.npy holds a float16 array of shape \[25, 3, 8\], the run expects float16 "
+                    r"\[25, \d+, \d+\]; delete .*00000\.json and run the same `clip-interpret index`"),
+    "array dtype": (lambda r: np.save(r / "shards" / "00001.emb.npy",
+                                      np.load(r / "shards" / "00001.emb.npy").astype(np.float64)),
+                    r"00001\.emb\.npy holds a float64 array"),
+    "array truncated": (lambda r: _truncate(r / "shards" / "00001.pieces.npy"),
+                        r"00001\.pieces\.npy is not a readable \.npy array"),
+    "array missing": (lambda r: (r / "shards" / "00000.emb.npy").unlink(), r"00000\.emb\.npy is missing"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_damaged_run_is_a_one_line_error_naming_the_file(good_run, tmp_path, case, capsys):
+    from clip_interpret.cli import main
+
+    damage, message = CORRUPTIONS[case]
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    damage(run)
+    with pytest.raises(ClipInterpretError, match=message):
+        open_run(run)
+    assert main(["text-nn", str(run), "--text", "a red circle", "--heads", "L2.H1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("labels, message", [
+    ('{"heads": {"L2.H1": "color"}}', r"labels\.json has malformed entries for heads L2\.H1"),
+    ('{"heads": {"L2.H1": {"label": ', r"labels\.json is not valid JSON"),
+    ("", r"labels\.json is empty"),
+])
+def test_damaged_labels_are_a_one_line_error(good_run, tmp_path, labels, message, capsys):
+    from clip_interpret.cli import main
+    from clip_interpret.labels import head_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "labels.json").write_text(labels)
+    with pytest.raises(ClipInterpretError, match=message):
+        head_labels(run)
+    assert main(["property-nn", str(run), "--run-image", "0", "--property", "color"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err
