@@ -194,9 +194,32 @@ def test_zero_shot_tasks_for_folders(tmp_path, monkeypatch, folders, task, expec
     tasks = zero_shot_tasks(run, model)
     assert [t.name for t in tasks] == [task]
     assert sorted(set(tasks[0].labels.tolist())) == expected
-    assert len(tasks[0].class_names) == (1000 if task == "imagenet" else 2)
+    assert len(tasks[0].class_names) == (998 if task == "imagenet" else 2)
     result = ablation_study(run, model)
     assert result["tasks"] == [task] and 0 <= result["accuracy"]["full"][task] <= 1
+
+
+@pytest.mark.parametrize("folders", [("n03773504", "n04008634", "n04355933", "n04356056"),  # synsets
+                                     ("missile", "sunglasses")])  # names
+def test_imagenet_classes_named_alike_are_one_class(tmp_path, monkeypatch, folders):
+    """open_clip names classes 657 and 744 "missile", 836 and 837 "sunglasses": each pair is one class."""
+    from PIL import Image
+
+    from clip_interpret.ablation import zero_shot_tasks
+
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path / "cache"))
+    for name in folders:
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (90, 90, 200)).save(tmp_path / "imgs" / name / "0.png")
+    model = load_model("open_clip:test-vit-tiny")
+    run = index_images(model, str(tmp_path / "imgs"), tmp_path / "run", progress=False)
+    (task,) = zero_shot_tasks(run, model)
+    assert len(task.class_names) == len(set(task.class_names)) == 998
+    names = [task.class_names[i] for i in task.labels]
+    assert names == (["missile", "missile", "sunglasses", "sunglasses"] if len(folders) == 4
+                     else ["missile", "sunglasses"])
+    # an image that looks exactly like its class's prompts is predicted right, whichever synset it is
+    assert ((task.classes[task.labels] @ task.classes.T).argmax(axis=1) == task.labels).all()
 
 
 def test_ablation_needs_labels(tmp_path):
