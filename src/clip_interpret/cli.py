@@ -181,12 +181,15 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------ runs
-def _run_and_model(path: str, spec: str | None):
-    """Open a run and load its model (the manifest's spec unless --model is given), checked against it."""
+def _run_and_model(path: str, spec: str | None, check=None):
+    """Open a run and load its model (the manifest's spec unless --model is given), checked against it.
+    ``check(run)`` validates the other arguments first: a mistake is reported before the model loads."""
     from .index import open_run
     from .models import load_model
 
     run = open_run(path)
+    if check is not None:
+        check(run)
     model = load_model(spec or run.manifest["model"]["spec"])
     run.check_model(model)
     return run, model

@@ -191,8 +191,8 @@ def _image(query):
 
 
 def neighbours_gallery(result: analyses.Neighbours) -> list[tuple[Image.Image, str]]:
-    return [(display(im), f"#{r + 1}  image {i}  score {s:+.4f}")
-            for r, (im, i, s) in enumerate(zip(result.images, result.indices, result.scores))]
+    return [(display(im), f"#{r + 1}  image {i}  score {s}")
+            for r, (im, i, s) in enumerate(zip(result.images, result.indices, analyses.format_scores(result.scores)))]
 
 
 def neighbours_text(result: analyses.Neighbours) -> str:
@@ -200,8 +200,8 @@ def neighbours_text(result: analyses.Neighbours) -> str:
             "image": f"heads {', '.join(result.heads)}" if len(result.heads) < 12 else f"{len(result.heads)} heads",
             "text": f"text *{result.query}*, heads "
                     + (", ".join(result.heads) if len(result.heads) < 12 else f"{len(result.heads)} heads")}
-    rows = "\n".join(f"| {r + 1} | {i} | {n} | {s:+.5f} |"
-                     for r, (i, n, s) in enumerate(zip(result.indices, result.names, result.scores)))
+    rows = "\n".join(f"| {r + 1} | {i} | {n} | {s} |" for r, (i, n, s) in
+                     enumerate(zip(result.indices, result.names, analyses.format_scores(result.scores))))
     score = "cosine" if result.metric == "cosine" else "dot product"
     return f"Top {len(result.indices)} by {what[result.analysis]} ({score}):\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
 

@@ -121,7 +121,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 with gr.Row():
                     prop = gr.Dropdown(props, value=props[0] if props else None, allow_custom_value=True,
                                        label="Property", elem_id="prop-property")
-                    prop_k = gr.Number(value=4, precision=0, minimum=1, maximum=64, label="k")
+                    prop_k = gr.Number(value=4, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                     prop_metric = metric_choice("prop")
                 prop_go = gr.Button("Find neighbours", variant="primary", elem_id="prop-run")
                 prop_out = outputs("prop", 4)
@@ -143,7 +143,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 gr.Markdown("The run's images closest to the query in one head (the score compares the two images' contributions).")
                 img_heads = head_picker("img", multiselect=False)
                 with gr.Row():
-                    img_k = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="k")
+                    img_k = gr.Number(value=8, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                     img_metric = metric_choice("img")
                 img_go = gr.Button("Find neighbours", variant="primary", elem_id="img-run")
                 img_out = outputs("img", 4)
@@ -151,7 +151,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 gr.Markdown("The run's images whose contribution in one head best matches a text.")
                 txt_text = gr.Textbox(label="Text", placeholder="e.g. a striped background", elem_id="txt-text")
                 txt_heads = head_picker("txt", multiselect=False)
-                txt_k = gr.Number(value=3, precision=0, minimum=1, maximum=64, label="k")
+                txt_k = gr.Number(value=3, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                 txt_go = gr.Button("Find neighbours", variant="primary", elem_id="txt-run")
                 txt_out = outputs("txt", 3)
 
