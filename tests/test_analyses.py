@@ -171,7 +171,7 @@ def test_run_images_of_a_folder_run(model, tmp_path):
         Image.new("RGB", (80, 60), colour).save(root / f"{i}.png")
     run = index_images(model, str(root), tmp_path / "run", progress=False)
     assert np.array_equal(np.asarray(A.run_image(run, 1)), np.asarray(Image.open(root / "1.png").convert("RGB")))
-    result = A.image_neighbours(model, run, 2, "L5.H0", metric="cosine")
+    result = A.image_neighbours(model, run, 2, "L5.H0", k=3, metric="cosine")
     assert result.indices[0] == 2 and result.images[0].size == (64, 64)
     with pytest.raises(ClipInterpretError, match="no image 3"):
         A.run_image(run, 3)

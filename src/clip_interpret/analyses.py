@@ -452,9 +452,10 @@ def contrastive_segmentation(model, image, text_a: str, text_b: str, heads="all"
 
 
 # ---------------------------------------------------------------- rendering
-def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, alpha: float = 0.55) -> Image.Image:
+def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, alpha: float = 0.55,
+            colour_bar: bool = False) -> Image.Image:
     """The image with a heat map blended over it (red raises the similarity, blue lowers it),
-    scaled so that its longer side is ``size`` pixels."""
+    scaled so that its longer side is ``size`` pixels; with ``colour_bar``, the scale beside it."""
     from matplotlib import colormaps
 
     heat = np.asarray(heat, np.float32)
@@ -463,7 +464,31 @@ def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, 
     scale = size / max(image.size)
     shape = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     base = image.convert("RGB").resize(shape, Image.BICUBIC)
-    return Image.blend(base, heat_image.resize(shape, Image.BILINEAR), alpha)
+    shown = Image.blend(base, heat_image.resize(shape, Image.BILINEAR), alpha)
+    return _with_colour_bar(shown, vmax) if colour_bar else shown
+
+
+def _with_colour_bar(image: Image.Image, vmax: float) -> Image.Image:
+    """``image`` with the heat maps' colour scale on its right: +vmax (red) at the top, -vmax at the bottom."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    width, height = image.size
+    font = ImageFont.load_default(size=max(10, height // 18))
+    labels = [(f"{vmax:+.3g}", 0.0), ("0", 0.5), (f"{-vmax:+.3g}", 1.0)]
+    text_width = max(int(ImageDraw.Draw(image).textlength(text, font=font)) for text, _ in labels)
+    bar_width, gap = max(8, height // 16), max(4, height // 40)
+    out = Image.new("RGB", (width + 2 * gap + bar_width + gap + text_width + gap, height), "white")
+    out.paste(image, (0, 0))
+    ramp = colormaps["RdBu_r"](np.linspace(1, 0, height))[:, :3]  # row 0: +vmax
+    out.paste(Image.fromarray((np.repeat(ramp[:, None], bar_width, axis=1) * 255).round().astype(np.uint8)),
+              (width + 2 * gap, 0))
+    draw = ImageDraw.Draw(out)
+    for text, where in labels:
+        anchor = "lt" if where == 0 else "lb" if where == 1 else "lm"
+        draw.text((width + 3 * gap + bar_width, round(where * (height - 1))), text, fill="black", font=font,
+                  anchor=anchor)
+    return out
 
 
 def _title(text: str, width_inches: float) -> str:
