@@ -291,6 +291,8 @@ def test_damaged_labels_are_a_one_line_error(good_run, tmp_path, labels, message
     (run / "labels.json").write_text(labels)
     with pytest.raises(ClipInterpretError, match=message):
         head_labels(run)
-    assert main(["property-nn", str(run), "--run-image", "0", "--property", "color"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err
+    for argv in (["property-nn", str(run), "--run-image", "0", "--property", "color"],
+                 ["report", str(run), "--out", str(tmp_path / "report.html")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err

@@ -206,7 +206,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
         log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
     t0 = time.time()
     existing = _read(out / "manifest.json")
-    was_complete = bool(existing and existing.get("complete"))
+    was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
     run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress)
     say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
     run = open_run(out, model)
