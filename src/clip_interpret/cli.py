@@ -211,12 +211,15 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------ runs
-def _run_and_model(path: str, args):
+def _run_and_model(path: str, args, check=None):
     """Open a run and load its model (the manifest's spec unless --model is given) on --device in
-    --precision, checked against the run."""
+    --precision, checked against the run. ``check(run)`` validates the other arguments first: a
+    mistake is reported before the model loads."""
     from .index import open_run
 
     run = open_run(path)
+    if check is not None:
+        check(run)
     model = _load(args.model or run.manifest["model"]["spec"], args)
     run.check_model(model)
     return run, model

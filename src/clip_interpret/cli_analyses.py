@@ -8,16 +8,40 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ClipInterpretError
+from .errors import ClipInterpretError, ImageLoadError
+
+
+def _check_args(args, run) -> None:
+    """Check every argument that can be checked without the model (loading one takes seconds):
+    k (capped at the analyses' limit), texts, heads, the property, the query image."""
+    from . import analyses
+
+    if hasattr(args, "k"):
+        args.k = analyses.check_k(args.k, len(run))
+    text = getattr(args, "text", None)
+    for item in text if isinstance(text, list) else [] if text is None else [text]:
+        analyses.check_text(item)
+    if hasattr(args, "heads"):
+        analyses.run_heads(run, args.heads)
+    if hasattr(args, "property"):
+        analyses.property_heads(run, args.property)
+    if getattr(args, "run_image", None) is not None:
+        analyses.check_index(run, args.run_image)
+    elif getattr(args, "image", None) is not None and not Path(args.image).is_file():
+        raise ImageLoadError(args.image, "no such file")
 
 
 def _prepare(args):
     """The run, its model (the manifest's spec unless --model), the output folder, the query image."""
     from .cli import _ensure_dir, _run_and_model
 
-    run, model = _run_and_model(args.run, args)
     out = Path(args.out or f"out/{args.command}")
-    _ensure_dir(out)
+
+    def check(run):
+        _check_args(args, run)
+        _ensure_dir(out)
+
+    run, model = _run_and_model(args.run, args, check=check)
     image = None
     if hasattr(args, "image"):
         image = args.run_image if args.run_image is not None else args.image
@@ -37,8 +61,12 @@ def _write(result, out: Path, stem: str) -> None:
 def _print_neighbours(result) -> None:
     print(f"{result.analysis} nearest neighbours of {result.query!r} in {result.run}, heads {', '.join(result.heads)}"
           + (f" (property {result.property!r})" if result.property else ""))
-    for rank, (index, name, score) in enumerate(zip(result.indices, result.names, result.scores), 1):
-        print(f"  {rank:>3}. image {index:<7} {score:+.5f}  {name}")
+    from .analyses import format_scores
+
+    scores = format_scores(result.scores)
+    width = max(len(s) for s in scores) if scores else 0
+    for rank, (index, name, score) in enumerate(zip(result.indices, result.names, scores), 1):
+        print(f"  {rank:>3}. image {index:<7} {score:<{width}}  {name}")
 
 
 def _print_maps(result) -> None:

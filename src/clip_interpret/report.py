@@ -215,15 +215,19 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
 
 def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -> Path:
     """Write RUN/report.html (or ``out``) from whatever results the run holds."""
+    from .labels import LABELS_FILE, read_labels
     from .labels.runs import find_textspan
 
     root = run.path
-    labels = {p.stem[len("labels-"):]: _read(p) for p in sorted(root.glob("labels-*.json"))}
-    primary = _read(root / "labels.json")
+    labels = {p.stem[len("labels-"):]: read_labels(root, p.stem[len("labels-"):])
+              for p in sorted(root.glob("labels-*.json"))}
+    primary = read_labels(root) if (root / LABELS_FILE).is_file() else None
     if primary:  # the labels in force first
-        labels = {primary["labeller"]: primary, **{k: v for k, v in labels.items() if k != primary["labeller"]}}
+        name = primary.get("labeller", "labels.json")
+        labels = {name: primary, **{k: v for k, v in labels.items() if k != name}}
     try:
-        textspan = _read(root / primary["textspan"]) if primary else _read(find_textspan(root))
+        textspan = _read(root / primary["textspan"]) if primary and primary.get("textspan") else \
+            _read(find_textspan(root))
     except ClipInterpretError:
         textspan = None
     metrics = _read(root / "metrics.json")

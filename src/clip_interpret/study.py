@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import ClipInterpretError
-from .index.store import atomic_write_json
+from .index.store import atomic_write_json, read_manifest
 
 STEPS = ("index", "ablate", "textspan", "label", "faithfulness", "metrics", "report")
 
@@ -128,10 +128,11 @@ def step_faithfulness(run, model, force: bool = False) -> tuple[dict | None, boo
 def run_metrics(run_dir: Path, published: bool = True, prefix: str = "") -> dict:
     """Scores of every labeller's labels in a run (and the published ones), with the ablation verdicts."""
     from .faithfulness import confirm_labels
+    from .labels import read_labels
     from .metrics import published_scores, scores
 
     run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     spec = manifest["model"]["spec"]
     n_heads = len(manifest["layers"]) * manifest["n_heads"]
     files = sorted(run_dir.glob("labels-*.json"))
@@ -140,7 +141,7 @@ def run_metrics(run_dir: Path, published: bool = True, prefix: str = "") -> dict
     drops = _read(run_dir / "faithfulness.json")
     rows, faith = {}, {}
     for path in files:
-        data = _read(path)
+        data = read_labels(run_dir, path.stem[len("labels-"):])
         labeller = data["labeller"]
         rows[f"{prefix}{spec} ({labeller})"] = scores(data["heads"], n_heads=n_heads)
         if drops:
@@ -209,7 +210,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
         log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
     t0 = time.time()
     existing = _read(out / "manifest.json")
-    was_complete = bool(existing and existing.get("complete"))
+    was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
     run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
                        decode=decode, draft=draft)
     say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)

@@ -24,7 +24,7 @@ from ..device import check_precision, is_out_of_memory, out_of_memory_error
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
-from .store import MANIFEST_VERSION, Run, atomic_save_npy, atomic_write_json, piece_layout
+from .store import MANIFEST_VERSION, Run, atomic_save_npy, atomic_write_json, piece_layout, read_manifest
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SHARD_SIZE = 1024
@@ -184,7 +184,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     manifest = _manifest(model, src, chosen, others, storage, shard_size, precision)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
-        _check_resume(json.loads(manifest_path.read_text()), manifest, out)
+        _check_resume(read_manifest(out), manifest, out)
     else:
         atomic_write_json(out / "images.json", {"names": src.names, "labels": src.labels})
         atomic_write_json(manifest_path, manifest)
@@ -273,7 +273,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         writer.close()
     finished = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
     if len(finished) == n_shards:
-        final = json.loads(manifest_path.read_text())
+        final = read_manifest(out)
         final["complete"] = True
         final["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         run = Run(out)

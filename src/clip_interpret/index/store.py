@@ -83,33 +83,51 @@ class ShardInfo:
 
 
 class Run:
-    """Read access to a finished (or partly finished) run directory."""
+    """Read access to a finished (or partly finished) run directory.
+
+    Every file is checked as it is opened: a missing, empty, truncated or malformed file
+    (manifest, images.json, a shard record or array) is a ``ClipInterpretError`` naming
+    the file, what is wrong with it and what to do.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest = self.path / "manifest.json"
-        if not manifest.is_file():
-            raise ClipInterpretError(f"{self.path} is not a run directory (no manifest.json); create one with "
-                                     "`clip-interpret index`")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("version") != MANIFEST_VERSION:
-            raise ClipInterpretError(f"{self.path} was written by another version of clip-interpret "
-                                     f"(manifest version {self.manifest.get('version')}); index it again")
-        images = json.loads((self.path / "images.json").read_text())
+        self.manifest = read_manifest(self.path)
+        images = read_json(self.path / "images.json", REINDEX)
+        problem = _images_problem(images, self.manifest)
+        if problem:
+            raise ClipInterpretError(f"{self.path / 'images.json'} {problem}; {REINDEX}")
+        n_items = len(images["names"])
         self.shards: list[ShardInfo] = []
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
-            self.shards.append(ShardInfo(**json.loads(info_path.read_text())))
+            self.shards.append(_shard_info(info_path, n_items))
         self.shards.sort(key=lambda s: s.shard)
         kept = [i for s in self.shards for i in s.kept]
         self.source_indices = np.asarray(kept, dtype=np.int64)
         self.names = [images["names"][i] for i in kept]
         self.labels = {k: [v[i] for i in kept] for k, v in images.get("labels", {}).items()}
         self.failures = [f for s in self.shards for f in s.failures]
-        self._pieces = [self._map(s.shard, "pieces") for s in self.shards]
-        self._emb = [self._map(s.shard, "emb") for s in self.shards]
+        n_pieces = max(stop for _, stop in self.layout.values())
+        dtype = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
+        self._pieces = [self._map(s, "pieces", (n_pieces, self.dim), dtype) for s in self.shards]
+        self._emb = [self._map(s, "emb", (self.dim,), np.float32) for s in self.shards]
 
-    def _map(self, shard: int, kind: str) -> np.ndarray:
-        return np.load(self.path / "shards" / f"{shard:05d}.{kind}.npy", mmap_mode="r")
+    def _map(self, shard: ShardInfo, kind: str, row_shape: tuple, dtype) -> np.ndarray:
+        """A shard array, memory-mapped, checked against its record (rows) and the manifest (shape, dtype)."""
+        path = self.path / "shards" / f"{shard.shard:05d}.{kind}.npy"
+        fix = _redo_shard(self.path, shard.shard)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise ClipInterpretError(f"{path} is missing; {fix}") from None
+        except (OSError, ValueError) as err:
+            raise ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); "
+                                     f"{fix}") from None
+        expected = (len(shard.kept), *row_shape)
+        if array.shape != expected or array.dtype != dtype:
+            raise ClipInterpretError(f"{path} holds a {array.dtype} array of shape {list(array.shape)}, the run "
+                                     f"expects {np.dtype(dtype)} {list(expected)}; {fix}")
+        return array
 
     # --------------------------------------------------------------- facts
     @property
@@ -199,6 +217,102 @@ class Run:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
         return np.concatenate([np.asarray(p, dtype=np.float32).sum(axis=1) for p in self._pieces]) \
             if self._pieces else np.zeros((0, self.dim), np.float32)
+
+
+REINDEX = "index the images again into a new folder (`clip-interpret index ... --out NEW_FOLDER`)"
+
+
+def read_json(path: Path, fix: str):
+    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipInterpretError(f"{path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClipInterpretError(f"{path} cannot be read ({getattr(err, 'strerror', None) or err}); {fix}") from None
+    if not text.strip():
+        raise ClipInterpretError(f"{path} is empty; {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ClipInterpretError(f"{path} is not valid JSON (truncated or corrupt: {err.msg} at line {err.lineno}); "
+                                 f"{fix}") from None
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) for i in value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and value > 0
+
+
+_MANIFEST_FIELDS = {
+    "model": lambda v: isinstance(v, dict) and isinstance(v.get("spec"), str) and isinstance(v.get("fingerprint"), str),
+    "preprocess": lambda v: isinstance(v, dict),
+    "source": lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str),
+    "layers": _int_list, "other_layers": _int_list, "n_layers": _count, "n_heads": _count, "dim": _count,
+    "dtype": lambda v: v in ("fp16", "fp32"),
+    "layout": lambda v: isinstance(v, dict),
+}
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """A run's manifest, checked: every field that readers use is there and consistent."""
+    run_dir = Path(run_dir)
+    path = run_dir / "manifest.json"
+    if not path.is_file() and not (run_dir / "images.json").is_file():
+        raise ClipInterpretError(f"{run_dir} is not a run directory (no manifest.json); create one with "
+                                 "`clip-interpret index`")
+    manifest = read_json(path, REINDEX)
+    if not isinstance(manifest, dict) or "version" not in manifest:
+        raise ClipInterpretError(f"{path} is not a run manifest (a JSON object with a version); {REINDEX}")
+    if manifest["version"] != MANIFEST_VERSION:
+        raise ClipInterpretError(f"{run_dir} was written by another version of clip-interpret "
+                                 f"(manifest version {manifest['version']}); index it again")
+    bad = [key for key, valid in _MANIFEST_FIELDS.items() if not valid(manifest.get(key))]
+    if bad:
+        raise ClipInterpretError(f"{path} lacks or has malformed fields: {', '.join(bad)}; {REINDEX}")
+    layout = piece_layout(manifest["layers"], manifest["other_layers"], manifest["n_layers"], manifest["n_heads"])
+    if manifest["layout"] != layout:
+        raise ClipInterpretError(f"{path} has a piece layout that does not match its layers and heads; {REINDEX}")
+    return manifest
+
+
+def _images_problem(images, manifest: dict) -> str | None:
+    """What is wrong with a run's images.json, if anything."""
+    if not isinstance(images, dict) or not isinstance(images.get("names"), list) \
+            or not all(isinstance(n, str) for n in images["names"]):
+        return "is not an image list (a JSON object with a list of names)"
+    n = len(images["names"])
+    if manifest["source"].get("n", n) != n:
+        return f"lists {n} images, the manifest's source has {manifest['source']['n']}"
+    labels = images.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, list) and len(v) == n for v in labels.values()):
+        return f"has labels that are not one list of {n} values per label set"
+    return None
+
+
+def _redo_shard(run_dir: Path, shard: int) -> str:
+    return (f"delete {run_dir / 'shards' / f'{shard:05d}.json'} and run the same `clip-interpret index` command "
+            "again to redo that shard")
+
+
+def _shard_info(path: Path, n_items: int) -> ShardInfo:
+    """A shard record, checked: its number, its item range and the items it kept."""
+    try:
+        number = int(path.name.split(".")[0])
+    except ValueError:
+        number = None
+    fix = _redo_shard(path.parent.parent, number) if number is not None else f"delete {path}"
+    data = read_json(path, fix)
+    ok = (isinstance(data, dict) and data.get("shard") == number and _int_list([data.get("start"), data.get("stop")])
+          and 0 <= data["start"] <= data["stop"] <= n_items and _int_list(data.get("kept"))
+          and all(data["start"] <= i < data["stop"] for i in data["kept"]) and isinstance(data.get("failures"), list))
+    if not ok:
+        raise ClipInterpretError(f"{path} is not a valid shard record (shard {number}: items start..stop of the "
+                                 f"run's {n_items}, the kept ones, the failures); {fix}")
+    return ShardInfo(number, data["start"], data["stop"], data["kept"], data["failures"], str(data.get("decoder", "")))
 
 
 def _preprocess_from_json(data: dict) -> dict:
