@@ -47,9 +47,9 @@ def _timed(fn, device, iters: int) -> float:
 
 
 def _native(arch: str, device):
-    from clip_interpret.models.loader import _create_open_clip
+    from clip_interpret.models.loader import create_open_clip
 
-    model = _create_open_clip(f"open_clip:{arch}", arch).eval().to(device)
+    model = create_open_clip(f"open_clip:{arch}", arch).eval().to(device)
     return model
 
 
@@ -106,7 +106,6 @@ def index_throughput(device, arch: str, folder: Path, batch: int, workers: int) 
 
     native = _native(arch, device)
     model = load_model(native, device=device, precision="bf16")
-    n = len(list(folder.glob("*.jpg")))
     size = model.vit.cfg.image_size
     pixels = torch.randn(batch, 3, *size, device=device)
 

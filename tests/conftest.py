@@ -24,9 +24,9 @@ def jitter(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch
 def make_open_clip(arch: str, seed: int = 0, **kwargs):
     import open_clip
 
-    from clip_interpret.models.loader import _open_clip
+    from clip_interpret.models.loader import registered_open_clip
 
-    _open_clip()  # registers the package's test-* configs
+    registered_open_clip()  # registers the package's test-* configs
     torch.manual_seed(seed)
     model = open_clip.create_model(arch, pretrained=None, pretrained_text=False, pretrained_image=False, **kwargs)
     return jitter(model.eval(), seed=seed)

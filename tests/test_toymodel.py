@@ -18,11 +18,11 @@ SMALL = TrainConfig(steps=12, batch_size=24, lr=2e-3, warmup=2)
 
 
 def _loss_on(model, cfg, start=0):
-    from clip_interpret.models.loader import _open_clip, _open_clip_preprocess
+    from clip_interpret.models.loader import open_clip_preprocess, registered_open_clip
 
-    tok = _open_clip().tokenizer.SimpleTokenizer(context_length=model.context_length)
+    tok = registered_open_clip().tokenizer.SimpleTokenizer(context_length=model.context_length)
     pixels, tokens = batch_tensors(start, cfg.batch_size, cfg.world_seed,
-                                   _open_clip_preprocess(model, model.visual.image_size), tok, model.context_length)
+                                   open_clip_preprocess(model, model.visual.image_size), tok, model.context_length)
     model.eval()
     with torch.no_grad():
         return float(contrastive_loss(*model(pixels, tokens)[:3]))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decompose import decompose, head_name, parse_head, resolve_layers
+from .decompose import decompose, parse_head, resolve_layers, select_heads
 from .errors import ClipInterpretError
 from .images import describe, load_image
 from .labels import head_labels, heads_with_property, normalise_property
@@ -112,32 +112,6 @@ def _layers(model, run) -> tuple[list[int], int]:
     return resolve_layers(None, model.vit.cfg.layers), model.vit.cfg.heads
 
 
-def select_heads(heads, layers: list[int], n_heads: int, where: str = "") -> list[str]:
-    """Canonical head names for a selection: ``"all"``/None (every analysed head), a name
-    (``"L5.H3"``, or comma-separated names) or a list. Heads outside ``layers`` are refused."""
-    everything = [head_name(layer, h) for layer in layers for h in range(n_heads)]
-    if heads is None or (isinstance(heads, str) and heads.strip().lower() in ("all", "all heads")):
-        return everything
-    if isinstance(heads, str):
-        heads = [part for part in heads.split(",") if part.strip()]
-    elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, (int, np.integer)) for x in heads):
-        heads = [heads]
-    chosen = []
-    for item in heads:
-        layer, h = parse_head(item)
-        name = head_name(layer, h)
-        if layer not in layers:
-            raise ClipInterpretError(f"head {name} is outside the analysed layers {layers}{where}; "
-                                     f"choose a head of layers {layers[0]}-{layers[-1]}")
-        if not 0 <= h < n_heads:
-            raise ClipInterpretError(f"head {name} does not exist: layers have heads 0-{n_heads - 1}")
-        if name not in chosen:
-            chosen.append(name)
-    if not chosen:
-        raise ClipInterpretError("no heads chosen; name at least one head (e.g. L5.H3) or 'all'")
-    return sorted(chosen, key=everything.index)
-
-
 def run_heads(run, heads) -> list[str]:
     return select_heads(heads, run.layers, run.n_heads, where=f" of run {run.path}")
 
@@ -200,12 +174,10 @@ class ContributionStore:
         rows = sorted(self._rows(heads))
         n, dim = len(self.run), self.run.dim
         out = np.empty((n, dim), np.float32)
-        pos = 0
         contiguous = rows == list(range(rows[0], rows[-1] + 1))
-        for piece in self.run._pieces:
+        for pos, piece in self.run.iter_pieces():
             block = piece[:, rows[0]:rows[-1] + 1] if contiguous else piece[:, rows]  # [n_shard, k, D] fp16
             out[pos:pos + block.shape[0]] = block.sum(axis=1, dtype=np.float32)
-            pos += block.shape[0]
         if reduce == "mean":
             out /= len(rows)
         return out

@@ -29,6 +29,7 @@ attention weight before the projection, never materialising [B, N, N, H, width].
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -83,6 +84,32 @@ def parse_head(name: str | tuple[int, int]) -> tuple[int, int]:
         return int(layer[1:]), int(head[1:])
     except ValueError:
         raise ClipInterpretError(f"bad head name {name!r}: expected the form L10.H3 (layer 10, head 3)") from None
+
+
+def select_heads(heads, layers: list[int], n_heads: int, where: str = "") -> list[str]:
+    """Canonical head names for a selection: ``"all"``/None (every analysed head), a name
+    (``"L5.H3"``, or comma-separated names) or a list. Heads outside ``layers`` are refused."""
+    everything = [head_name(layer, h) for layer in layers for h in range(n_heads)]
+    if heads is None or (isinstance(heads, str) and heads.strip().lower() in ("all", "all heads")):
+        return everything
+    if isinstance(heads, str):
+        heads = [part for part in heads.split(",") if part.strip()]
+    elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, numbers.Integral) for x in heads):
+        heads = [heads]
+    chosen = []
+    for item in heads:
+        layer, h = parse_head(item)
+        name = head_name(layer, h)
+        if layer not in layers:
+            raise ClipInterpretError(f"head {name} is outside the analysed layers {layers}{where}; "
+                                     f"choose a head of layers {layers[0]}-{layers[-1]}")
+        if not 0 <= h < n_heads:
+            raise ClipInterpretError(f"head {name} does not exist: layers have heads 0-{n_heads - 1}")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ClipInterpretError("no heads chosen; name at least one head (e.g. L5.H3) or 'all'")
+    return sorted(chosen, key=everything.index)
 
 
 @dataclass
@@ -152,24 +179,9 @@ class Decomposition:
         return sum(piece.sum(dim=1) for piece in self.pieces().values())
 
     def _index(self, heads) -> tuple[list[int], list[int]]:
-        """Resolve a head selection to (layer positions, head indices) pairs."""
-        if heads is None or (isinstance(heads, str) and heads.lower() == "all"):
-            return ([i for i in range(len(self.layers)) for _ in range(self.n_heads)],
-                    [h for _ in self.layers for h in range(self.n_heads)])
-        if isinstance(heads, (str, tuple)):
-            heads = [heads]
-        positions, indices = [], []
-        for item in heads:
-            layer, head = parse_head(item)
-            if layer not in self.layers:
-                raise ClipInterpretError(f"head {head_name(layer, head)} is outside the analysed layers "
-                                         f"{self.layers}; decompose with layers including {layer}")
-            if not 0 <= head < self.n_heads:
-                raise ClipInterpretError(f"head {head_name(layer, head)} does not exist: "
-                                         f"layer {layer} has heads 0-{self.n_heads - 1}")
-            positions.append(self.layers.index(layer))
-            indices.append(head)
-        return positions, indices
+        """Resolve a head selection (see ``select_heads``) to (layer positions, head indices)."""
+        chosen = [parse_head(name) for name in select_heads(heads, self.layers, self.n_heads)]
+        return [self.layers.index(layer) for layer, _ in chosen], [head for _, head in chosen]
 
     @staticmethod
     def _texts(text_emb: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The whole study in one call: index, ablate, textspan, label, faithfulness, metrics, report.
 
-Every step writes its result into the run folder, stamped with what it was made
-from (the run's weights fingerprint and image list, the pool, the TextSpan file,
-the labeller's options...). A step whose stamped result is already there and
-matches is skipped, so running ``analyze`` again after an interruption or with
-one more labeller redoes only what changed.
+Every step writes its result into the run folder, stamped with what it read: the
+run's state (weights fingerprint, image list, number of images and the hash of its
+shard records, so a grown or re-indexed run counts as changed), and the step's own
+inputs (the pool and options, the TextSpan file, the labels, ...). One check
+(``up_to_date``) decides for every step: a result whose stamp matches is reused,
+so running ``analyze`` again after an interruption, with one more labeller, more
+images or another pool redoes exactly what depends on the change.
 """
 
 from __future__ import annotations
@@ -36,8 +38,18 @@ def _hash_files(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_stamp(run) -> dict:
-    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"]}
+def run_state(run) -> dict:
+    """What a step reads of a run: the weights, the image list, how many images are indexed, and
+    the shard records (which items each shard holds)."""
+    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"],
+            "n_images": len(run), "shards": _hash_files(sorted((run.path / "shards").glob("[0-9]*.json")))}
+
+
+def up_to_date(path: Path, stamp: dict, force: bool = False, key: str = "stamp"):
+    """The result stored at ``path`` if it was made from exactly ``stamp`` (and not ``force``), else None.
+    The one check every step of the study uses."""
+    old = _read(path)
+    return old if isinstance(old, dict) and not force and old.get(key) == stamp else None
 
 
 def pool_file_name(pool_spec: str) -> str:
@@ -53,12 +65,12 @@ def step_ablate(run, model, force: bool = False) -> tuple[dict | None, bool]:
     """(result, ran). Runs without zero-shot tasks give (None, False) with a printed reason."""
     from .ablation import ablation_study
 
-    path = run.path / "ablation.json"
-    old = _read(path)
-    if old and old.get("stamp") == run_stamp(run) and not force:
+    path, stamp = run.path / "ablation.json", {"run": run_state(run)}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, False
     result = ablation_study(run, model)
-    result["stamp"] = run_stamp(run)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
 
@@ -70,15 +82,13 @@ def step_textspan(run, model, pool_spec: str, m: int = 5, rank: int = 80, check:
 
     pool = load_pool(pool_spec)
     path = run.path / pool_file_name(pool_spec)
-    old = _read(path)
-    if old and not force and old.get("m") == m and old.get("rank") == rank \
-            and old.get("pool", {}).get("hash") == pool.content_hash() \
-            and old.get("run", {}).get("fingerprint") == run.manifest["model"]["fingerprint"] \
-            and old.get("run", {}).get("source_hash") == run.manifest["source"]["hash"] \
-            and old.get("run", {}).get("n_images") == len(run) and (bool(old.get("reconstruction")) or not check):
+    stamp = {"run": run_state(run), "pool": pool.content_hash(), "m": m, "rank": rank, "check": check}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, path, False
     result = textspan_run(run, model, pool, m=m, rank=rank, check_ms=[1, 3, 5, 10, 20] if check else [],
                           progress=progress)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, path, True
 
@@ -97,10 +107,10 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
     from .labels.runs import file_hash, label_run
 
     path = run.path / f"labels-{labeller}.json"
-    old = _read(path)
     want = {"textspan_hash": file_hash(textspan_path), "manual_hash": file_hash(Path(manual)) if manual else None,
             "options": _label_options(labeller, encoder, vocabulary, llm)}
-    if old and not force and old.get("study_stamp") == want and not old.get("failed"):
+    old = up_to_date(path, want, force, key="study_stamp")
+    if old is not None and not old.get("failed"):
         if make_current:
             atomic_write_json(run.path / "labels.json", old)
         return old, False
@@ -116,11 +126,12 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
 def step_faithfulness(run, model, force: bool = False) -> tuple[dict | None, bool]:
     from .faithfulness import head_ablation_drops
 
-    path = run.path / "faithfulness.json"
-    old = _read(path)
-    if old and old.get("stamp") == run_stamp(run) and not force:
+    path, stamp = run.path / "faithfulness.json", {"run": run_state(run)}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, False
     result = head_ablation_drops(run, model)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
 
@@ -156,8 +167,8 @@ def step_metrics(run, published: bool = True, force: bool = False) -> tuple[dict
     from .metrics import bar_chart
 
     result = run_metrics(run.path, published=published)
-    old = _read(run.path / "metrics.json")
-    if old and old.get("stamp") == result["stamp"] and (run.path / "metrics.png").is_file() and not force:
+    old = up_to_date(run.path / "metrics.json", result["stamp"], force)
+    if old is not None and (run.path / "metrics.png").is_file():
         return old, False
     atomic_write_json(run.path / "metrics.json", result)
     bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.manifest['model']['spec']})")
@@ -170,10 +181,9 @@ def step_report(run, model, force: bool = False) -> tuple[Path, bool]:
     inputs = [run.path / n for n in ("ablation.json", "labels.json", "metrics.json",
                                      "faithfulness.json")] + sorted(run.path.glob("textspan-*.json")) \
         + sorted(run.path.glob("labels-*.json"))
-    stamp = _hash_files(inputs) + json.dumps(run_stamp(run), sort_keys=True)
+    stamp = {"run": run_state(run), "inputs": _hash_files(inputs)}
     path = run.path / "report.html"
-    old = _read(run.path / ".report-stamp.json")
-    if path.is_file() and old and old.get("stamp") == stamp and not force:
+    if path.is_file() and up_to_date(run.path / ".report-stamp.json", stamp, force) is not None:
         return path, False
     write_report(run, model, path)
     atomic_write_json(run.path / ".report-stamp.json", {"stamp": stamp})
