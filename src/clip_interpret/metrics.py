@@ -154,7 +154,7 @@ def bar_chart(rows: dict[str, dict], path: str | Path, title: str = "Interpretab
         for bar, value in zip(bars, values):
             if value is None:
                 ax.text(bar.get_x() + bar.get_width() / 2, 0.01, "n/a", ha="center", va="bottom", fontsize=7)
-    marks = (("entanglement floor", 0, [rows[n]["entanglement_floor"] for n in names], "-", "black"),
+    marks = (("entanglement floor", 0, [rows[n]["entanglement_floor"] for n in names], "--", "black"),
              ("confirmed: chance mean", 1, [((rows[n].get("faithfulness") or {}).get("chance") or {}).get("mean")
                                             for n in names], "-", "black"),
              ("confirmed: chance 95th pct", 1, [((rows[n].get("faithfulness") or {}).get("chance") or {}).get("p95")

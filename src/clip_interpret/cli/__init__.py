@@ -2,7 +2,8 @@
 
 Rooms: ``common`` (what every command shares), ``decompose`` (models, decompose), ``runs``
 (index, ablate, textspan), ``toyworld``, ``study`` (label ... analyze, demo) and
-``analyses`` (the five analyses and the web app). Each registers its subcommands.
+``analyses`` (the five analyses and the web app), ``segbench`` (the zero-shot segmentation benchmark).
+Each registers its subcommands.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from ..errors import ClipInterpretError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analyses, decompose, runs, study, toyworld
+    from . import analyses, decompose, runs, segbench, study, toyworld
 
     parser = argparse.ArgumentParser(
         prog="clip-interpret",
         description="Open up CLIP-like models head by head: exact decomposition of image embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for room in (decompose, runs, toyworld, study, analyses):
+    for room in (decompose, runs, toyworld, study, analyses, segbench):
         room.register(sub)
     return parser
 
