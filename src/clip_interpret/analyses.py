@@ -316,7 +316,8 @@ def _decompose_query(model, run, image, spatial: bool = False):
     layers, _ = _layers(model, run)
     if run is not None:
         run.check_model(model)
-    return pil, name, decompose(model, [pil], layers=layers, spatial=spatial)
+    convention = run.convention if run is not None else "centred"  # comparable with the run's stored pieces
+    return pil, name, decompose(model, [pil], layers=layers, spatial=spatial, convention=convention)
 
 
 def _neighbours(model, run, analysis, query, heads, idx, scores, query_image=None, prop=None, metric="dot"):

@@ -19,6 +19,13 @@ named pieces of their own instead of being spread over heads. With these
 conventions the pieces sum *exactly* to the unit image embedding, and dotting
 with a unit text embedding splits the cosine similarity additively.
 
+``convention="published"`` gives instead the values of the original code
+(TextSpan, arXiv 2310.05916): pieces are mapped without centring; the stream's
+mean and beta are shared out equally over the 2L+1 stream pieces (CLS embedding,
+L attention layers, L MLPs), an attention layer's share and its ``ls1 * b_O``
+equally over its heads and source tokens. ``attn_bias`` and ``constant`` are then
+zero; the pieces still sum exactly to the unit embedding.
+
 Fast path: ``U[l,h] = (ls1 * W_O[l,h])^T C diag(gamma) P`` (head_dim x D) is fixed
 per model, so a head's contribution is ``z[l,h] @ U[l,h] / (sigma * ||emb||)``
 with ``z`` the CLS row of that head's attention result. Only the CLS query row of
@@ -40,6 +47,15 @@ from .errors import ClipInterpretError, ImageLoadError
 from .images import LoadFailure
 
 DEFAULT_LAST_LAYERS = 4
+CONVENTIONS = ("centred", "published")
+
+
+def check_convention(convention: str) -> str:
+    """A valid convention name (see the module doc), or a clear error."""
+    if convention not in CONVENTIONS:
+        raise ClipInterpretError(f"unknown convention {convention!r}; choose centred (each piece centred by its own "
+                                 "mean, constants as pieces of their own) or published (the original code's shares)")
+    return convention
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
@@ -125,6 +141,8 @@ class Decomposition:
     ``mlps``: [B, n_layers, D], every block's MLP output.
     ``cls_embed``: [B, D], the CLS token embedding (class + position, after ln_pre).
     ``constant``: [B, D], the LN_post bias term ``P^T beta / ||emb||``.
+    ``convention``: ``centred`` or ``published`` (then ``attn_bias`` and ``constant`` are
+    zero: they are shared out over the other pieces; see the module doc).
 
     Every tensor is float32 on the CPU, whatever device and precision computed it.
     """
@@ -144,6 +162,7 @@ class Decomposition:
     sources: list[str] = field(default_factory=list)
     failures: list[LoadFailure] = field(default_factory=list)
     precision: str = "fp32"
+    convention: str = "centred"
 
     PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "constant")
 
@@ -232,16 +251,28 @@ def _map(c: torch.Tensor, g_centered: torch.Tensor, scale: torch.Tensor) -> torc
     return out / scale.view(-1, *([1] * (out.ndim - 1)))
 
 
+def _published_shares(heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant, mean_term, n_layers):
+    """Uncentred pieces -> the original code's: the LN_post terms (``constant``, ``mean_term``:
+    the joint-space images of beta and of -mean(r)) equally over the 2L+1 stream pieces, an
+    attention layer's share and output bias equally over its heads and tokens."""
+    per_piece = (constant + mean_term)[:, None] / (2 * n_layers + 1)  # [B, 1, D]
+    per_head = (attn_bias + per_piece) / heads.shape[2]  # [B, L, D]
+    if tokens is not None:
+        tokens = tokens + (per_head / tokens.shape[2])[:, :, None, None]
+    return (heads + per_head[:, :, None], tokens, torch.zeros_like(attn_bias), other_attn + per_piece,
+            mlps + per_piece, cls_embed + per_piece[:, 0], torch.zeros_like(constant))
+
+
 @torch.no_grad()
 def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False,
-                     precision: str = "fp32", fwd_hooks=()) -> Decomposition:
+                     precision: str = "fp32", fwd_hooks=(), convention: str = "centred") -> Decomposition:
     """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc).
 
     The result stays on the pixels' device (``decompose`` hands it back on the CPU).
     ``precision``: compute precision of the matrix work (``fp32``, ``bf16``, ``fp16``);
     LayerNorm statistics, the residual stream and the map to the joint space are float32.
     ``fwd_hooks``: hooks on the forward (``HookedViT.run_with_hooks``): the pieces then
-    decompose the intervened model's embedding.
+    decompose the intervened model's embedding. ``convention``: ``centred`` or ``published``.
     """
     from .device import compute, full_precision
     from .models.hooked_vit import HookPoints
@@ -250,6 +281,7 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     device = pixels.device
     chosen = resolve_layers(layers, cfg.layers)
     chosen_set = set(chosen)
+    published = check_convention(convention) == "published"
     points = HookPoints(vit, fwd_hooks) if fwd_hooks else None
     with compute(device, precision):
         trace = vit.run(pixels, points, cls_rows=chosen, token_z=spatial)
@@ -260,7 +292,7 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
         # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
         # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
         g = vit.ln_post.weight[:, None] * vit.proj
-        g_centered = g - g.mean(dim=0, keepdim=True)
+        g_centered = g if published else g - g.mean(dim=0, keepdim=True)  # published: centred by shares below
         r = x_cls.float()
         sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
         emb = vit.project(r)
@@ -292,11 +324,16 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
         mlps = _map(torch.stack(mlp_cls, dim=1), g_centered, scale)
         cls_embed = _map(r0, g_centered, scale)
         constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
+        heads, tokens = torch.stack(head_pieces, dim=1), torch.stack(token_pieces, dim=1) if spatial else None
+        if published:
+            mean_term = -(r.mean(dim=-1) / scale)[:, None] * g.sum(dim=0)
+            heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant = _published_shares(
+                heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant, mean_term, cfg.layers)
     return Decomposition(
-        heads=torch.stack(head_pieces, dim=1), attn_bias=attn_bias, other_attn=other_attn, mlps=mlps,
+        heads=heads, attn_bias=attn_bias, other_attn=other_attn, mlps=mlps,
         cls_embed=cls_embed, constant=constant, embedding=emb / norm[:, None], layers=chosen, other_layers=others,
-        grid=cfg.grid, image_size=tuple(cfg.image_size),
-        head_tokens=torch.stack(token_pieces, dim=1) if spatial else None, precision=precision,
+        grid=cfg.grid, image_size=tuple(cfg.image_size), head_tokens=tokens, precision=precision,
+        convention=convention,
     )
 
 
@@ -308,10 +345,11 @@ class _Decompose:
     layers: list[int]
     spatial: bool
     precision: str
+    convention: str = "centred"
 
     def __call__(self, pixels: torch.Tensor) -> Decomposition:
         return decompose_pixels(self.vit, pixels, layers=self.layers, spatial=self.spatial,
-                                precision=self.precision).to("cpu")
+                                precision=self.precision, convention=self.convention).to("cpu")
 
 
 def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
@@ -328,7 +366,8 @@ def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
 
 def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spatial: bool = False,
               batch_size: int = 32, on_error: str = "raise", precision: str | None = None,
-              workers: int | None = None, decode: str = "auto", draft: bool = False) -> Decomposition:
+              workers: int | None = None, decode: str = "auto", draft: bool = False,
+              convention: str = "centred") -> Decomposition:
     """Decompose the image embeddings of ``images`` with ``model`` (a ClipModel).
 
     ``images``: image paths, bytes, PIL images, numpy arrays, or a preprocessed tensor
@@ -337,7 +376,8 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
     (skipped ones are listed in ``Decomposition.failures``). ``precision``: compute
     precision (default: the model's). ``workers``, ``decode``, ``draft``: the input
     pipeline (``clip_interpret.pipeline``; default: worker processes from 64 images on).
-    The model computes on its device; the result is on the CPU.
+    ``convention``: ``centred`` (ours) or ``published`` (the original code's per-head
+    values; see the module doc). The model computes on its device; the result is on the CPU.
     """
     from .device import check_precision, is_out_of_memory, out_of_memory_error
     from .pipeline import ListSource, pixel_batches
@@ -350,7 +390,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
     device = vit.proj.device
     precision = check_precision(precision or getattr(model, "precision", "fp32"))
     chosen = resolve_layers(layers, vit.cfg.layers)
-    compute = _Decompose(vit, chosen, spatial, precision)
+    compute = _Decompose(vit, chosen, spatial, precision, check_convention(convention))
     if isinstance(images, torch.Tensor):
         stream = _tensor_batches(images, batch_size, device)
         name = "<tensor[{}]>".format
@@ -396,4 +436,4 @@ def _concat(parts: list[Decomposition]) -> Decomposition:
     names = (*Decomposition.PIECES, "embedding") + (("head_tokens",) if first.spatial else ())
     tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in names}
     return Decomposition(**tensors, layers=first.layers, other_layers=first.other_layers, grid=first.grid,
-                         image_size=first.image_size, precision=first.precision)
+                         image_size=first.image_size, precision=first.precision, convention=first.convention)

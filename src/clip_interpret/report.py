@@ -221,7 +221,7 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
     for index in picks:
         item = source.load(int(run.source_indices[index]))
         try:
-            result = decompose(model, [item], layers=run.layers, spatial=True)
+            result = decompose(model, [item], layers=run.layers, spatial=True, convention=run.convention)
         except ClipInterpretError as err:
             figures.append(f"<figure><figcaption>{_esc(run.names[index])}: {_esc(err)}</figcaption></figure>")
             continue

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..decompose import decompose_pixels, resolve_layers
+from ..decompose import check_convention, decompose_pixels, resolve_layers
 from ..device import check_precision, is_out_of_memory, out_of_memory_error
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
@@ -31,7 +31,7 @@ SHARD_SIZE = 1024
 
 
 def _manifest(model, source: ImageSource, layers, other_layers, storage: str, shard_size: int,
-              precision: str) -> dict:
+              precision: str, convention: str) -> dict:
     cfg = model.vit.cfg
     return {
         "version": MANIFEST_VERSION,
@@ -46,6 +46,7 @@ def _manifest(model, source: ImageSource, layers, other_layers, storage: str, sh
         "dim": cfg.output_dim,
         "dtype": storage,
         "precision": precision,
+        "convention": convention,
         "shard_size": shard_size,
         "layout": piece_layout(layers, other_layers, cfg.layers, cfg.heads),
         "complete": False,
@@ -53,7 +54,7 @@ def _manifest(model, source: ImageSource, layers, other_layers, storage: str, sh
 
 
 _CHECKED = {"version": None, "layers": None, "dtype": None, "shard_size": None, "preprocess": None,
-            "precision": "fp32"}  # key -> its value in runs written before the key existed
+            "precision": "fp32", "convention": "centred"}  # key -> its value in runs written before the key existed
 
 
 def _check_resume(existing: dict, fresh: dict, out: Path) -> None:
@@ -95,9 +96,11 @@ class _Rows:
     precision: str
     layout: dict
     storage: str
+    convention: str = "centred"
 
     def __call__(self, pixels: torch.Tensor):
-        d = decompose_pixels(self.vit, pixels, layers=self.layers, precision=self.precision)
+        d = decompose_pixels(self.vit, pixels, layers=self.layers, precision=self.precision,
+                             convention=self.convention)
         return _rows(d, self.layout, STORAGE_DTYPES[self.storage]), d.embedding
 
 
@@ -156,14 +159,15 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
                  storage: str = "fp16", shard_size: int = SHARD_SIZE, progress: bool = True,
                  stop_after_shards: int | None = None, workers: int | None = None, decode: str = "auto",
                  draft: bool = False, precision: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 dtype: str | None = None) -> Run:
+                 dtype: str | None = None, convention: str = "centred") -> Run:
     """Decompose every image of ``source`` into the run directory ``out`` and return the Run.
 
     Resumes an interrupted run (only unfinished shards are redone); refuses a
     folder that holds a run made with other settings. ``storage``: dtype of the
     stored pieces (fp16 or fp32); ``precision``: compute precision (default: the
     model's); ``workers``: image-reading processes (default: the cores available);
-    ``decode``/``draft``/``timeout``: see ``clip_interpret.pipeline``.
+    ``decode``/``draft``/``timeout``: see ``clip_interpret.pipeline``; ``convention``:
+    ``centred`` or ``published`` (see ``clip_interpret.decompose``), recorded in the manifest.
     """
     from tqdm import tqdm
 
@@ -173,6 +177,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     if batch_size < 1 or shard_size < 1:
         raise ClipInterpretError("batch size and shard size must be at least 1")
     precision = check_precision(precision or getattr(model, "precision", "fp32"))
+    check_convention(convention)
     src = open_source(source) if isinstance(source, str) else source
     chosen = resolve_layers(layers, model.vit.cfg.layers)
     others = [i for i in range(model.vit.cfg.layers) if i not in chosen]
@@ -181,7 +186,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         (out / "shards").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ClipInterpretError(f"cannot create run folder {out}: {err.strerror or err}") from None
-    manifest = _manifest(model, src, chosen, others, storage, shard_size, precision)
+    manifest = _manifest(model, src, chosen, others, storage, shard_size, precision, convention)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         _check_resume(read_manifest(out), manifest, out)
@@ -240,7 +245,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         del shards[shard]
         return 1
 
-    compute = _Rows(vit, chosen, precision, layout, storage)
+    compute = _Rows(vit, chosen, precision, layout, storage, convention)
     stream = pixel_batches(src, model.preprocess, batches, device, workers=workers, decode=decoder, draft=draft,
                            timeout=timeout, compute=compute)
     try:

@@ -150,6 +150,11 @@ class Run:
     def layout(self) -> dict[str, list[int]]:
         return self.manifest["layout"]
 
+    @property
+    def convention(self) -> str:
+        """How the pieces were split (``centred`` or ``published``; see ``clip_interpret.decompose``)."""
+        return self.manifest.get("convention", "centred")
+
     def __len__(self) -> int:
         return len(self.names)
 
@@ -319,6 +324,19 @@ def _preprocess_from_json(data: dict) -> dict:
     """JSON turns tuples into lists; compare like with like."""
     return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
             for k, v in data.items()}
+
+
+def check_same_convention(runs) -> None:
+    """Refuse runs (Runs or run folders) whose pieces were split by different conventions:
+    their heads' values, and so their TextSpan texts and labels, are not comparable."""
+    found = {}
+    for run in runs:
+        manifest = run.manifest if isinstance(run, Run) else read_manifest(run)
+        found[str(run.path if isinstance(run, Run) else run)] = manifest.get("convention", "centred")
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{path} ({convention})" for path, convention in found.items())
+        raise ClipInterpretError(f"these runs split their pieces by different conventions: {listed}; index them "
+                                 "again with one --convention")
 
 
 def open_run(path: str | Path, model=None) -> Run:
