@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from .common import add_compute_options, ensure_dir, load, pipeline_options, slug
+from .common import add_compute_options, add_convention_option, ensure_dir, load, pipeline_options, slug
 
 
 def cmd_models(args) -> int:
@@ -29,12 +29,12 @@ def cmd_models(args) -> int:
 
 
 def _decompose_report(model, images, texts, layers, spatial, out: Path | None, top: int, skip_bad: bool,
-                      heat_heads=None, pipeline: dict | None = None) -> dict:
+                      heat_heads=None, pipeline: dict | None = None, convention: str = "centred") -> dict:
     from ..decompose import decompose
     from ..images import load_image
 
     result = decompose(model, images, layers=layers, spatial=spatial and bool(texts),
-                       on_error="skip" if skip_bad else "raise", **(pipeline or {}))
+                       on_error="skip" if skip_bad else "raise", convention=convention, **(pipeline or {}))
     report = {
         "model": model.spec,
         "random_weights": model.random_weights,
@@ -43,7 +43,7 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
         "texts": list(texts),
         "images": [],
         "failures": [{"source": f.source, "reason": f.reason} for f in result.failures],
-        "convention": "cosine similarity split exactly into pieces; see docs/decomposition.md",
+        "convention": result.convention,  # how the pieces are split; see docs/decomposition.md
         "device": str(model.device),
         "precision": model.precision,
     }
@@ -98,7 +98,7 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
 def _print_report(report: dict, top: int) -> None:
     if report["random_weights"]:
         print("NOTE: this model has RANDOM weights; the numbers below show the mechanics, not meaning.\n")
-    print(f"model {report['model']}, analysed layers {report['layers']}")
+    print(f"model {report['model']}, analysed layers {report['layers']}, {report['convention']} convention")
     for entry in report["images"]:
         print(f"\n{entry['source']}")
         if "top_heads_by_norm" in entry:
@@ -128,7 +128,8 @@ def cmd_decompose(args) -> int:
     model = load(args.model, args)
     heads = args.heads.split(",") if args.heads else None
     report = _decompose_report(model, args.images, args.text or [], args.layers, args.spatial, out, args.top,
-                               args.skip_bad, heat_heads=heads, pipeline=pipeline_options(args))
+                               args.skip_bad, heat_heads=heads, pipeline=pipeline_options(args),
+                               convention=args.convention)
     _print_report(report, args.top)
     if out is not None:
         (out / "decomposition.json").write_text(json.dumps(report, indent=1))
@@ -150,5 +151,6 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output folder for decomposition.json and heat maps")
     p.add_argument("--top", type=int, default=5, help="how many heads to list (default 5)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (listed at the end) instead of stopping")
+    add_convention_option(p)
     add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_decompose)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from .common import add_compute_options, load, pipeline_options, run_and_model, slug
+from .common import add_compute_options, add_convention_option, load, pipeline_options, run_and_model, slug
 
 
 def cmd_index(args) -> int:
@@ -13,8 +13,9 @@ def cmd_index(args) -> int:
 
     model = load(args.model, args)
     run = index_images(model, args.images, args.out, layers=args.layers, batch_size=args.batch_size,
-                       storage=args.storage, shard_size=args.shard_size, **pipeline_options(args))
-    print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, computed in "
+                       storage=args.storage, shard_size=args.shard_size, convention=args.convention,
+                       **pipeline_options(args))
+    print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, {run.convention} convention, computed in "
           f"{run.manifest['precision']} on {model.device}, stored as {run.manifest['dtype']})")
     for failure in run.failures[:20]:
         print(f"  skipped {failure['source']}: {failure['reason']}")
@@ -106,6 +107,7 @@ def register(sub) -> None:
     p.add_argument("--storage", "--dtype", dest="storage", choices=["fp16", "fp32"], default="fp16",
                    help="storage dtype of the stored pieces (default fp16; --dtype is its old name)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
+    add_convention_option(p)
     add_compute_options(p, pipeline=True)
     p.set_defaults(func=cmd_index)
 

@@ -125,13 +125,14 @@ def cmd_faithfulness(args) -> int:
 
 def cmd_metrics(args) -> int:
     from ..faithfulness import format_share
-    from ..index.store import atomic_write_json
+    from ..index.store import atomic_write_json, check_same_convention
     from ..metrics import bar_chart, format_comparison, published_scores
     from ..study import run_metrics
 
     for path in args.runs:
         if not (Path(path) / "manifest.json").is_file():
             raise ClipInterpretError(f"{path} is not a run directory (no manifest.json)")
+    check_same_convention(args.runs)  # their heads' labels must be comparable
     llm = _llm_config(args) if args.llm_url else None
     rows, results = {}, []
     for path in args.runs:
