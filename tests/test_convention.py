@@ -143,6 +143,13 @@ def test_runs_record_the_convention_and_refuse_to_mix(tiny_model, tmp_path):
     with pytest.raises(ClipInterpretError, match="different conventions"):
         check_same_convention([tmp_path / "ours", published])
 
+    from clip_interpret.analyses import image_neighbours
+
+    for run in (published, centred):  # a query image is decomposed as the run's pieces were
+        found = image_neighbours(tiny_model, run, 3, heads=["L2.H1"], k=1)
+        row = run.heads(2, 1)[3]
+        assert list(found.indices) == [3] and found.scores[0] == pytest.approx(float(row @ row), rel=1e-4)
+
 
 def test_cli_convention_option_on_decompose_and_index(tmp_path, capsys):
     from PIL import Image
