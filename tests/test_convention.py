@@ -177,3 +177,16 @@ def test_cli_convention_option_on_decompose_and_index(tmp_path, capsys):
     assert open_run(tmp_path / "run").convention == "published"
     assert main(["index", "--model", spec, "--images", "toyworld:8:1", "--out", str(tmp_path / "run")]) == 2
     assert "convention 'published' vs 'centred'" in capsys.readouterr().err
+
+
+def test_analyze_keeps_an_existing_runs_convention(tmp_path, capsys):
+    from clip_interpret.cli import main
+
+    run = tmp_path / "run"
+    common = ["--model", "toy", "--images", "toyworld:60:1", "--out", str(run), "--layers", "5"]
+    assert main(["index", *common, "--convention", "published"]) == 0
+    assert main(["analyze", *common, "--pool", "toy"]) == 0  # no --convention: the run's
+    assert "up to date" in capsys.readouterr().out.split("[1/7] index:")[1].splitlines()[0]
+    assert open_run(run).convention == "published" and (run / "report.html").is_file()
+    assert main(["analyze", *common, "--pool", "toy", "--convention", "centred"]) == 2
+    assert "convention 'published' vs 'centred'" in capsys.readouterr().err

@@ -241,11 +241,13 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
             layers=None, m: int = 5, rank: int = 80, manual: str | None = None, encoder: str = "model",
             vocabulary: str | None = None, llm=None, published: bool = True, batch_size: int = 64,
             force: bool = False, progress: bool = True, log=print, device: str = "auto", precision: str = "fp32",
-            workers: int | None = None, decode: str = "auto", draft: bool = False) -> dict:
+            workers: int | None = None, decode: str = "auto", draft: bool = False,
+            convention: str | None = None) -> dict:
     """Chain every step for one model and image source; return what each produced (see module doc).
 
     ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
-    the input pipeline of the index step."""
+    the input pipeline of the index step; ``convention``: of the pieces (default: an existing
+    run's, else ``centred``)."""
     from .index import index_images, open_run
     from .models import load_model
 
@@ -267,8 +269,10 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
     t0 = time.time()
     existing = _read(out / "manifest.json")
     was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
+    if convention is None:
+        convention = existing.get("convention", "centred") if isinstance(existing, dict) else "centred"
     run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
-                       decode=decode, draft=draft)
+                       decode=decode, draft=draft, convention=convention)
     say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
     run = open_run(out, model)
 

@@ -29,14 +29,15 @@ def add_compute_options(p, pipeline: bool = False) -> None:
                        help="pil decoding: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale")
 
 
-def add_convention_option(p) -> None:
+def add_convention_option(p, default: str | None = "centred") -> None:
     """--convention: how the pieces share the attention output bias and LN_post's mean and bias."""
     from ..decompose import CONVENTIONS
 
-    p.add_argument("--convention", choices=list(CONVENTIONS), default="centred",
-                   help="centred (default: each piece centred by its own mean, b_O and LN_post's bias as pieces of "
-                        "their own) or published (the original code's shares: per-head values as in the paper's "
-                        "tool); see docs/decomposition.md")
+    told = "default centred" if default else "default: an existing run's, else centred"
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=default,
+                   help=f"centred (each piece centred by its own mean, b_O and LN_post's bias as pieces of their "
+                        f"own) or published (the original code's shares: per-head values as in the paper's tool); "
+                        f"{told}; see docs/decomposition.md")
 
 
 def pipeline_options(args) -> dict:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from .common import add_compute_options, ensure_dir, pipeline_options, run_and_model
+from .common import add_compute_options, add_convention_option, ensure_dir, pipeline_options, run_and_model
 
 
 def cmd_demo(args) -> int:
@@ -179,7 +179,7 @@ def cmd_analyze(args) -> int:
         options["labellers"] = ("taxonomy",) if load_pool(args.pool).tagged else ("embedding",)
     result = analyze(args.model, args.images, args.out, pool=args.pool, layers=args.layers, m=args.m,
                      rank=args.rank, batch_size=args.batch_size, force=args.force, device=args.device,
-                     precision=args.precision, **pipeline_options(args), **options)
+                     precision=args.precision, convention=args.convention, **pipeline_options(args), **options)
     _print_study(result)
     return 0
 
@@ -241,6 +241,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="redo every step even when its result is up to date")
     _add_label_options(p, many=True)
     add_compute_options(p, pipeline=True)
+    add_convention_option(p, default=None)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (a few minutes on CPU)")
