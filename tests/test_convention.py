@@ -142,6 +142,9 @@ def test_runs_record_the_convention_and_refuse_to_mix(tiny_model, tmp_path):
     check_same_convention([tmp_path / "ours", centred])
     with pytest.raises(ClipInterpretError, match="different conventions"):
         check_same_convention([tmp_path / "ours", published])
+    from clip_interpret.cli import main
+
+    assert main(["metrics", str(tmp_path / "ours"), str(tmp_path / "pub")]) == 2  # compared runs must agree
 
     from clip_interpret.analyses import image_neighbours
 
