@@ -1,7 +1,8 @@
 """Benchmark: decomposition cost against open_clip's native encode_image (CPU, random weights).
 
 1. Throughput of a token-summed decomposition of the last 4 layers vs native
-   ``encode_image`` at batch 32, for ViT-B-32 and ViT-B-16 (target ratio >= 1.0).
+   ``encode_image`` at batch 32, for ViT-B-32 and ViT-B-16 (target ratio >= 1.0),
+   and ViT-B-16-SigLIP through its attention-pooling head (target ratio >= 0.9).
 2. A spatial decomposition of ALL layers for one image: time vs one native forward
    (target <= 2x) and peak memory added during the call (target < 1.5 GB for ViT-L-14).
    Each model is measured in a fresh subprocess; peak memory is read from the
@@ -9,7 +10,7 @@
 
 Prints figures measured in this one run; it is not a test.
 
-    python bench/decompose.py [--iters 3] [--batch 32] [--only throughput|spatial]
+    python bench/decompose.py [--iters 3] [--batch 32] [--arch ViT-B-16-SigLIP ...] [--only throughput|spatial]
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import torch
 
 
 def _build(arch: str):
+    """The native open_clip model (random weights) and our HookedViT of its image tower."""
     import open_clip
 
-    from clip_interpret import load_model
+    from clip_interpret.models.convert import from_open_clip
 
     torch.manual_seed(0)
     native = open_clip.create_model(arch, pretrained=None).eval()
-    ours = load_model(native)
-    return native, ours
+    return native, from_open_clip(native.visual)
 
 
 def _time(fn, iters: int) -> float:
@@ -51,12 +52,12 @@ def _time(fn, iters: int) -> float:
 def throughput(arch: str, batch: int, iters: int) -> dict:
     from clip_interpret.decompose import decompose_pixels
 
-    native, ours = _build(arch)
-    pixels = torch.randn(batch, 3, *ours.vit.cfg.image_size)
+    native, vit = _build(arch)
+    pixels = torch.randn(batch, 3, *vit.cfg.image_size)
     calls = {
         "native": lambda: native.encode_image(pixels),
-        "forward": lambda: ours.vit(pixels),
-        "decompose": lambda: decompose_pixels(ours.vit, pixels),
+        "forward": lambda: vit(pixels),
+        "decompose": lambda: decompose_pixels(vit, pixels),
     }
     best = dict.fromkeys(calls, float("inf"))
     with torch.no_grad():
@@ -89,10 +90,9 @@ def spatial_child(arch: str, iters: int) -> dict:
 
     from clip_interpret.decompose import decompose_pixels
 
-    native, ours = _build(arch)
+    native, vit = _build(arch)
     native.visual = None  # keep only what each measured call needs beside it
     gc.collect()
-    vit = ours.vit
     pixels = torch.randn(1, 3, *vit.cfg.image_size)
     with torch.no_grad():
         t_forward = _time(lambda: vit(pixels), iters)
@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--only", choices=("throughput", "spatial"), default=None,
                         help="run one part (e.g. --only throughput with PYTHONPATH=OLD/src to measure older code)")
+    parser.add_argument("--arch", nargs="+", default=["ViT-B-32", "ViT-B-16", "ViT-B-16-SigLIP"],
+                        help="architectures of part 1 (default: ViT-B-32 ViT-B-16 ViT-B-16-SigLIP)")
+    parser.add_argument("--no-spatial", action="store_true", help="part 1 only (as --only throughput)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -137,7 +140,7 @@ def main() -> None:
           f"code {Path(clip_interpret.__file__).parent}, load average {os.getloadavg()[0]:.2f}\n")
     if args.only != "spatial":
         throughput_table(args)
-    if args.only != "throughput":
+    if args.only != "throughput" and not args.no_spatial:
         spatial_table(args)
     print("\nratio in 1: native time / decompose time (>= 1.0 means decomposing is no slower than encoding);"
           "\nratio in 2: spatial time / native forward time; peak added: memory the call adds on top of"
@@ -146,11 +149,13 @@ def main() -> None:
 
 def throughput_table(args) -> None:
     print(f"1. token-summed decomposition (last 4 layers) vs native encode_image, batch {args.batch}")
-    print(f"{'arch':<10} {'native img/s':>13} {'HookedViT img/s':>16} {'decompose img/s':>16} {'ratio':>7}")
-    for arch in ("ViT-B-32", "ViT-B-16"):
+    print(f"{'arch':<16} {'native img/s':>13} {'HookedViT img/s':>16} {'decompose img/s':>16} {'ratio':>7}")
+    for arch in args.arch:
         r = throughput(arch, args.batch, args.iters)
-        print(f"{arch:<10} {r['native_img_s']:>13.1f} {r['hooked_forward_img_s']:>16.1f} "
+        print(f"{arch:<16} {r['native_img_s']:>13.1f} {r['hooked_forward_img_s']:>16.1f} "
               f"{r['decompose_img_s']:>16.1f} {r['ratio']:>6.2f}x")
+    if args.no_spatial:
+        return
 
 
 def spatial_table(args) -> None:

@@ -32,6 +32,21 @@ def make_open_clip(arch: str, seed: int = 0, **kwargs):
     return jitter(model.eval(), seed=seed)
 
 
+def make_hf_siglip(seed: int = 0, version: int = 1):
+    """A jittered random Hugging Face SiglipModel (or Siglip2Model): 3 layers x 3 heads, width 48, 32x32
+    images in 8x8 patches (SigLIP 2: a 4x4 grid of position embeddings)."""
+    import transformers
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_size=48,
+                max_position_embeddings=16, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3, patch_size=8)
+    vision.update(image_size=32) if version == 1 else vision.update(num_patches=16)
+    config, model = (("SiglipConfig", "SiglipModel") if version == 1 else ("Siglip2Config", "Siglip2Model"))
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config)(text_config=text, vision_config=vision)
+    return jitter(getattr(transformers, model)(cfg).eval(), seed=seed)
+
+
 def make_hf_clip(seed: int = 0, act: str = "quick_gelu", image_size: int = 64, patch: int = 16):
     from transformers import CLIPConfig, CLIPModel
 
@@ -60,6 +75,15 @@ def tiny_ls_model():
     from clip_interpret import load_model
 
     return load_model(make_open_clip("test-vit-tiny-ls", seed=1))
+
+
+@pytest.fixture(scope="session")
+def map_model():
+    """A ClipModel over a jittered random test-vit-tiny-map: no CLS token, MAP attention pooling (SigLIP's
+    layout), 3 layers x 4 heads, width 32, 32x32 images, a pooling head of 4 heads."""
+    from clip_interpret import load_model
+
+    return load_model(make_open_clip("test-vit-tiny-map"))
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +121,8 @@ def explicit_forward(vit, pixels, hook=None):
     """An independent, plainly written forward of a HookedViT (full attention matrices, no
     shortcut): the reference for the decomposition, the hooks and the interventions.
     ``hook(name, value)`` may replace ``attn.hook_z`` [B, H, T, d], ``hook_attn_out`` and
-    ``hook_mlp_out`` of any block (names as the HookedViT's)."""
+    ``hook_mlp_out`` of any block, and in an attention-pooled tower ``ln_post.hook_normalized``,
+    ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's)."""
     hook = hook or (lambda name, value: value)
     cfg = vit.cfg
     x = vit.embed(pixels)
@@ -121,8 +146,42 @@ def explicit_forward(vit, pixels, hook=None):
         cache[f"{name}.hook_mlp_out"] = mlp
         x = x + mlp
         cache[f"{name}.hook_resid_post"] = x
+    if vit.pool is not None:
+        return _explicit_pool(vit, x, hook, cache)
     r = x[:, 0]
     cache["ln_post.hook_scale"] = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
     emb = torch.nn.functional.layer_norm(r, (cfg.width,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps) @ vit.proj
+    cache["hook_image_embed"] = emb
+    return emb, cache
+
+
+def _explicit_pool(vit, x, hook, cache):
+    """The attention-pooling (MAP) head written out: LN_post of every token, one query, its MLP."""
+    cfg, pool = vit.cfg, vit.pool
+    w, n_heads = cfg.width, cfg.pool_heads
+    d = w // n_heads
+    cache["ln_post.hook_scale"] = torch.sqrt(x.var(dim=-1, unbiased=False) + cfg.ln_eps)
+    normed = hook("ln_post.hook_normalized", torch.nn.functional.layer_norm(
+        x, (w,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps))
+    query = pool.query @ pool.q.weight.T + pool.q.bias
+    keys = normed @ pool.kv.weight[:w].T + pool.kv.bias[:w]
+    values = normed @ pool.kv.weight[w:].T + pool.kv.bias[w:]
+    patterns, results = [], []
+    for h in range(n_heads):
+        part = slice(h * d, (h + 1) * d)
+        pattern = torch.softmax(keys[..., part] @ query[part] / d ** 0.5, dim=-1)  # [B, T]
+        patterns.append(pattern)
+        results.append((pattern[..., None] * values[..., part]).sum(dim=1))  # [B, d]
+    pattern = torch.stack(patterns, dim=1)[:, :, None]  # [B, Hp, 1, T]
+    z = hook("pool.hook_z", torch.stack(results, dim=1)[:, :, None])  # [B, Hp, 1, d]
+    cache["pool.hook_pattern"], cache["pool.hook_z"] = pattern, z
+    cache["pool.hook_v"] = values.view(*values.shape[:2], n_heads, d).transpose(1, 2)
+    y = z[:, :, 0].reshape(z.shape[0], w) @ pool.out.weight.T + pool.out.bias
+    cache["pool.hook_attn_out"] = y
+    h2 = torch.nn.functional.layer_norm(y, (w,), pool.ln.weight, pool.ln.bias, cfg.ln_eps)
+    mlp = hook("pool.hook_mlp_out", vit._act(h2 @ pool.fc1.weight.T + pool.fc1.bias) @ pool.fc2.weight.T + pool.fc2.bias)
+    cache["pool.hook_mlp_out"] = mlp
+    emb = y + mlp
+    emb = emb @ vit.proj if vit.proj is not None else emb
     cache["hook_image_embed"] = emb
     return emb, cache

@@ -32,6 +32,10 @@ def test_models_lists_the_paper_models(capsys):
                  "open_clip:ViT-B-32/datacomp_m_s128m_b4k"):
         assert spec in out
     assert "ViT-B-16-plus-240" in out and "test-vit-tiny" not in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "[" in line}
+    assert "[map] [timm/ViT-B-16-SigLIP] webli" in lines["ViT-B-16-SigLIP"]
+    assert "[cls] [CLIP BPE]" in lines["ViT-bigG-14"] and "[facebook/xlm-v-base]" in lines["ViT-H-14-worldwide"]
+    assert not any(name.startswith(("EVA", "PE-", "RN50", "convnext")) for name in lines)
 
 
 def test_decompose_writes_json_and_heatmaps(images, tmp_path, capsys):

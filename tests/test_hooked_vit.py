@@ -100,3 +100,41 @@ def test_resnet_tower_is_refused():
                   text_cfg=dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1))
     with pytest.raises(UnsupportedModelError, match="ModifiedResNet"):
         load_model(resnet)
+
+
+BIG_TOWERS = ["ViT-H-14", "ViT-H-14-quickgelu", "ViT-H-14-378-quickgelu", "ViT-bigG-14", "ViT-bigG-14-quickgelu"]
+
+
+@pytest.mark.parametrize("arch", BIG_TOWERS)
+def test_big_plain_towers_match_native_with_fewer_layers(arch):
+    """The big towers of DFN, MetaCLIP and LAION at their real width, heads, head width, MLP ratio, patch
+    and image size, built with 2 of their layers (open_clip config overrides; the layers are all alike)
+    and a tiny text tower: ViT-bigG-14 in full is 1.8 B image parameters."""
+    from clip_interpret.decompose import decompose_pixels
+    from clip_interpret.models.loader import registered_open_clip
+
+    vision = dict(registered_open_clip().get_model_config(arch)["vision_cfg"], layers=2)
+    native = make_open_clip(arch, vision_cfg=vision, text_cfg=dict(context_length=8, vocab_size=100, width=16,
+                                                                   heads=2, layers=1))
+    vit = from_open_clip(native.visual)
+    width = {"H": 1280, "b": 1664}[arch.split("-")[1][0]]
+    assert (vit.cfg.width, vit.cfg.head_dim) == (width, 80 if width == 1280 else 104)
+    assert vit.cfg.act == ("quick_gelu" if arch.endswith("quickgelu") else "gelu")
+    x = torch.randn(1, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(vit(x), native.encode_image(x)) < 1e-5
+    d = decompose_pixels(vit, x, layers="all")
+    assert (d.total() - d.embedding).abs().max() < 1e-5
+
+
+def test_eva_towers_are_refused_with_what_is_supported():
+    from open_clip.timm_model import TimmModel
+
+    with pytest.raises(UnsupportedModelError, match="EVA02-B-16.*rotary position embeddings, SwiGLU.*Supported:"):
+        load_model("open_clip:EVA02-B-16")
+    with pytest.raises(UnsupportedModelError, match="Perception Encoder"):
+        load_model("open_clip:PE-Core-B-16")
+    with torch.device("meta"):  # its structure only
+        tower = TimmModel("eva02_base_patch16_clip_224", embed_dim=512, pool="token", proj=None)
+    with pytest.raises(UnsupportedModelError, match="Eva trunk.*rotary"):
+        from_open_clip(tower)

@@ -736,3 +736,24 @@ def test_preprocess_to_dict_describes_it_fully():
     d = p.to_dict()
     assert d == {"image_size": (48, 32), "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bilinear"}
     assert Preprocess(**d) == p
+
+
+@pytest.mark.parametrize("size", [(300, 200), (90, 210), (64, 64)])
+def test_squash_preprocess_matches_open_clip(open_clip_transform, size):
+    """SigLIP's preprocessing: resize to the input size whatever the aspect ratio, no crop."""
+    image = gradient(*size)
+    ours = Preprocess((48, 64), mean=(0.5,) * 3, std=(0.5,) * 3, resize_mode="squash")
+    assert ours.crop(image).size == (64, 48)
+    _compare(ours(image), open_clip_transform((48, 64), is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                              resize_mode="squash")(image))
+    on_device = ours.crop_tensor(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()))
+    assert on_device.shape == (3, 48, 64)
+    assert (on_device.float() - torch.from_numpy(pixels(ours.crop(image)).transpose(2, 0, 1)).float()).abs().mean() < 2
+
+
+def test_resize_mode_is_recorded_only_when_not_the_default():
+    squash = Preprocess((16, 16), resize_mode="squash")
+    assert squash.to_dict()["resize_mode"] == "squash" and Preprocess(**squash.to_dict()) == squash
+    assert "resize_mode" not in Preprocess((16, 16)).to_dict()  # runs written before it existed stay valid
+    with pytest.raises(ClipInterpretError, match="unknown resize mode 'longest'"):
+        Preprocess((16, 16), resize_mode="longest")

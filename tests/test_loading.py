@@ -142,7 +142,7 @@ def test_hf_folder_and_in_memory_objects(tmp_path):
 
 def test_hf_folder_without_weights(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="not a Hugging Face CLIP folder"):
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model folder"):
         load_model(f"hf:{tmp_path / 'empty'}")
 
 

@@ -181,3 +181,20 @@ def test_segbench_on_the_toy_world(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "--classifier is for imagenet-seg" in capsys.readouterr().err
     assert main(["segbench", "--model", "toy", "--dataset", "coco:/x", "--out", str(out)]) == 2
+
+
+def test_maps_of_an_attention_pooled_tower_cover_every_patch(map_model):
+    """A tower without a CLS token (SigLIP's layout): every token is a patch, none is dropped."""
+    from clip_interpret.decompose import decompose
+    from clip_interpret.segbench import _SegMaps
+
+    vit = map_model.vit
+    pixels = torch.randn(2, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(3))
+    classes = torch.nn.functional.normalize(torch.randn(3, vit.cfg.output_dim, generator=torch.Generator()
+                                                        .manual_seed(4)), dim=-1)
+    out = _SegMaps(vit, list(range(vit.cfg.layers)), "fp32", [classes], per_head=False)(pixels)
+    d = decompose(map_model, pixels, layers="all", spatial=True)
+    for b in range(2):
+        pick = int((d.embedding[b] @ classes.T).argmax())
+        want = d.similarity_maps((classes[pick] - classes.mean(dim=0))[None], upsample=False)[b, 0]
+        assert torch.allclose(out["maps"][b, 0, 0], want, atol=1e-5)

@@ -206,3 +206,72 @@ def test_a_grown_run_a_new_pool_and_new_labels_rerun_exactly_what_depends_on_the
     manual.write_text("L5.H0\tposition\n")
     _, relabelled = step_label(grown, model, "taxonomy", path, manual=str(manual), progress=False)
     assert relabelled and step_metrics(grown)[1] is True
+
+
+def test_an_attention_pooled_tower_goes_through_the_whole_study(tmp_path, capsys):
+    """A SigLIP-layout tower (no CLS token, MAP attention pooling, SigLIP's logit bias; random weights)
+    through analyze, then the five analyses, ablation by heads (direct and total effects) and the app."""
+    import numpy as np
+
+    from clip_interpret.app import core
+    from clip_interpret.index import open_run
+    from clip_interpret.toyworld import generate
+
+    run = tmp_path / "run"
+    assert main(["analyze", "--model", "open_clip:test-vit-tiny-map", "--images", "toyworld:150:1", "--out",
+                 str(run), "--pool", "toy", "--layers", "all"]) == 0
+    steps = _steps(capsys.readouterr().out)
+    assert list(steps) == ["index", "ablate", "textspan", "label", "faithfulness", "metrics", "report"]
+    assert all(v.startswith("done") for v in steps.values()), steps
+    opened = open_run(run)
+    assert opened.manifest["model"]["vit"]["pool"] == "map" and "pool_mlp" in opened.layout
+    assert len(opened.head_names()) == 12 and np.abs(opened.sum_of_pieces() - opened.embeddings()).max() < 5e-3
+    assert "<h2>Heat maps" in (run / "report.html").read_text()
+    labels = json.loads((run / "labels.json").read_text())["heads"]
+    labelled = [h for h, e in labels.items() if e["label"]]
+    assert labelled
+
+    query = tmp_path / "query.png"
+    generate(3, seed=4).image.save(query)
+    out = tmp_path / "out"
+    for command in (["segment", str(run), "--image", str(query), "--text", "a red circle"],
+                    ["contrast", str(run), "--run-image", "3", "--text", "a red circle", "--text", "stripes"],
+                    ["image-nn", str(run), "--image", str(query), "--head", "L2.H1"],
+                    ["text-nn", str(run), "--text", "a blue star", "--head", "L2.H1"],
+                    ["property-nn", str(run), "--image", str(query), "--property", labels[labelled[0]]["label"]]):
+        assert main([*command, "--out", str(out / command[0])]) == 0, command
+        result = json.loads(next((out / command[0]).glob("*.json")).read_text())
+        if command[0] == "segment":  # the map covers the 4x4 patch grid: every token is a patch
+            assert len(result["maps"][0]["grid"]) == 4 and len(result["maps"][0]["grid"][0]) == 4
+    assert main(["ablate", str(run), "--heads", "L2.H1,L1.H0", "--mode", "mean"]) == 0
+    assert "total effect" in capsys.readouterr().out
+
+    registry = core.Registry([run])
+    gallery, text = core.run_topic_segmentation(registry, "run", 2, "a red circle", "all heads")
+    assert len(gallery) == 2 and "share of the similarity" in text
+
+
+def test_a_hugging_face_siglip_folder_is_indexed_and_analysed(tmp_path):
+    """A random-weight Hugging Face SiglipModel saved with its own tokenizer: indexed (SigLIP's squash
+    preprocessing recorded in the run), its pieces summing to the stored embeddings, and analysed."""
+    import numpy as np
+
+    from clip_interpret.index import open_run
+
+    from .conftest import make_hf_siglip
+    from .test_siglip import _tiny_tokenizer
+
+    folder = tmp_path / "siglip"
+    make_hf_siglip(seed=2).save_pretrained(folder)
+    _tiny_tokenizer(folder)
+    run = tmp_path / "run"
+    assert main(["index", "--model", f"hf:{folder}", "--images", "toyworld:24:1", "--out", str(run),
+                 "--layers", "all", "--storage", "fp32", "--workers", "0"]) == 0
+    opened = open_run(run)
+    assert opened.manifest["preprocess"]["resize_mode"] == "squash" and "pool_mlp" in opened.layout
+    assert np.abs(opened.sum_of_pieces() - opened.embeddings()).max() < 1e-5
+    out = tmp_path / "out"
+    for command in (["segment", str(run), "--run-image", "2", "--text", "a red square"],
+                    ["text-nn", str(run), "--text", "a blue circle", "--head", "L1.H2"]):
+        assert main([*command, "--out", str(out / command[0])]) == 0, command
+        assert next((out / command[0]).glob("*.json")).is_file()

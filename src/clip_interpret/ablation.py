@@ -129,7 +129,8 @@ def _imagenet_synsets() -> list[str] | None:
 
 def layer_parts(rows: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shard rows [S, P, D] -> (attention per layer [S, L, D], MLP per layer [S, L, D],
-    analysed heads [S, La, H, D], the rest [S, D]: CLS embedding + constant)."""
+    analysed heads [S, La, H, D], the rest [S, D]: token embedding + pooling MLP (attention-pooled
+    towers) + constant)."""
     layout = run.layout
     s, _, d = rows.shape
     n_layers = run.manifest["n_layers"]
@@ -141,7 +142,8 @@ def layer_parts(rows: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor, to
     if other:
         attn[:, other] = rows[:, slice(*layout["other_attn"])]
     mlps = rows[:, slice(*layout["mlps"])]
-    rest = rows[:, slice(*layout["cls_embed"])].sum(dim=1) + rows[:, slice(*layout["constant"])].sum(dim=1)
+    rest = sum(rows[:, slice(*layout[name])].sum(dim=1) for name in ("cls_embed", "pool_mlp", "constant")
+               if name in layout)
     return attn, mlps, heads, rest
 
 

@@ -397,7 +397,7 @@ def _maps(model, run, image, texts: list[str], heads):
     text_emb = model.encode_text(texts)
     grid = d.similarity_maps(text_emb, heads=chosen, upsample=False)[0].numpy()  # [n, gh, gw]
     maps = d.similarity_maps(text_emb, heads=chosen)[0].numpy()  # [n, H, W]
-    shares = d.token_similarity(text_emb, heads=chosen)[0].sum(0).tolist()  # CLS + patches
+    shares = d.token_similarity(text_emb, heads=chosen)[0].sum(0).tolist()  # over every token
     return model.preprocess.crop(pil), name, chosen, layers, n_heads, grid, maps, shares
 
 

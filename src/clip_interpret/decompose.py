@@ -32,6 +32,22 @@ with ``z`` the CLS row of that head's attention result. Only the CLS query row o
 the attention matrix is computed explicitly; the last block computes only its
 CLS row. Per-token pieces (``spatial=True``) multiply each value vector by its
 attention weight before the projection, never materialising [B, N, N, H, width].
+
+**Attention pooling** (SigLIP's MAP head: no CLS token, LN_post on every token,
+one learned query over them, then ``y + MLP(LN(y))``). Freeze the pooling pattern
+``A[p, i]`` (pooling head p, token i) and each token's LN_post scale ``sigma_i``;
+a residual piece c at token i then reaches ``y`` linearly,
+
+    c -> sum_p A[p, i] * W_O[p] W_V[p] (gamma * C c) / sigma_i,
+
+so every piece of the stream (the encoder's heads at every token, biases, other
+layers, MLPs, the token embeddings) keeps an exact, additive contribution. The
+value bias, ``W_V beta`` and the pooling output bias are constants (the pattern
+sums to one); the pooling MLP ``MLP(LN(y))`` is nonlinear and stays one named
+piece (``pool_mlp``). Per-token pieces of the heads are per stream position (the
+token the pooling head reads). The pooling head's own heads per source token
+(``pool_heads``, ``pool_head_tokens``) are another partition of the same vector,
+with ``pool_bias`` and ``pool_mlp`` (``pool_view()``), not part of ``total()``.
 """
 
 from __future__ import annotations
@@ -133,16 +149,28 @@ class Decomposition:
     """Pieces of the unit image embedding in the joint space; they sum to ``embedding``.
 
     ``heads``: [B, L, H, D], each analysed head's contribution (summed over tokens).
-    ``head_tokens``: [B, L, T, H, D] per token (T = CLS + patches), only when ``spatial``
-    (``None`` otherwise); ``head_tokens.sum(2)`` equals ``heads``.
+    ``head_tokens``: [B, L, T, H, D] per token, only when ``spatial`` (``None`` otherwise);
+    ``head_tokens.sum(2)`` equals ``heads``. T = CLS + patches (the CLS row's source tokens)
+    in a CLS-pooled tower; the patches (the stream positions the pooling head reads) in an
+    attention-pooled one (``class_token`` False).
     ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
     ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
     not analysed (the earlier layers under the default choice).
     ``mlps``: [B, n_layers, D], every block's MLP output.
-    ``cls_embed``: [B, D], the CLS token embedding (class + position, after ln_pre).
-    ``constant``: [B, D], the LN_post bias term ``P^T beta / ||emb||``.
+    ``cls_embed``: [B, D], the token embedding: the CLS token's (class + position, after
+    ln_pre), or in an attention-pooled tower every patch token's (patch + position).
+    ``pool_mlp``: [B, 1, D], the pooling head's MLP (nonlinear: one piece); [B, 0, D] when
+    the tower pools by its CLS token.
+    ``constant``: [B, D], the constant terms: ``P^T beta / ||emb||`` (CLS pooling), or what
+    LN_post's beta and the pooling head's biases give (attention pooling).
+
     ``convention``: ``centred`` or ``published`` (then ``attn_bias`` and ``constant`` are
     zero: they are shared out over the other pieces; see the module doc).
+
+    Attention-pooled towers also carry the pooling head's own partition (``pool_view()``):
+    ``pool_heads`` [B, Hp, D] (each pooling head, summed over source tokens),
+    ``pool_head_tokens`` [B, Hp, T, D] (per source token, only when ``spatial``) and
+    ``pool_bias`` [B, D] (its output bias); with ``pool_mlp`` they sum to ``embedding``.
 
     Every tensor is float32 on the CPU, whatever device and precision computed it.
     """
@@ -152,6 +180,7 @@ class Decomposition:
     other_attn: torch.Tensor
     mlps: torch.Tensor
     cls_embed: torch.Tensor
+    pool_mlp: torch.Tensor
     constant: torch.Tensor
     embedding: torch.Tensor
     layers: list[int]
@@ -159,12 +188,17 @@ class Decomposition:
     grid: tuple[int, int]
     image_size: tuple[int, int]
     head_tokens: torch.Tensor | None = None
+    class_token: bool = True
+    pool_heads: torch.Tensor | None = None
+    pool_head_tokens: torch.Tensor | None = None
+    pool_bias: torch.Tensor | None = None
     sources: list[str] = field(default_factory=list)
     failures: list[LoadFailure] = field(default_factory=list)
     precision: str = "fp32"
     convention: str = "centred"
 
-    PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "constant")
+    PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "pool_mlp", "constant")
+    OPTIONAL = ("head_tokens", "pool_heads", "pool_head_tokens", "pool_bias")
 
     @property
     def spatial(self) -> bool:
@@ -185,8 +219,8 @@ class Decomposition:
     def to(self, device) -> "Decomposition":
         """This decomposition with every tensor on ``device``."""
         moved = {name: getattr(self, name).to(device) for name in (*self.PIECES, "embedding")}
-        tokens = self.head_tokens.to(device) if self.head_tokens is not None else None
-        return replace(self, **moved, head_tokens=tokens)
+        optional = {name: getattr(self, name) for name in self.OPTIONAL}
+        return replace(self, **moved, **{k: v.to(device) if v is not None else None for k, v in optional.items()})
 
     def pieces(self) -> dict[str, torch.Tensor]:
         """Every piece as [B, K, D] (heads flattened over layers, and tokens)."""
@@ -196,6 +230,18 @@ class Decomposition:
     def total(self) -> torch.Tensor:
         """The sum of all pieces [B, D]; equals ``embedding`` (exact up to float rounding)."""
         return sum(piece.sum(dim=1) for piece in self.pieces().values())
+
+    def pool_view(self) -> dict[str, torch.Tensor]:
+        """The pooling head's own partition of the embedding, as the published SigLIP script
+        splits it: each pooling head per source token (``pool_heads``, [B, Hp*T, D] with
+        ``spatial``, else [B, Hp, D]), its output bias and its MLP. Another partition of the
+        same vector as ``pieces()``: the two are never added together."""
+        if self.pool_heads is None:
+            raise ClipInterpretError("this tower pools by its CLS token: it has no attention-pooling head")
+        b, d = self.embedding.shape
+        heads = self.pool_head_tokens if self.pool_head_tokens is not None else self.pool_heads
+        return {"pool_heads": heads.reshape(b, -1, d), "pool_bias": self.pool_bias[:, None],
+                "pool_mlp": self.pool_mlp}
 
     def _index(self, heads) -> tuple[list[int], list[int]]:
         """Resolve a head selection (see ``select_heads``) to (layer positions, head indices)."""
@@ -226,7 +272,8 @@ class Decomposition:
     def similarity_maps(self, text_emb: torch.Tensor, heads=None, upsample: bool = True) -> torch.Tensor:
         """Patch-grid maps [B, n_texts, gh, gw] of the chosen heads' per-patch share of the
         similarity; upsampled bilinearly to the model's input image size when ``upsample``."""
-        tokens = self.token_similarity(text_emb, heads)[:, 1:]  # drop CLS
+        tokens = self.token_similarity(text_emb, heads)
+        tokens = tokens[:, 1:] if self.class_token else tokens  # the patches
         b, _, n = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, n, *self.grid)
         if upsample:
@@ -280,60 +327,149 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     cfg = vit.cfg
     device = pixels.device
     chosen = resolve_layers(layers, cfg.layers)
-    chosen_set = set(chosen)
+    others = [i for i in range(cfg.layers) if i not in set(chosen)]
     published = check_convention(convention) == "published"
+    if published and vit.pool is not None:
+        raise ClipInterpretError("the published convention is defined for towers that pool by their CLS token; "
+                                 "this tower pools by attention: use convention='centred'")
     points = HookPoints(vit, fwd_hooks) if fwd_hooks else None
     with compute(device, precision):
-        trace = vit.run(pixels, points, cls_rows=chosen, token_z=spatial)
-    r0, attn_cls, mlp_cls, head_z = trace.resid_cls0, trace.attn_cls, trace.mlp_cls, trace.head_z
-    x_cls = trace.final_cls
-
+        trace = vit.run(pixels, points, head_layers=chosen, token_z=spatial, pieces=True)
     with full_precision(device):
-        # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
-        # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
-        g = vit.ln_post.weight[:, None] * vit.proj
-        g_centered = g if published else g - g.mean(dim=0, keepdim=True)  # published: centred by shares below
-        r = x_cls.float()
-        sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
-        emb = vit.project(r)
-        norm = emb.norm(dim=-1)
-        scale = sigma * norm
-        batch = pixels.shape[0]
+        parts = (_cls_pieces if vit.pool is None else _pooled_pieces)(vit, trace, chosen, others, spatial, published)
+    return Decomposition(**parts, layers=chosen, other_layers=others, grid=cfg.grid, image_size=tuple(cfg.image_size),
+                         class_token=cfg.class_token, precision=precision,
+                         convention=convention)
 
-        head_pieces, token_pieces, bias_terms = [], [], []
-        for index in chosen:
-            block = vit.blocks[index]
-            w_o = block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
-            u = (w_o.T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
-            z = head_z[index].float()
-            if spatial:
-                piece = torch.einsum("bhtd,hdk->bthk", z, u)  # [B, T, H, D]
-                piece = piece / scale.view(-1, 1, 1, 1)
-                token_pieces.append(piece)
-                head_pieces.append(piece.sum(dim=1))
-            else:
-                piece = torch.einsum("bhd,hdk->bhk", z, u)  # [B, H, D]
-                head_pieces.append(piece / scale.view(-1, 1, 1))
-            bias_terms.append(block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias)
-        others = [i for i in range(cfg.layers) if i not in chosen_set]
-        attn_bias = _map(torch.stack([b.expand(batch, -1) for b in bias_terms], dim=1), g_centered, scale)
-        if others:
-            other_attn = _map(torch.stack([attn_cls[i] for i in others], dim=1), g_centered, scale)
+
+def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
+    """The pieces of a CLS-pooled tower: every piece of the final CLS row through LN_post (its
+    scale frozen) and the projection; ``published``: the original code's shares (module doc)."""
+    cfg = vit.cfg
+    # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
+    # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
+    g = vit.ln_post.weight[:, None] * vit.proj
+    g_centered = g if published else g - g.mean(dim=0, keepdim=True)  # published: centred by shares below
+    r = trace.final[:, 0].float()
+    sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
+    emb = trace.embedding.float()
+    norm = emb.norm(dim=-1)
+    scale = sigma * norm
+    batch = r.shape[0]
+
+    head_pieces, token_pieces, bias_terms = [], [], []
+    for index in chosen:
+        block = vit.blocks[index]
+        u = (_out_weight(block).T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
+        z = trace.head_z[index].float()
+        if spatial:
+            piece = torch.einsum("bhtd,hdk->bthk", z, u)  # [B, T, H, D]
+            piece = piece / scale.view(-1, 1, 1, 1)
+            token_pieces.append(piece)
+            head_pieces.append(piece.sum(dim=1))
         else:
-            other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
-        mlps = _map(torch.stack(mlp_cls, dim=1), g_centered, scale)
-        cls_embed = _map(r0, g_centered, scale)
-        constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
-        heads, tokens = torch.stack(head_pieces, dim=1), torch.stack(token_pieces, dim=1) if spatial else None
-        if published:
-            mean_term = -(r.mean(dim=-1) / scale)[:, None] * g.sum(dim=0)
-            heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant = _published_shares(
-                heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant, mean_term, cfg.layers)
-    return Decomposition(
-        heads=heads, attn_bias=attn_bias, other_attn=other_attn, mlps=mlps,
-        cls_embed=cls_embed, constant=constant, embedding=emb / norm[:, None], layers=chosen, other_layers=others,
-        grid=cfg.grid, image_size=tuple(cfg.image_size), head_tokens=tokens, precision=precision,
-        convention=convention,
+            piece = torch.einsum("bhd,hdk->bhk", z, u)  # [B, H, D]
+            head_pieces.append(piece / scale.view(-1, 1, 1))
+        bias_terms.append(_out_bias(block))
+    attn_bias = _map(torch.stack([b.expand(batch, -1) for b in bias_terms], dim=1), g_centered, scale)
+    if others:
+        other_attn = _map(torch.stack([trace.attn[i][:, 0] for i in others], dim=1), g_centered, scale)
+    else:
+        other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
+    mlps = _map(torch.stack([m[:, 0] for m in trace.mlp], dim=1), g_centered, scale)
+    cls_embed = _map(trace.resid0[:, 0], g_centered, scale)
+    constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
+    heads, tokens = torch.stack(head_pieces, dim=1), torch.stack(token_pieces, dim=1) if spatial else None
+    if published:
+        mean_term = -(r.mean(dim=-1) / scale)[:, None] * g.sum(dim=0)
+        heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant = _published_shares(
+            heads, tokens, attn_bias, other_attn, mlps, cls_embed, constant, mean_term, cfg.layers)
+    return dict(
+        heads=heads, attn_bias=attn_bias, other_attn=other_attn, mlps=mlps, cls_embed=cls_embed,
+        pool_mlp=emb.new_zeros(batch, 0, emb.shape[-1]), constant=constant, embedding=emb / norm[:, None],
+        head_tokens=tokens,
+    )
+
+
+def _out_weight(block) -> torch.Tensor:
+    """A block's attention output projection with its LayerScale, [width_out, width_in]."""
+    return block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
+
+
+def _out_bias(block) -> torch.Tensor:
+    return block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias
+
+
+def _pooled_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
+    """The pieces of an attention-pooled tower: every piece of the final stream, at every token,
+    through LN_post (each token's scale frozen), the pooling head's values and its frozen pattern,
+    its output projection and the projection; the pooling MLP as one piece (module doc)."""
+    cfg, pool = vit.cfg, vit.pool
+    if not trace.pool.linear:
+        raise ClipInterpretError("a hook replaces LN_post, the pooling head's values or its result: the tokens' "
+                                 "pieces no longer reach the embedding through the pooling head; decompose "
+                                 "without that hook")
+    w, n_pool = cfg.width, cfg.pool_heads
+    d_pool = w // n_pool
+    x = trace.final.float()  # [B, T, width]
+    emb = trace.embedding.float()
+    norm = emb.norm(dim=-1)
+    sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + cfg.ln_eps)  # [B, T]
+    # the frozen pattern over the frozen LN scales, and the embedding's norm: [B, Hp, T]
+    weights = trace.pool.pattern.float() / (sigma[:, None, :] * norm[:, None, None])
+    # c -> (gamma * C c) W_V^T per pooling head: [Hp, width, d]; its output W_O^T (P): [Hp, d, D]
+    w_v, b_v = pool.kv.weight[w:], pool.kv.bias[w:]
+    value_in = vit.ln_post.weight[:, None] * w_v.T
+    value_in = (value_in - value_in.mean(dim=0, keepdim=True)).view(w, n_pool, d_pool).transpose(0, 1)
+    out_map = pool.out.weight.T @ vit.proj if vit.proj is not None else pool.out.weight.T
+    out_map = out_map.reshape(n_pool, d_pool, -1)
+    batch = x.shape[0]
+
+    def through_pool(stream: torch.Tensor) -> torch.Tensor:
+        """A piece at every token [B, T, width] -> its contribution [B, D]."""
+        pooled = torch.einsum("bpt,btw->bpw", weights, stream.float())
+        return torch.einsum("bpe,ped->bd", torch.einsum("bpw,pwe->bpe", pooled, value_in), out_map)
+
+    def constant_through_pool(c: torch.Tensor) -> torch.Tensor:
+        """The same piece c [width] at every token -> [B, D]."""
+        return torch.einsum("bp,pe,ped->bd", weights.sum(dim=-1), torch.einsum("w,pwe->pe", c, value_in), out_map)
+
+    col_weights = weights.repeat_interleave(d_pool, dim=1).transpose(1, 2)  # [B, T, width]: per value column
+    value_flat = value_in.transpose(0, 1).reshape(w, w)
+    out_flat = out_map.reshape(w, -1)
+    head_pieces, token_pieces, bias_pieces = [], [], []
+    for index in chosen:
+        block = vit.blocks[index]
+        w_o = _out_weight(block).T.reshape(cfg.heads, cfg.head_dim, w)  # [H, d, width]
+        z = trace.head_z[index].float()  # [B, H, T, d]
+        if spatial:
+            out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, width]: the pooled values
+            piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
+            token_pieces.append(piece)
+            head_pieces.append(piece.sum(dim=1))
+        else:
+            out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
+            head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
+        bias_pieces.append(constant_through_pool(_out_bias(block)))
+    empty = emb.new_zeros(batch, 0, emb.shape[-1])
+    # constants: LN_post's beta and the value bias reach y through the pattern, which sums to one
+    constant = ((vit.ln_post.bias @ w_v.T + b_v) @ pool.out.weight.T + pool.out.bias)
+    pool_bias = pool.out.bias
+    pool_mlp = trace.pool.mlp.float()
+    if vit.proj is not None:
+        constant, pool_bias, pool_mlp = constant @ vit.proj, pool_bias @ vit.proj, pool_mlp @ vit.proj
+    pool_z = trace.pool.z.float()  # [B, Hp, d]: each pooling head's result
+    scaled = 1 / norm.view(-1, 1, 1)
+    return dict(
+        heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
+        other_attn=torch.stack([through_pool(trace.attn[i]) for i in others], dim=1) if others else empty,
+        mlps=torch.stack([through_pool(m) for m in trace.mlp], dim=1), cls_embed=through_pool(trace.resid0),
+        pool_mlp=pool_mlp[:, None] / norm.view(-1, 1, 1), constant=constant.expand(batch, -1) / norm[:, None],
+        embedding=emb / norm[:, None], head_tokens=torch.stack(token_pieces, dim=1) if spatial else None,
+        pool_heads=torch.einsum("bpe,ped->bpd", pool_z, out_map) * scaled,
+        pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", trace.pool.pattern.float(), trace.pool.values.float(),
+                                      out_map) * scaled[..., None] if spatial else None,
+        pool_bias=pool_bias.expand(batch, -1) / norm[:, None],
     )
 
 
@@ -387,7 +523,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
     if batch_size < 1:
         raise ClipInterpretError(f"batch size must be at least 1, got {batch_size}")
     vit = model.vit if hasattr(model, "vit") else model
-    device = vit.proj.device
+    device = vit.device
     precision = check_precision(precision or getattr(model, "precision", "fp32"))
     chosen = resolve_layers(layers, vit.cfg.layers)
     compute = _Decompose(vit, chosen, spatial, precision, check_convention(convention))
@@ -433,7 +569,9 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
 
 def _concat(parts: list[Decomposition]) -> Decomposition:
     first = parts[0]
-    names = (*Decomposition.PIECES, "embedding") + (("head_tokens",) if first.spatial else ())
+    names = (*Decomposition.PIECES, "embedding") + tuple(n for n in Decomposition.OPTIONAL
+                                                         if getattr(first, n) is not None)
     tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in names}
     return Decomposition(**tensors, layers=first.layers, other_layers=first.other_layers, grid=first.grid,
-                         image_size=first.image_size, precision=first.precision, convention=first.convention)
+                         image_size=first.image_size, class_token=first.class_token, precision=first.precision,
+                         convention=first.convention)

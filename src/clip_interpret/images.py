@@ -31,6 +31,7 @@ MAX_PIXELS = 89_478_485
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("shortest", "squash")  # open_clip's names: shortest side + centre crop; resize to the input size
 
 
 def describe(source: Any) -> str:
@@ -187,20 +188,32 @@ def load_images(sources: Iterable[Any], on_error: str = "raise", max_pixels: int
 
 @dataclass(frozen=True)
 class Preprocess:
-    """CLIP preprocessing: resize the shortest side, centre crop, normalise.
+    """CLIP preprocessing: resize the shortest side, centre crop, normalise (or, with
+    ``resize_mode="squash"``, SigLIP's: resize to the input size whatever the aspect ratio).
 
     Written with PIL and numpy so that it is fully described by its fields (the
     run manifest records them) and matches open_clip's and Hugging Face's
-    default CLIP transforms.
+    default CLIP and SigLIP transforms.
     """
 
     image_size: tuple[int, int]
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ClipInterpretError(f"unknown resize mode {self.resize_mode!r}; choose one of "
+                                     f"{', '.join(RESIZE_MODES)}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``resize_mode`` only when it is not the default, so that the runs written
+        before it existed keep their recorded preprocessing."""
+        fields = asdict(self)
+        if self.resize_mode == "shortest":
+            del fields["resize_mode"]
+        return fields
 
     def _resample(self):
         modes = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
@@ -214,8 +227,10 @@ class Preprocess:
         return max(self.image_size)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the shortest-side resize, before the centre crop."""
+        """(width, height) after the resize (shortest side, or squashed to the input), before the centre crop."""
         th, tw = self.image_size
+        if self.resize_mode == "squash":
+            return tw, th
         if th == tw:
             short = th
             return (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
@@ -228,7 +243,7 @@ class Preprocess:
         return int(round((width - tw) / 2.0)), int(round((height - th) / 2.0))
 
     def crop(self, image: Image.Image) -> Image.Image:
-        """Resize (shortest side) and centre-crop to ``image_size``; the image the model sees."""
+        """Resize and centre-crop to ``image_size``; the image the model sees."""
         th, tw = self.image_size
         w, h = image.size
         if (w, h) != (tw, th):

@@ -11,8 +11,9 @@ Two effects, always named as such:
   change flows through every later layer (``HookedViT.run_with_hooks``);
 * **direct effect**: the unmodified forward, with only the targets' change *at the
   CLS position* added to the final residual stream (the path that skips every later
-  layer), then the final LayerNorm and projection. No re-run: it comes from the
-  decomposition's own pass.
+  layer), then the final LayerNorm and projection. In an attention-pooled tower
+  (SigLIP) the change at every token is added, then the final LayerNorm and the
+  pooling head. No re-run of the blocks: it comes from the decomposition's own pass.
 
 The direct effect is the total effect with everything after the target frozen at
 its unmodified value: for the last MLP (nothing follows it) the two are the same;
@@ -151,8 +152,9 @@ def total_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean"
 @torch.no_grad()
 def direct_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean", values: dict | None = None,
                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """(unmodified, direct-effect) unit embeddings [B, D]: the targets' change at the CLS position is
-    added to the final residual stream only; the forward itself is not re-run."""
+    """(unmodified, direct-effect) unit embeddings [B, D]: the targets' change at the rows that reach
+    the embedding (the CLS position, or every token of an attention-pooled tower) is added to the
+    final residual stream only; the blocks are not re-run."""
     from .models.hooked_vit import HookPoints
 
     if mode not in MODES:
@@ -161,22 +163,23 @@ def direct_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean
     with compute(pixels.device, precision):
         trace = vit.run(pixels, points)
     cache = points.cache
-    final = trace.final_cls.float()
+    final = trace.final.float()  # [B, R, width]: the CLS row alone, or every row the head reads
+    rows = final.shape[1]
     delta = torch.zeros_like(final)
     with torch.autocast(device_type=pixels.device.type, enabled=False):
         for layer in sorted({h[0] for h in targets.heads}):
             name = f"blocks.{layer}.attn.hook_z"
-            z = cache[name][:, :, :1].float()  # the CLS row [B, H, 1, d]
-            new = _replacement(mode, values, name, cache[name].float())[:, :, :1]
+            z = cache[name][:, :, :rows].float()  # [B, H, R, d]
+            new = _replacement(mode, values, name, cache[name].float())[:, :, :rows]
             change = torch.zeros_like(z)
             heads = [h for l, h in targets.heads if l == layer]
             change[:, heads] = new[:, heads] - z[:, heads]
             block = vit.blocks[layer]
-            out = vit.merge_heads(change)[:, 0] @ block.out.weight.T  # no bias: it does not change
+            out = vit.merge_heads(change) @ block.out.weight.T  # no bias: it does not change
             delta += out * block.ls1 if block.ls1 is not None else out
         for name in targets.points():
             if not name.endswith("hook_z"):
                 act = cache[name].float()
-                delta += (_replacement(mode, values, name, act) - act)[:, 0]
-        full, direct = vit.project(final), vit.project(final + delta)
+                delta += (_replacement(mode, values, name, act) - act)[:, :rows]
+        full, direct = vit.head(final), vit.head(final + delta)
     return full / full.norm(dim=-1, keepdim=True), direct / direct.norm(dim=-1, keepdim=True)

@@ -177,7 +177,7 @@ class _SegMaps:
         from .decompose import decompose_pixels
 
         d = decompose_pixels(self.vit, pixels, layers=self.layers, spatial=True, precision=self.precision)
-        tokens = d.head_tokens[:, :, 1:]  # [B, L, P, H, D]: patches only
+        tokens = d.head_tokens[:, :, 1:] if d.class_token else d.head_tokens  # [B, L, P, H, D]: patches only
         maps, chosen = [], []
         for classes in self.classes:
             classes = classes.to(tokens)

@@ -242,12 +242,12 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
             vocabulary: str | None = None, llm=None, published: bool = True, batch_size: int = 64,
             force: bool = False, progress: bool = True, log=print, device: str = "auto", precision: str = "fp32",
             workers: int | None = None, decode: str = "auto", draft: bool = False,
-            convention: str | None = None) -> dict:
+            convention: str | None = None, tokenizer=None) -> dict:
     """Chain every step for one model and image source; return what each produced (see module doc).
 
     ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
     the input pipeline of the index step; ``convention``: of the pieces (default: an existing
-    run's, else ``centred``)."""
+    run's, else ``centred``); ``tokenizer``: replaces the model's (``load_model``)."""
     from .index import index_images, open_run
     from .models import load_model
 
@@ -263,7 +263,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
 
     out = Path(out)
     log(f"loading {model_spec} ...")
-    model = load_model(model_spec, device=device, precision=precision)
+    model = load_model(model_spec, tokenizer=tokenizer, device=device, precision=precision)
     if model.random_weights:
         log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
     t0 = time.time()

@@ -64,12 +64,13 @@ def _release_large_blocks() -> None:
 
 def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10, model: str | None = None,
           threads: int = 1, concurrency: int = 4, block: bool = True, device: str = "auto",
-          precision: str = "fp32"):
+          precision: str = "fp32", tokenizer=None):
     """Start the app; returns gradio's (app, local url, share url) when ``block`` is False.
 
     ``threads``: torch threads per request (single-image work gains little from more, and
     several requests run at once, up to ``concurrency``). ``device``/``precision``: where and
-    how the models compute (each loaded once per process).
+    how the models compute (each loaded once per process); ``tokenizer``: replaces the models'
+    own (a folder of Hugging Face tokenizer files; ``load_model``).
     """
     import torch
 
@@ -85,7 +86,7 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
     from ..device import check_precision, resolve_device
     from ..models import load_model
 
-    loader = partial(load_model, device=resolve_device(device), precision=check_precision(precision))
+    loader = partial(load_model, tokenizer=tokenizer, device=resolve_device(device), precision=check_precision(precision))
     registry = Registry(runs, model=model, loader=loader)
     for entry in registry.entries.values():
         if entry.usable:

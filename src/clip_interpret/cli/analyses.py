@@ -133,7 +133,8 @@ def cmd_app(args) -> int:
     from ..app import serve
 
     serve(args.runs, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, model=args.model,
-          threads=args.threads, concurrency=args.concurrency, device=args.device, precision=args.precision)
+          threads=args.threads, concurrency=args.concurrency, device=args.device, precision=args.precision,
+          tokenizer=args.tokenizer)
     return 0
 
 

@@ -19,6 +19,9 @@ def add_compute_options(p, pipeline: bool = False) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="compute precision of the matrix work (default fp32, exact; bf16/fp16 are faster on a GPU, "
                         "within 1e-2; not the storage dtype of runs)")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="a folder of Hugging Face tokenizer files for the model's text tower (default: the model's "
+                        "own tokenizer, from the Hugging Face cache or the Hub)")
     if pipeline:
         p.add_argument("--workers", type=int, default=None,
                        help="image-reading processes (default: the CPU cores available; 0: read in this process)")
@@ -47,7 +50,7 @@ def pipeline_options(args) -> dict:
 def load(spec, args):
     from ..models import load_model
 
-    return load_model(spec, device=args.device, precision=args.precision)
+    return load_model(spec, tokenizer=args.tokenizer, device=args.device, precision=args.precision)
 
 
 def slug(text: str, limit: int = 40) -> str:

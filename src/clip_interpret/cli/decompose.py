@@ -11,20 +11,26 @@ from .common import add_compute_options, add_convention_option, ensure_dir, load
 
 def cmd_models(args) -> int:
     from ..models import PAPER_MODELS, open_clip_architectures
+    from ..models.loader import registered_open_clip
 
+    open_clip = registered_open_clip()
     print("The paper's six models (arXiv 2409.06579), as specs:")
     for spec in PAPER_MODELS:
         print(f"  {spec}")
-    print("\nopen_clip architectures with a supported ViT image tower "
-          "(open_clip:ARCH/TAG, open_clip:ARCH@FILE, or open_clip:ARCH for random weights):")
-    import open_clip
-
+    print("\nopen_clip architectures with a supported image tower (open_clip:ARCH/TAG, open_clip:ARCH@FILE, or "
+          "open_clip:ARCH for random weights);\n[pool] CLS token or MAP attention pooling (SigLIP), "
+          "[tokenizer] the text tower's (a Hugging Face one loads from its cache or the Hub, or --tokenizer FOLDER):")
     for arch in open_clip_architectures():
+        config = open_clip.get_model_config(arch)
+        pool = "map" if config["vision_cfg"].get("timm_model_name") else "cls"
+        tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        print(f"  {arch:<32} {', '.join(tags) if tags else '(no pretrained tags; local checkpoints or random)'}")
-    print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for any CLIPModel with a ViT image tower.")
-    print("Not supported: ResNet (RN50, ...), timm towers, attention pooling (CoCa), "
-          "qk-norm / scaled-cosine attention blocks.")
+        print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
+    print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
+          "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
+    print("Not supported: ResNet (RN50, ...); EVA/EVA02 and Perception Encoder towers (rotary position embeddings, "
+          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; average-pooled "
+          "towers (CLIPA); qk-norm / scaled-cosine attention blocks.")
     return 0
 
 
@@ -40,10 +46,15 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
         "random_weights": model.random_weights,
         "layers": result.layers,
         "heads_per_layer": result.n_heads,
+        "pool": model.vit.cfg.pool,
         "texts": list(texts),
         "images": [],
         "failures": [{"source": f.source, "reason": f.reason} for f in result.failures],
         "convention": result.convention,  # how the pieces are split; see docs/decomposition.md
+        "zero_shot": "sigmoid(logit_scale * similarity + logit_bias), per text" if model.logit_bias is not None
+        else "softmax over the given texts of logit_scale * similarity",
+        "logit_scale": model.logit_scale,
+        "logit_bias": model.logit_bias,
         "device": str(model.device),
         "precision": model.precision,
     }
@@ -52,6 +63,7 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
     if text_emb is not None:  # once for the whole batch, not per image
         all_scores = result.head_similarity(text_emb).reshape(len(result.sources), -1, len(texts))  # [B, L*H, n]
         all_sims = result.similarity(text_emb)
+        zero_shot = model.scores(result.embedding, text_emb)  # the model's own: softmax (CLIP) or sigmoid (SigLIP)
     for i, source in enumerate(result.sources):
         entry = {"source": source}
         if text_emb is None:
@@ -68,6 +80,7 @@ def _decompose_report(model, images, texts, layers, spatial, out: Path | None, t
                 item = {
                     "text": text,
                     "similarity": float(sims[t]),
+                    "zero_shot": float(zero_shot[i, t]),
                     "top_heads": [{"head": names[j], "score": float(scores[j, t])} for j in order],
                     "heads": {names[j]: float(scores[j, t]) for j in range(len(names))},
                     "pieces": pieces,
@@ -107,12 +120,15 @@ def _print_report(report: dict, top: int) -> None:
                 print(f"    {row['head']:<10} {row['norm']:.4f}")
             continue
         for item in entry["texts"]:
-            print(f"  text {item['text']!r}: similarity {item['similarity']:+.4f}")
+            print(f"  text {item['text']!r}: similarity {item['similarity']:+.4f}, zero-shot score "
+                  f"{item['zero_shot']:.4f} ({report['zero_shot'].split(' of')[0].split('(')[0]})")
             print(f"    top {top} heads: " + ", ".join(f"{h['head']} {h['score']:+.4f}" for h in item["top_heads"]))
             p = item["pieces"]
+            pooled = report["pool"] == "map"
             print(f"    pieces: heads {p['heads']:+.4f}  attn bias {p['attn_bias']:+.4f}  "
                   f"other layers' attention {p['other_attn']:+.4f}  MLPs {p['mlps']:+.4f}  "
-                  f"CLS embedding {p['cls_embed']:+.4f}  constant {p['constant']:+.4f}")
+                  f"{'token embeddings' if pooled else 'CLS embedding'} {p['cls_embed']:+.4f}  "
+                  + (f"pooling MLP {p['pool_mlp']:+.4f}  " if pooled else "") + f"constant {p['constant']:+.4f}")
             if "heatmap" in item:
                 print(f"    heat map: {item['heatmap']}")
     for failure in report["failures"]:

@@ -30,7 +30,7 @@ def cmd_demo(args) -> int:
           "report). Each step is skipped when its result is already in the run folder.\n")
     result = analyze(args.model, f"toyworld:{args.n}:1", args.out, pool="toy", labellers=tuple(labellers),
                      layers="all", m=5, rank=80, encoder=encoder, llm=llm, force=args.force,
-                     device=args.device, precision=args.precision, **pipeline_options(args))
+                     device=args.device, precision=args.precision, tokenizer=args.tokenizer, **pipeline_options(args))
     _print_study(result)
     return 0
 
@@ -179,7 +179,8 @@ def cmd_analyze(args) -> int:
         options["labellers"] = ("taxonomy",) if load_pool(args.pool).tagged else ("embedding",)
     result = analyze(args.model, args.images, args.out, pool=args.pool, layers=args.layers, m=args.m,
                      rank=args.rank, batch_size=args.batch_size, force=args.force, device=args.device,
-                     precision=args.precision, convention=args.convention, **pipeline_options(args), **options)
+                     precision=args.precision, convention=args.convention,
+                     tokenizer=args.tokenizer, **pipeline_options(args), **options)
     _print_study(result)
     return 0
 

@@ -48,7 +48,7 @@ def _manifest(model, source: ImageSource, layers, other_layers, storage: str, sh
         "precision": precision,
         "convention": convention,
         "shard_size": shard_size,
-        "layout": piece_layout(layers, other_layers, cfg.layers, cfg.heads),
+        "layout": piece_layout(layers, other_layers, cfg.layers, cfg.heads, pooled=cfg.pool == "map"),
         "complete": False,
     }
 
@@ -80,7 +80,8 @@ def _check_resume(existing: dict, fresh: dict, out: Path) -> None:
 def _rows(d, layout: dict, storage: torch.dtype) -> torch.Tensor:
     """A Decomposition -> [B, P, D] rows in the manifest layout, in the storage dtype, on its device."""
     b, dim = d.embedding.shape
-    parts = [d.heads.reshape(b, -1, dim), d.attn_bias, d.other_attn, d.mlps, d.cls_embed[:, None], d.constant[:, None]]
+    parts = [d.heads.reshape(b, -1, dim), d.attn_bias, d.other_attn, d.mlps, d.cls_embed[:, None], d.pool_mlp,
+             d.constant[:, None]]
     rows = torch.cat(parts, dim=1)
     assert rows.shape[1] == max(stop for _, stop in layout.values())
     return rows.to(storage)
@@ -202,7 +203,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     done = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
     todo = [s for s in range(n_shards) if s not in done]
     vit = model.vit
-    device = vit.proj.device
+    device = vit.device
     decoder = resolve_decoder(decode, device, model.preprocess)
     workers = resolve_workers(workers, n)
     if decoder == "device" and device.type == "cpu" and workers:

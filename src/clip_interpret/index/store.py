@@ -61,10 +61,12 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
-def piece_layout(layers: list[int], other_layers: list[int], n_layers: int, n_heads: int) -> dict[str, list[int]]:
-    """Row ranges [start, stop) of each named piece inside a shard's P axis."""
+def piece_layout(layers: list[int], other_layers: list[int], n_layers: int, n_heads: int,
+                 pooled: bool = False) -> dict[str, list[int]]:
+    """Row ranges [start, stop) of each named piece inside a shard's P axis. ``pooled``: the tower
+    pools by attention (SigLIP), whose pooling MLP is one more piece (``pool_mlp``)."""
     sizes = [("heads", len(layers) * n_heads), ("attn_bias", len(layers)), ("other_attn", len(other_layers)),
-             ("mlps", n_layers), ("cls_embed", 1), ("constant", 1)]
+             ("mlps", n_layers), ("cls_embed", 1)] + [("pool_mlp", 1)] * pooled + [("constant", 1)]
     layout, start = {}, 0
     for name, size in sizes:
         layout[name] = [start, start + size]
@@ -262,6 +264,12 @@ _MANIFEST_FIELDS = {
 }
 
 
+def manifest_pooled(manifest: dict) -> bool:
+    """Whether a run's tower pools by attention (its manifest records the HookedViT config)."""
+    vit = manifest["model"].get("vit")
+    return isinstance(vit, dict) and vit.get("pool") == "map"
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     """A run's manifest, checked: every field that readers use is there and consistent."""
     run_dir = Path(run_dir)
@@ -278,7 +286,8 @@ def read_manifest(run_dir: str | Path) -> dict:
     bad = [key for key, valid in _MANIFEST_FIELDS.items() if not valid(manifest.get(key))]
     if bad:
         raise ClipInterpretError(f"{path} lacks or has malformed fields: {', '.join(bad)}; {REINDEX}")
-    layout = piece_layout(manifest["layers"], manifest["other_layers"], manifest["n_layers"], manifest["n_heads"])
+    layout = piece_layout(manifest["layers"], manifest["other_layers"], manifest["n_layers"], manifest["n_heads"],
+                          pooled=manifest_pooled(manifest))
     if manifest["layout"] != layout:
         raise ClipInterpretError(f"{path} has a piece layout that does not match its layers and heads; {REINDEX}")
     return manifest

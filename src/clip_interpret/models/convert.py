@@ -14,9 +14,10 @@ from ..errors import UnsupportedModelError
 from .hooked_vit import HookedViT, ViTConfig
 
 SUPPORTED = (
-    "ViT image towers with a CLS token and CLS pooling: open_clip VisionTransformer "
-    "(quick_gelu or gelu, with or without LayerScale, any patch and image size) and "
-    "Hugging Face CLIP vision towers"
+    "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
+    "LayerScale, any patch and image size; Hugging Face CLIP vision towers) and ViTs without a CLS token "
+    "pooled by a MAP attention head (SigLIP and SigLIP 2: open_clip's timm VisionTransformer trunks with "
+    "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid)"
 )
 
 
@@ -32,9 +33,23 @@ def _activation_name(module: nn.Module) -> str:
     kind = type(module).__name__
     if kind == "QuickGELU":
         return "quick_gelu"
+    if kind == "GELUTanh":  # timm's
+        return "gelu_tanh"
     if isinstance(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if kind == "GELU" and not hasattr(module, "approximate"):  # timm's exact GELU
+        return "gelu"
     raise _unsupported(f"MLP activation {kind}")
+
+
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _hf_activation(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise _unsupported(f"Hugging Face hidden_act={name!r}")
+    return HF_ACTIVATIONS[name]
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -43,10 +58,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def from_open_clip(visual: nn.Module) -> HookedViT:
-    """HookedViT from an open_clip ``VisionTransformer`` (``model.visual``)."""
+    """HookedViT from an open_clip image tower (``model.visual``): a ``VisionTransformer``, or a
+    ``TimmModel`` whose trunk is a timm ``VisionTransformer`` pooled by a MAP head (SigLIP)."""
     kind = type(visual).__name__
+    if kind == "TimmModel":
+        return _from_timm(visual)
     if kind != "VisionTransformer":
-        raise _unsupported(f"open_clip {kind} (ResNet and timm towers have no attention heads to decompose here)")
+        raise _unsupported(f"open_clip {kind} (a ResNet tower has no attention heads to decompose)")
     if getattr(visual, "attn_pool", None) is not None:
         raise _unsupported("attention pooling (attn_pool)")
     if getattr(visual, "pool_type", "tok") != "tok":
@@ -114,9 +132,7 @@ def _copy_ln(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
 def from_hf(vision_model: nn.Module, visual_projection: nn.Linear) -> HookedViT:
     """HookedViT from a Hugging Face ``CLIPVisionTransformer`` and its ``visual_projection``."""
     config = vision_model.config
-    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-    if config.hidden_act not in act:
-        raise _unsupported(f"Hugging Face hidden_act={config.hidden_act!r}")
+    act = _hf_activation(config.hidden_act)
     if visual_projection.bias is not None:
         raise _unsupported("visual projection with a bias")
     emb = vision_model.embeddings
@@ -128,7 +144,7 @@ def from_hf(vision_model: nn.Module, visual_projection: nn.Linear) -> HookedViT:
         heads=config.num_attention_heads,
         mlp_width=config.intermediate_size,
         output_dim=visual_projection.out_features,
-        act=act[config.hidden_act],
+        act=act,
         ln_pre=True,
         layer_scale=False,
         ln_eps=float(config.layer_norm_eps),
@@ -141,7 +157,15 @@ def from_hf(vision_model: nn.Module, visual_projection: nn.Linear) -> HookedViT:
     _copy(vit.cls_embedding, emb.class_embedding)
     _copy(vit.pos_embedding, emb.position_embedding.weight)
     _copy_ln(vit.ln_pre, vision_model.pre_layrnorm)
-    for ours, theirs in zip(vit.blocks, vision_model.encoder.layers):
+    _copy_hf_layers(vit, vision_model.encoder.layers)
+    _copy_ln(vit.ln_post, vision_model.post_layernorm)
+    _copy(vit.proj, visual_projection.weight.T)
+    return vit.eval()
+
+
+def _copy_hf_layers(vit: HookedViT, layers) -> None:
+    """Weights of Hugging Face CLIP / SigLIP encoder layers (pre-norm, separate q, k, v projections)."""
+    for ours, theirs in zip(vit.blocks, layers):
         attn = theirs.self_attn
         _copy_ln(ours.ln1, theirs.layer_norm1)
         _copy(ours.qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
@@ -153,6 +177,207 @@ def from_hf(vision_model: nn.Module, visual_projection: nn.Linear) -> HookedViT:
         _copy(ours.fc1.bias, theirs.mlp.fc1.bias)
         _copy(ours.fc2.weight, theirs.mlp.fc2.weight)
         _copy(ours.fc2.bias, theirs.mlp.fc2.bias)
+
+
+def _copy_bias(dst: torch.Tensor, src: torch.Tensor | None) -> None:
+    """A bias, or zeros where the native layer has none."""
+    if src is None:
+        with torch.no_grad():
+            dst.zero_()
+    else:
+        _copy(dst, src)
+
+
+# ----------------------------------------------------------------- MAP (SigLIP)
+def check_timm_trunk(trunk: nn.Module) -> None:
+    """Refuse a timm trunk the HookedViT cannot express, naming what it has (works on the meta device)."""
+    kind = type(trunk).__name__
+    if kind in ("Eva", "EVA"):
+        raise _unsupported("timm Eva trunk (EVA/EVA02 and Perception Encoder towers: rotary position "
+                           "embeddings and SwiGLU MLPs)")
+    if kind != "VisionTransformer":
+        raise _unsupported(f"timm {kind} trunk (no ViT attention heads to decompose)")
+    if getattr(trunk, "global_pool", "") != "map" or getattr(trunk, "attn_pool", None) is None:
+        raise _unsupported(f"timm VisionTransformer with global_pool={trunk.global_pool!r} (only 'map', SigLIP's "
+                           "attention pooling, for timm trunks)")
+    if trunk.cls_token is not None or trunk.reg_token is not None:
+        raise _unsupported("a timm MAP trunk with class or register tokens")
+    if getattr(trunk, "dynamic_img_size", False):
+        raise _unsupported("timm dynamic_img_size")
+    patch = trunk.patch_embed
+    if type(patch).__name__ != "PatchEmbed" or not isinstance(patch.proj, nn.Conv2d) \
+            or not isinstance(patch.norm, nn.Identity) or getattr(patch, "dynamic_img_pad", False):
+        raise _unsupported(f"patch embedding {type(patch).__name__} (only a plain convolution)")
+    if trunk.pos_embed is None:
+        raise _unsupported("no position embedding")
+    for name in ("norm_pre", "norm"):
+        module = getattr(trunk, name)
+        if not isinstance(module, (nn.Identity, nn.LayerNorm)) or (name == "norm" and isinstance(module, nn.Identity)):
+            raise _unsupported(f"timm {name} {type(module).__name__}")
+    if not isinstance(trunk.fc_norm, nn.Identity):
+        raise _unsupported("timm fc_norm after pooling")
+    block = trunk.blocks[0]
+    attn = getattr(block, "attn", None)
+    if type(block).__name__ != "Block" or type(attn).__name__ != "Attention" \
+            or not all(isinstance(getattr(attn, n), nn.Identity) for n in ("q_norm", "k_norm", "norm")) \
+            or getattr(attn, "gate", None) is not None:
+        raise _unsupported(f"timm {type(block).__name__} blocks with {type(attn).__name__} "
+                           "(qk-norm, gated or normalised attention)")
+    if type(block.mlp).__name__ != "Mlp" or not isinstance(block.mlp.norm, nn.Identity):
+        raise _unsupported(f"timm {type(block.mlp).__name__} MLP (only fc1, activation, fc2)")
+    pool = trunk.attn_pool
+    if type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1 or pool.pos_embed is not None \
+            or not isinstance(pool.q_norm, nn.Identity) or not isinstance(pool.k_norm, nn.Identity) \
+            or not isinstance(pool.q, nn.Linear) or pool.mlp is None or pool.pool != "token":
+        raise _unsupported("an attention-pooling head other than one latent query with q/kv projections and "
+                           "an MLP (AttentionPoolLatent)")
+    if _activation_name(pool.mlp.act) != _activation_name(block.mlp.act):
+        raise _unsupported("a pooling MLP activation other than the blocks'")
+    if not isinstance(trunk.head, nn.Identity):
+        raise _unsupported("a timm classifier head on the trunk (use proj 'none' or 'linear')")
+
+
+def _timm_projection(visual: nn.Module) -> torch.Tensor | None:
+    """open_clip TimmModel's projection after the trunk as [width, D], or None (proj 'none')."""
+    layers = [m for m in visual.head if not isinstance(m, nn.Dropout)]
+    if not layers:
+        return None
+    if len(layers) == 1 and isinstance(layers[0], nn.Linear) and layers[0].bias is None:
+        return layers[0].weight.T
+    raise _unsupported("a timm projection other than one linear map without bias (proj 'mlp' or a bias)")
+
+
+def check_open_clip_tower(visual: nn.Module) -> None:
+    """Refuse an open_clip ``TimmModel`` the converter cannot express (works on the meta device)."""
+    check_timm_trunk(visual.trunk)
+    _timm_projection(visual)
+
+
+def _from_timm(visual: nn.Module) -> HookedViT:
+    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm MAP VisionTransformer (SigLIP)."""
+    check_open_clip_tower(visual)
+    trunk = visual.trunk
+    proj = _timm_projection(visual)
+    blocks = trunk.blocks
+    first = blocks[0]
+    width = trunk.embed_dim
+    cfg = ViTConfig(
+        image_size=_pair(trunk.patch_embed.img_size),
+        patch_size=_pair(trunk.patch_embed.patch_size),
+        width=width,
+        layers=len(blocks),
+        heads=first.attn.num_heads,
+        mlp_width=first.mlp.fc1.out_features,
+        output_dim=proj.shape[1] if proj is not None else width,
+        act=_activation_name(first.mlp.act),
+        ln_pre=isinstance(trunk.norm_pre, nn.LayerNorm),
+        layer_scale=type(first.ls1).__name__ == "LayerScale",
+        ln_eps=float(first.norm1.eps),
+        patch_bias=trunk.patch_embed.proj.bias is not None,
+        class_token=False,
+        pool="map",
+        pool_heads=trunk.attn_pool.num_heads,
+        pool_mlp_width=trunk.attn_pool.mlp.fc1.out_features,
+        proj=proj is not None,
+    )
+    vit = HookedViT(cfg)
+    _copy(vit.patch_embed.weight, trunk.patch_embed.proj.weight)
+    if cfg.patch_bias:
+        _copy(vit.patch_embed.bias, trunk.patch_embed.proj.bias)
+    _copy(vit.pos_embedding, trunk.pos_embed)
+    if cfg.ln_pre:
+        _copy_ln(vit.ln_pre, trunk.norm_pre)
+    for ours, theirs in zip(vit.blocks, blocks):
+        _copy_ln(ours.ln1, theirs.norm1)
+        _copy(ours.qkv.weight, theirs.attn.qkv.weight)
+        _copy_bias(ours.qkv.bias, theirs.attn.qkv.bias)
+        _copy(ours.out.weight, theirs.attn.proj.weight)
+        _copy_bias(ours.out.bias, theirs.attn.proj.bias)
+        _copy_ln(ours.ln2, theirs.norm2)
+        _copy(ours.fc1.weight, theirs.mlp.fc1.weight)
+        _copy_bias(ours.fc1.bias, theirs.mlp.fc1.bias)
+        _copy(ours.fc2.weight, theirs.mlp.fc2.weight)
+        _copy_bias(ours.fc2.bias, theirs.mlp.fc2.bias)
+        if cfg.layer_scale:
+            _copy(ours.ls1, theirs.ls1.gamma)
+            _copy(ours.ls2, theirs.ls2.gamma)
+    _copy_ln(vit.ln_post, trunk.norm)
+    pool = trunk.attn_pool
+    ours = vit.pool
+    _copy(ours.query, pool.latent)
+    _copy(ours.q.weight, pool.q.weight)
+    _copy_bias(ours.q.bias, pool.q.bias)
+    _copy(ours.kv.weight, pool.kv.weight)
+    _copy_bias(ours.kv.bias, pool.kv.bias)
+    _copy(ours.out.weight, pool.proj.weight)
+    _copy_bias(ours.out.bias, pool.proj.bias)
+    _copy_ln(ours.ln, pool.norm)
+    _copy(ours.fc1.weight, pool.mlp.fc1.weight)
+    _copy_bias(ours.fc1.bias, pool.mlp.fc1.bias)
+    _copy(ours.fc2.weight, pool.mlp.fc2.weight)
+    _copy_bias(ours.fc2.bias, pool.mlp.fc2.bias)
+    if proj is not None:
+        _copy(vit.proj, proj)
+    return vit.eval()
+
+
+def from_hf_siglip(vision_model: nn.Module) -> HookedViT:
+    """HookedViT from a Hugging Face ``SiglipVisionTransformer``, or a ``Siglip2VisionTransformer``
+    at its fixed native grid (the patch grid of its position embeddings; NaFlex inputs of other
+    sizes and aspect ratios are not expressed)."""
+    config = vision_model.config
+    if not getattr(vision_model, "use_head", getattr(config, "vision_use_head", True)):
+        raise _unsupported("a SigLIP vision tower without its attention-pooling head (vision_use_head=False)")
+    emb = vision_model.embeddings
+    patch = _pair(config.patch_size)
+    if isinstance(emb.patch_embedding, nn.Linear):  # SigLIP 2: patches flattened as (row, column, channel)
+        side = int(round(emb.position_embedding.num_embeddings ** 0.5))
+        if side * side != emb.position_embedding.num_embeddings:
+            raise _unsupported("SigLIP 2 position embeddings that are not a square grid")
+        image_size = (side * patch[0], side * patch[1])
+        conv = emb.patch_embedding.weight.reshape(-1, patch[0], patch[1], config.num_channels).permute(0, 3, 1, 2)
+    else:
+        image_size = _pair(config.image_size)
+        conv = emb.patch_embedding.weight
+    head = vision_model.head
+    cfg = ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        width=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        mlp_width=config.intermediate_size,
+        output_dim=config.hidden_size,
+        act=_hf_activation(config.hidden_act),
+        ln_pre=False,
+        ln_eps=float(config.layer_norm_eps),
+        patch_bias=emb.patch_embedding.bias is not None,
+        class_token=False,
+        pool="map",
+        pool_heads=head.attention.num_heads,
+        pool_mlp_width=head.mlp.fc1.out_features,
+        proj=False,
+    )
+    vit = HookedViT(cfg)
+    _copy(vit.patch_embed.weight, conv)
+    if cfg.patch_bias:
+        _copy(vit.patch_embed.bias, emb.patch_embedding.bias)
+    _copy(vit.pos_embedding, emb.position_embedding.weight)
+    _copy_hf_layers(vit, vision_model.encoder.layers)
     _copy_ln(vit.ln_post, vision_model.post_layernorm)
-    _copy(vit.proj, visual_projection.weight.T)
+    w = cfg.width
+    attention = head.attention  # torch MultiheadAttention: in_proj rows [W_Q; W_K; W_V]
+    pool = vit.pool
+    _copy(pool.query, head.probe)
+    _copy(pool.q.weight, attention.in_proj_weight[:w])
+    _copy(pool.q.bias, attention.in_proj_bias[:w])
+    _copy(pool.kv.weight, attention.in_proj_weight[w:])
+    _copy(pool.kv.bias, attention.in_proj_bias[w:])
+    _copy(pool.out.weight, attention.out_proj.weight)
+    _copy(pool.out.bias, attention.out_proj.bias)
+    _copy_ln(pool.ln, head.layernorm)
+    _copy(pool.fc1.weight, head.mlp.fc1.weight)
+    _copy(pool.fc1.bias, head.mlp.fc1.bias)
+    _copy(pool.fc2.weight, head.mlp.fc2.weight)
+    _copy(pool.fc2.bias, head.mlp.fc2.bias)
     return vit.eval()

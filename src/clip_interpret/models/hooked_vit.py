@@ -6,21 +6,29 @@ own. The layout follows the CLIP ViT:
 
     z = ln_pre(patch_embed(x) ++ cls + pos)
     for each block:  z += ls1 * Attn(LN1(z));  z += ls2 * MLP(LN2(z))
-    emb = LN_post(z[:, 0]) @ proj
+    emb = LN_post(z[:, 0]) @ proj                                   (pool "cls")
+
+or, for towers that pool by attention (SigLIP's MAP head; no CLS token, the
+final LayerNorm applied to every token):
+
+    n = LN_post(z)                          every token
+    y = Attn_pool(query, n)                 one learned query, its own heads
+    emb = (y + MLP(LN(y))) [@ proj]                                 (pool "map")
 
 One block loop (``run``) serves every forward, as TransformerLens owns its
 transformer: each activation has a name (``blocks.{l}.attn.hook_z``, ...; see
 ``hook_names()``) where hooks can read or replace it.
 
-* ``forward``: the plain forward; the last block computes only its CLS row (the
-  only row that reaches the embedding) and attention goes through PyTorch's fused
-  kernel.
+* ``forward``: the plain forward; attention goes through PyTorch's fused kernel
+  and, in a CLS-pooled tower, the last block computes only its CLS row (the only
+  row that reaches the embedding; an attention-pooled tower reads every row).
 * ``run_with_cache(pixels, names_filter)`` and ``run_with_hooks(pixels, fwd_hooks)``:
   the same loop with callbacks; a full attention pattern is materialised only where
   it is hooked or cached.
-* the decomposition (``clip_interpret.decompose``) asks the loop for the explicit
-  CLS attention row of the analysed layers and maps what it leaves (``Trace``) into
-  the joint space.
+* the decomposition (``clip_interpret.decompose``) asks the loop for the heads'
+  results of the analysed layers (with the explicit CLS attention row in a
+  CLS-pooled tower) and for every layer's outputs at the rows that reach the
+  embedding, and maps what it leaves (``Trace``) into the joint space.
 """
 
 from __future__ import annotations
@@ -51,6 +59,11 @@ class ViTConfig:
     layer_scale: bool = False
     ln_eps: float = 1e-5
     patch_bias: bool = False
+    class_token: bool = True
+    pool: str = "cls"  # "cls": the CLS row; "map": an attention-pooling head over every token (SigLIP)
+    pool_heads: int = 0  # the pooling head's attention heads ("map")
+    pool_mlp_width: int = 0  # its MLP's hidden width ("map")
+    proj: bool = True  # a projection to the joint space after pooling (SigLIP towers have none)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -59,7 +72,7 @@ class ViTConfig:
     @property
     def n_tokens(self) -> int:
         gh, gw = self.grid
-        return gh * gw + 1
+        return gh * gw + int(self.class_token)
 
     @property
     def head_dim(self) -> int:
@@ -98,26 +111,51 @@ class Block(nn.Module):
             self.ls1 = self.ls2 = None
 
 
+class AttentionPool(nn.Module):
+    """The attention-pooling (MAP) head's parameters: one learned query attends to every token of
+    the LayerNormed stream with its own heads; then ``y + MLP(LN(y))``. The arithmetic is in HookedViT."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        w = cfg.width
+        self.query = nn.Parameter(torch.zeros(w))  # the learned latent, before its projection
+        self.q = nn.Linear(w, w)
+        self.kv = nn.Linear(w, 2 * w)  # rows: [W_K; W_V], heads contiguous
+        self.out = nn.Linear(w, w)
+        self.ln = nn.LayerNorm(w, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(w, cfg.pool_mlp_width)
+        self.fc2 = nn.Linear(cfg.pool_mlp_width, w)
+
+
 class HookedViT(nn.Module):
     """A CLIP ViT image tower whose forward is ours and whose activations have names."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        if cfg.pool not in POOLS:
+            raise ValueError(f"unknown pooling {cfg.pool!r}; expected one of {', '.join(POOLS)}")
+        if cfg.pool == "cls" and not cfg.class_token:
+            raise ValueError("CLS pooling needs a class token")
         self.cfg = cfg
         w = cfg.width
         self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
-        self.cls_embedding = nn.Parameter(torch.zeros(w))
+        self.cls_embedding = nn.Parameter(torch.zeros(w)) if cfg.class_token else None
         self.pos_embedding = nn.Parameter(torch.zeros(cfg.n_tokens, w))
         self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
-        self.proj = nn.Parameter(torch.zeros(w, cfg.output_dim))
+        self.pool = AttentionPool(cfg) if cfg.pool == "map" else None
+        self.proj = nn.Parameter(torch.zeros(w, cfg.output_dim)) if cfg.proj else None
         self._act = activation(cfg.act)
         self._names = [tuple(f"blocks.{layer}.{point}" for point in BLOCK_POINTS) for layer in range(cfg.layers)]
 
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.weight.device
+
     # ----------------------------------------------------------------- pieces
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, H, W] -> token stream [B, T, width] (CLS first)."""
+        """Pixels [B, 3, H, W] -> token stream [B, T, width] (CLS first, when the tower has one)."""
         expected = tuple(self.cfg.image_size)
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[-2:]) != expected:
             raise ValueError(
@@ -125,9 +163,10 @@ class HookedViT(nn.Module):
                 f"got {list(pixels.shape)}; use model.preprocess or pass image files"
             )
         with torch.autocast(device_type=pixels.device.type, enabled=False):  # the stream's start, in float32
-            x = self.patch_embed(pixels.to(self.proj.dtype)).flatten(2).transpose(1, 2)
-        cls = self.cls_embedding.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1) + self.pos_embedding  # float32 from here (the stream)
+            x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        if self.cls_embedding is not None:
+            x = torch.cat([self.cls_embedding.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
+        x = x + self.pos_embedding  # float32 from here (the stream)
         return self.norm(self.ln_pre, x) if self.ln_pre is not None else x.float()
 
     @staticmethod
@@ -164,10 +203,45 @@ class HookedViT(nn.Module):
         out = block.out(self.merge_heads(z))
         return out * block.ls1 if block.ls1 is not None else out
 
-    def project(self, resid_cls: torch.Tensor) -> torch.Tensor:
-        """Final CLS residual [B, width] -> image embedding [B, output_dim] (not normalised), in float32."""
-        with torch.autocast(device_type=resid_cls.device.type, enabled=False):
-            return self.norm(self.ln_post, resid_cls) @ self.proj.float()
+    def head(self, x: torch.Tensor, points: "HookPoints | None" = None, trace: "Trace | None" = None) -> torch.Tensor:
+        """The final stream [B, rows, width] -> image embedding [B, output_dim] (not normalised), in
+        float32: LN_post of the CLS row and the projection, or the attention-pooling head. A CLS-pooled
+        tower reads only row 0, so ``x`` may hold that row alone. ``trace`` keeps the pooling
+        head's activations that the decomposition needs."""
+        hook = points if points is not None else _no_hook
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.pool is None:
+                x = x[:, 0]
+            if points is not None and points.wants("ln_post.hook_scale"):
+                hook("ln_post.hook_scale", torch.sqrt(x.var(dim=-1, unbiased=False) + self.cfg.ln_eps))
+            if self.pool is None:
+                out = self.norm(self.ln_post, x)
+            else:
+                out = self._attention_pool(x, hook, trace)
+            return out @ self.proj.float() if self.proj is not None else out
+
+    def _attention_pool(self, x: torch.Tensor, hook, trace: "Trace | None") -> torch.Tensor:
+        """The final stream [B, T, width] -> the MAP head's output ``y + MLP(LN(y))`` [B, width]:
+        one learned query attends to LN_post of every token."""
+        cfg, pool = self.cfg, self.pool
+        b, n, w = x.shape
+        d = w // cfg.pool_heads
+        normed = self.norm(self.ln_post, x)
+        hooked_normed = hook("ln_post.hook_normalized", normed)
+        query = pool.q(pool.query).view(1, cfg.pool_heads, 1, d)
+        k, v = (t.view(b, n, cfg.pool_heads, d).transpose(1, 2) for t in pool.kv(hooked_normed).split(w, dim=-1))
+        k, hooked_v = hook("pool.hook_k", k), hook("pool.hook_v", v)
+        pattern = hook("pool.hook_pattern", torch.softmax((query * d ** -0.5) @ k.transpose(-1, -2), dim=-1))
+        z = pattern @ hooked_v  # [B, Hp, 1, d]
+        hooked_z = hook("pool.hook_z", z)
+        y = hook("pool.hook_attn_out", pool.out(hooked_z.transpose(1, 2).reshape(b, w)))
+        post = hook("pool.mlp.hook_post", self._act(pool.fc1(hook("pool.ln.hook_normalized", self.norm(pool.ln, y)))))
+        mlp = hook("pool.hook_mlp_out", pool.fc2(post))
+        if trace is not None:
+            trace.pool = PoolTrace(pattern=pattern[:, :, 0], values=hooked_v, z=hooked_z[:, :, 0], mlp=mlp,
+                                   linear=hooked_normed is normed and hooked_v is v and hooked_z is z)
+        return y + mlp
 
     # ---------------------------------------------------------------- forwards
     def hook_names(self) -> list[str]:
@@ -175,27 +249,33 @@ class HookedViT(nn.Module):
         names = ["hook_embed"]
         for layer in range(self.cfg.layers):
             names += [f"blocks.{layer}.{point}" for point in BLOCK_POINTS]
-        return names + list(FINAL_POINTS)
+        return names + list(FINAL_POINTS if self.pool is None else POOL_POINTS)
 
-    def run(self, pixels: torch.Tensor, points: "HookPoints | None" = None, cls_rows=(), token_z: bool = False,
-            cls_only_last: bool = True) -> "Trace":
+    def run(self, pixels: torch.Tensor, points: "HookPoints | None" = None, head_layers=(), token_z: bool = False,
+            pieces: bool = False, cls_only_last: bool = True) -> "Trace":
         """The one block loop. Every forward goes through it: the plain forward, the hooked and
         cached forwards, and the decomposition.
 
-        ``points``: hooks and cache of named activations (``HookPoints``). ``cls_rows``: layers
-        whose CLS attention row is computed explicitly and whose heads' CLS results are kept
-        (``Trace.head_z``; per token with ``token_z``): what the decomposition needs.
-        ``cls_only_last``: the last block computes only its CLS row, the only one that reaches
-        the embedding (off when a hook or the cache asks for a last-block activation).
+        ``points``: hooks and cache of named activations (``HookPoints``). ``head_layers``: layers
+        whose heads' results are kept (``Trace.head_z``): in a CLS-pooled tower the CLS attention
+        row is computed explicitly and each head's CLS result is kept (split by source token with
+        ``token_z``); in an attention-pooled tower each head's result at every token.
+        ``pieces``: keep what else the decomposition maps (the stream's start and each layer's
+        attention and MLP outputs, at the rows that reach the embedding).
+        ``cls_only_last``: in a CLS-pooled tower the last block computes only its CLS row, the
+        only one that reaches the embedding (off when a hook or the cache asks for a last-block
+        activation).
         """
         cfg = self.cfg
-        cls_rows = frozenset(cls_rows)
+        head_layers = frozenset(head_layers)
+        by_cls = self.pool is None
         scale = cfg.head_dim ** -0.5
         last = cfg.layers - 1
         hook = points if points is not None else _no_hook
         x = hook("hook_embed", self.embed(pixels))
-        trace = Trace(resid_cls0=x[:, 0])
-        cls_only_last = cls_only_last and not (points is not None and points.wants_block(last))
+        rows = slice(0, 1) if by_cls else slice(None)  # the rows that reach the embedding
+        trace = Trace(resid0=x[:, rows] if pieces else None)
+        cls_only_last = by_cls and cls_only_last and not (points is not None and points.wants_block(last))
         for index, block in enumerate(self.blocks):
             names = self._names[index]
             only_cls = cls_only_last and index == last
@@ -203,12 +283,12 @@ class HookedViT(nn.Module):
             h = hook(names[1], self.norm(block.ln1, x))  # ln1.hook_normalized
             q, k, v = self.qkv(block, h, cls_query_only=only_cls)
             q, k, v = hook(names[2], q), hook(names[3], k), hook(names[4], v)
-            explicit = index in cls_rows
+            explicit = index in head_layers
             if points is not None and points.wants(names[5]):  # the full pattern, asked for
                 pattern = hook(names[5], torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
                 z = pattern @ v
                 cls_pattern = pattern[:, :, :1]
-            elif explicit:  # only the CLS query row, explicitly: its weights split the CLS result by token
+            elif explicit and by_cls:  # only the CLS query row, explicitly: its weights split the CLS result by token
                 cls_pattern = torch.softmax((q[:, :, :1] * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
                 z_cls = cls_pattern @ v
                 z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
@@ -216,39 +296,39 @@ class HookedViT(nn.Module):
             else:
                 z = F.scaled_dot_product_attention(q, k, v)
             hooked_z = hook(names[6], z)
-            if explicit:
+            if explicit and by_cls:
                 if token_z and hooked_z is not z:
                     raise ClipInterpretError(f"a hook on {names[6]} changes the heads' results: they no longer "
                                              "split by token; decompose that layer without spatial=True")
                 trace.head_z[index] = cls_pattern.transpose(-1, -2) * v if token_z else hooked_z[:, :, 0]
+            elif explicit:
+                trace.head_z[index] = hooked_z
             z = hooked_z
             attn = self.attn_out(block, z)
             if explicit and z.dtype != torch.float32:
-                # the CLS row's output projection in float32, as the decomposition maps its pieces: the
-                # pieces then sum to the embedding this forward computes, in any precision
+                # the output projection of the rows that reach the embedding in float32, as the
+                # decomposition maps its pieces: they then sum to the embedding this forward computes,
+                # in any precision
                 with torch.autocast(device_type=z.device.type, enabled=False):
-                    attn = torch.cat([self.attn_out(block, z[:, :, :1].float()), attn[:, 1:].float()], dim=1)
+                    attn = torch.cat([self.attn_out(block, z[:, :, :1].float()), attn[:, 1:].float()], dim=1) \
+                        if by_cls else self.attn_out(block, z.float())
             attn = hook(names[7], attn)  # hook_attn_out
-            trace.attn_cls.append(attn[:, 0])
+            if pieces and not explicit:
+                trace.attn[index] = attn[:, rows]
             x = hook(names[8], (x[:, :1] if only_cls else x) + attn)  # hook_resid_mid
             post = hook(names[10], self._act(block.fc1(hook(names[9], self.norm(block.ln2, x)))))  # mlp.hook_post
             mlp = block.fc2(post)
             mlp = hook(names[11], mlp * block.ls2 if block.ls2 is not None else mlp)  # hook_mlp_out
-            trace.mlp_cls.append(mlp[:, 0])
+            if pieces:
+                trace.mlp.append(mlp[:, rows])
             x = hook(names[12], x + mlp)  # hook_resid_post
-        trace.final_cls = x[:, 0]
+        trace.final = x
+        trace.embedding = hook("hook_image_embed", self.head(x, points, trace))
         return trace
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embedding [B, output_dim], not normalised (as native ``encode_image``)."""
-        return self.project(self.run(pixels).final_cls)
-
-    def _finish(self, trace: "Trace", points: "HookPoints") -> torch.Tensor:
-        r = trace.final_cls
-        if points.wants("ln_post.hook_scale"):
-            with torch.autocast(device_type=r.device.type, enabled=False):
-                points("ln_post.hook_scale", torch.sqrt(r.float().var(dim=-1, unbiased=False) + self.cfg.ln_eps))
-        return points("hook_image_embed", self.project(r))
+        return self.run(pixels).embedding
 
     @torch.no_grad()
     def run_with_cache(self, pixels: torch.Tensor, names_filter=None, fwd_hooks=()):
@@ -261,23 +341,30 @@ class HookedViT(nn.Module):
         [B, H, T, d], ``attn.hook_pattern`` [B, H, T, T], ``attn.hook_z`` [B, H, T, d],
         ``hook_attn_out``, ``hook_resid_mid``, ``ln2.hook_normalized``, ``mlp.hook_post``,
         ``hook_mlp_out``, ``hook_resid_post``; then ``ln_post.hook_scale`` [B] and
-        ``hook_image_embed``.
+        ``hook_image_embed``. An attention-pooled tower has, after the blocks,
+        ``ln_post.hook_scale`` [B, T], ``ln_post.hook_normalized``, ``pool.hook_k/v``
+        [B, Hp, T, d], ``pool.hook_pattern`` [B, Hp, 1, T], ``pool.hook_z`` [B, Hp, 1, d],
+        ``pool.hook_attn_out``, ``pool.ln.hook_normalized``, ``pool.mlp.hook_post``,
+        ``pool.hook_mlp_out`` and ``hook_image_embed``.
         """
         points = HookPoints(self, fwd_hooks, names_filter, cache=ActivationCache())
-        return self._finish(self.run(pixels, points), points), points.cache
+        return self.run(pixels, points).embedding, points.cache
 
     @torch.no_grad()
     def run_with_hooks(self, pixels: torch.Tensor, fwd_hooks) -> torch.Tensor:
         """The forward with hooks: ``fwd_hooks`` is a list of ``(name, fn)``; ``fn(activation, name)``
         returns a replacement tensor (or None to leave it). Returns the embedding (not normalised)."""
-        points = HookPoints(self, fwd_hooks)
-        return self._finish(self.run(pixels, points), points)
+        return self.run(pixels, HookPoints(self, fwd_hooks)).embedding
 
 
+POOLS = ("cls", "map")
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
                 "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
                 "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 FINAL_POINTS = ("ln_post.hook_scale", "hook_image_embed")
+POOL_POINTS = ("ln_post.hook_scale", "ln_post.hook_normalized", "pool.hook_k", "pool.hook_v", "pool.hook_pattern",
+               "pool.hook_z", "pool.hook_attn_out", "pool.ln.hook_normalized", "pool.mlp.hook_post",
+               "pool.hook_mlp_out", "hook_image_embed")
 
 
 def _no_hook(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -285,14 +372,30 @@ def _no_hook(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Trace:
-    """What one pass of the loop leaves for the decomposition (CLS rows, [B, width] each)."""
+class PoolTrace:
+    """The attention-pooling head's activations that the decomposition reads (float32)."""
 
-    resid_cls0: torch.Tensor
-    attn_cls: list = field(default_factory=list)  # per layer
-    mlp_cls: list = field(default_factory=list)  # per layer
-    head_z: dict = field(default_factory=dict)  # layer -> [B, H, d] (or [B, H, T, d] per token)
-    final_cls: torch.Tensor | None = None
+    pattern: torch.Tensor  # [B, Hp, T]: the query's attention over the tokens
+    values: torch.Tensor  # [B, Hp, T, d]: each token's value (LN_post, W_V, b_V)
+    z: torch.Tensor  # [B, Hp, d]: each pooling head's result, as hooks left it
+    mlp: torch.Tensor  # [B, width]: the pooling MLP's output
+    linear: bool = True  # False when a hook replaced LN_post, the values or the result: the tokens'
+    #                      pieces then no longer reach the result through W_V and the pattern
+
+
+@dataclass
+class Trace:
+    """What one pass of the loop leaves: the final stream and the embedding, and for the
+    decomposition the pieces at the rows that reach the embedding ([B, R, width]: R = 1, the
+    CLS row, in a CLS-pooled tower; every token in an attention-pooled one)."""
+
+    resid0: torch.Tensor | None = None  # the stream's start (with ``pieces``)
+    attn: dict = field(default_factory=dict)  # layer -> its attention output (other than head_layers)
+    mlp: list = field(default_factory=list)  # per layer (with ``pieces``)
+    head_z: dict = field(default_factory=dict)  # layer -> [B, H, d] CLS / [B, H, T, d] per source token or row
+    final: torch.Tensor | None = None  # the stream leaving the last block (its CLS row alone when cut short)
+    embedding: torch.Tensor | None = None  # [B, output_dim], not normalised
+    pool: PoolTrace | None = None
 
 
 class ActivationCache(dict):
