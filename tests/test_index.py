@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -178,3 +179,20 @@ def test_manifest_records_what_the_run_came_from(model, tmp_path):
     assert manifest["source"]["hash"] == open_source("toyworld:10:1").list_hash()
     assert manifest["preprocess"]["image_size"] == [32, 32]
     assert manifest["layers"] == run.layers == [0, 1, 2] and manifest["dtype"] == "fp16"
+
+
+def test_a_second_driver_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with store.RunLock(out):  # a driver (this process) writes the run
+        with pytest.raises(ClipInterpretError, match=rf"being written by another index process \(pid {os.getpid()} "
+                                                     rf"on host {socket.gethostname()}.*delete .*writer.lock"):
+            index_images(model, "toyworld:20:1", out, progress=False)
+    assert not (out / "writer.lock").exists()  # released on exit
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "since": "x"}))
+    run = index_images(model, "toyworld:20:1", out, progress=False)  # killed driver: its lock is stale
+    assert run.complete and not (out / "writer.lock").exists()
+    (out / "writer.lock").write_text(json.dumps({"host": "another-node", "pid": 1, "since": "x"}))
+    with pytest.raises(ClipInterpretError, match="pid 1 on host another-node"):
+        index_images(model, "toyworld:20:1", out, progress=False)  # never guessed stale across hosts

@@ -61,7 +61,9 @@ def run_image(run, index: int) -> Image.Image:
         if not match:
             raise ClipInterpretError(f"run {run.path}: {name!r} is not a toy-world item name")
         return generate(int(match.group(2)), seed=int(match.group(1))).image
-    return load_image(name)
+    from .index.sources import read_item
+
+    return load_image(read_item(name))
 
 
 def _query_image(run, image) -> tuple[Image.Image, str]:

@@ -23,7 +23,9 @@ def _add_compute_options(p, pipeline: bool = False) -> None:
                         "within 1e-2; not the storage dtype of runs)")
     if pipeline:
         p.add_argument("--workers", type=int, default=None,
-                       help="image-reading processes (default: the CPU cores available; 0: read in this process)")
+                       help="image-reading processes (default: the CPU cores available; 0: read in this process); "
+                            "with --engine ray: Ray workers, each holding the model once (default: as many as the "
+                            "cluster fits)")
         p.add_argument("--decode", choices=["auto", "pil", "torch", "device"], default="auto",
                        help="JPEG decoding: pil (exactly open_clip's transform), torch (torchvision in the workers), "
                             "device (on the GPU); default auto = device on a GPU, torch on the CPU")
@@ -33,6 +35,29 @@ def _add_compute_options(p, pipeline: bool = False) -> None:
 
 def _pipeline(args) -> dict:
     return {"workers": args.workers, "decode": args.decode, "draft": args.draft}
+
+
+def _add_engine_options(p, workers: bool = False) -> None:
+    """--engine and the Ray options; with ``workers``, also --workers (commands without a pipeline)."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (this process, default) or ray (a Ray cluster; pip install 'clip-interpret[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="ray: the cluster, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local "
+                        "Ray started for the command and stopped after)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="ray: GPUs per Ray worker (default 0: CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1,
+                   help="ray: CPUs per Ray worker; an indexing worker runs that many image-reading processes "
+                        "(default 1)")
+    if workers:
+        p.add_argument("--workers", type=int, default=None,
+                       help="ray: Ray workers, tasks at once (default: as many as the cluster fits)")
+
+
+def _engine(args):
+    from .cluster import resolve_engine
+
+    return resolve_engine(args.engine, args.ray_address, args.workers if args.engine == "ray" else None,
+                          args.gpus_per_worker, args.cpus_per_worker)
 
 
 def _load(spec, args):
@@ -225,11 +250,13 @@ def _run_and_model(path: str, args):
 def cmd_index(args) -> int:
     from .index import index_images
 
+    engine = _engine(args)
     model = _load(args.model, args)
     run = index_images(model, args.images, args.out, layers=args.layers, batch_size=args.batch_size,
-                       storage=args.storage, shard_size=args.shard_size, **_pipeline(args))
+                       storage=args.storage, shard_size=args.shard_size, engine=engine, **_pipeline(args))
+    where = "on Ray" if engine.kind == "ray" else f"on {model.device}"
     print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, computed in "
-          f"{run.manifest['precision']} on {model.device}, stored as {run.manifest['dtype']})")
+          f"{run.manifest['precision']} {where}, stored as {run.manifest['dtype']})")
     for failure in run.failures[:20]:
         print(f"  skipped {failure['source']}: {failure['reason']}")
     if len(run.failures) > 20:
@@ -241,8 +268,9 @@ def cmd_ablate(args) -> int:
     from .ablation import ablation_study, format_table
     from .index.store import atomic_write_json
 
+    engine = _engine(args)
     run, model = _run_and_model(args.run, args)
-    result = ablation_study(run, model)
+    result = ablation_study(run, model, engine=engine)
     result["stamp"] = {"fingerprint": run.manifest["model"]["fingerprint"],
                        "source_hash": run.manifest["source"]["hash"]}
     print(format_table(result, f"zero-shot accuracy, {result['n_images']} images of {args.run}"))
@@ -257,10 +285,11 @@ def cmd_textspan(args) -> int:
     from .pools import load_pool
     from .textspan import format_heads, textspan_run
 
+    engine = _engine(args)
     run, model = _run_and_model(args.run, args)
     pool = load_pool(args.pool)
     checks = [] if args.no_check else [1, 3, 5, 10, 20]
-    result = textspan_run(run, model, pool, m=args.m, rank=args.rank, check_ms=checks)
+    result = textspan_run(run, model, pool, m=args.m, rank=args.rank, check_ms=checks, engine=engine)
     print(format_heads(result))
     if result.get("reconstruction") and "accuracy" in result["reconstruction"]:
         print()
@@ -348,8 +377,9 @@ def cmd_faithfulness(args) -> int:
     from .faithfulness import confirm_labels, format_confirmation
     from .study import step_faithfulness
 
+    engine = _engine(args)
     run, model = _run_and_model(args.run, args)
-    drops, _ = step_faithfulness(run, model, force=True)
+    drops, _ = step_faithfulness(run, model, force=True, engine=engine)
     print(f"mean-ablating each head alone, {drops['n_images']} images, tasks {', '.join(drops['tasks'])}")
     found = sorted(run.path.glob("labels-*.json"))
     for path in found:
@@ -420,7 +450,7 @@ def cmd_analyze(args) -> int:
         options["labellers"] = ("taxonomy",) if load_pool(args.pool).tagged else ("embedding",)
     result = analyze(args.model, args.images, args.out, pool=args.pool, layers=args.layers, m=args.m,
                      rank=args.rank, batch_size=args.batch_size, force=args.force, device=args.device,
-                     precision=args.precision, **_pipeline(args), **options)
+                     precision=args.precision, engine=_engine(args), **_pipeline(args), **options)
     _print_study(result)
     return 0
 
@@ -520,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="decompose an image collection into a run directory (resumable)")
     p.add_argument("--model", required=True, help="model spec")
-    p.add_argument("--images", required=True, help="a folder, a text file of image paths, or toyworld:N[:seed]")
+    p.add_argument("--images", required=True, help="a folder, a text file of image paths, a CSV or Parquet table, "
+                                                   "tars:PATTERN (WebDataset shards) or toyworld:N[:seed]")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -528,12 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the stored pieces (default fp16; --dtype is its old name)")
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
     _add_compute_options(p, pipeline=True)
+    _add_engine_options(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("ablate", help="mean-ablation study: zero-shot accuracy of the run's reconstructions")
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     _add_compute_options(p)
+    _add_engine_options(p, workers=True)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("textspan", help="TextSpan: a text basis for each analysed head")
@@ -544,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--no-check", action="store_true", help="skip the reconstruction check")
     _add_compute_options(p)
+    _add_engine_options(p, workers=True)
     p.set_defaults(func=cmd_textspan)
 
     toy = sub.add_parser("toyworld", help="the known-answer world: export images, train and evaluate the toy CLIP")
@@ -591,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     _add_compute_options(p)
+    _add_engine_options(p, workers=True)
     p.set_defaults(func=cmd_faithfulness)
 
     p = sub.add_parser("metrics", help="association and entanglement scores; compare runs (table + bar chart)")
@@ -610,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="the whole study: index, ablate, textspan, label, faithfulness, metrics, report")
     p.add_argument("--model", required=True, help="model spec")
-    p.add_argument("--images", required=True, help="a folder, a text file of image paths, or toyworld:N[:seed]")
+    p.add_argument("--images", required=True, help="a folder, a text file of image paths, a CSV or Parquet table, "
+                                                   "tars:PATTERN (WebDataset shards) or toyworld:N[:seed]")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--pool", default="general", help="TextSpan pool: general, toy or a file (default general)")
     p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
@@ -620,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every step even when its result is up to date")
     _add_label_options(p, many=True)
     _add_compute_options(p, pipeline=True)
+    _add_engine_options(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (a few minutes on CPU)")

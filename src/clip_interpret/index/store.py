@@ -7,6 +7,7 @@
     RUN/shards/00000.emb.npy     [rows, D]     unit image embeddings (fp32)
     RUN/shards/00000.json        which source items the rows are, and the failures;
                                  written last: a shard without it is not done
+    RUN/writer.lock              while an index call writes the run: who (host, pid, since when)
 
 Every file is written to a temporary name and renamed into place, so an
 interrupted run (even kill -9) never leaves a half-written shard that looks
@@ -19,6 +20,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +63,70 @@ def atomic_write_json(path: Path, data) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
+LOCK_NAME = "writer.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class RunLock:
+    """One indexing driver per run folder at a time. ``RUN/writer.lock`` names the holder (host,
+    pid, start time) and carries a random token (Ray workers check it to prove they see this very
+    folder). A second driver refuses, naming the first; a lock left by a process of this host that
+    no longer exists (kill -9) is taken over. A lock from another host is never guessed stale."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.token = uuid.uuid4().hex
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(),
+                     "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": self.token}
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written, or damaged: not ours to take
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
+                        and not _alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # its process is gone (killed): stale
+                    continue
+                raise ClipInterpretError(
+                    f"run folder {self.path.parent} is being written by another index process (pid "
+                    f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}); "
+                    f"wait for it to finish, or if it is gone, delete {self.path} and run again") from None
+            except OSError as err:
+                raise ClipInterpretError(f"cannot write to run folder {self.path.parent}: {err.strerror or err}") \
+                    from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.info, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return self
+        raise ClipInterpretError(f"cannot take {self.path}: other processes keep taking it; run again")
+
+    def __exit__(self, *exc) -> None:
+        if (self._holder() or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
 
 def piece_layout(layers: list[int], other_layers: list[int], n_layers: int, n_heads: int) -> dict[str, list[int]]:
@@ -188,12 +256,12 @@ class Run:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate([np.asarray(e) for e in self._emb]).astype(np.float32)
 
-    def iter_pieces(self):
-        """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order."""
-        start = 0
-        for pieces in self._pieces:
-            yield start, pieces
-            start += pieces.shape[0]
+    def iter_pieces(self, positions=None):
+        """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order
+        (``positions``: only the shards at these indices into ``shards``)."""
+        starts = np.cumsum([0] + [len(s.kept) for s in self.shards])
+        for k in range(len(self._pieces)) if positions is None else positions:
+            yield int(starts[k]), self._pieces[k]
 
     def sum_of_pieces(self) -> np.ndarray:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
