@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
@@ -161,8 +162,6 @@ def _means_partial(run, positions, device):
 def piece_means(run, device="cpu", engine=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dataset means of every layer's attention and MLP pieces ([L, D] each, float64 sums),
     on ``device``; ``engine``: see ``clip_interpret.cluster.map_shards``."""
-    from .cluster import map_shards
-
     attn_sum, mlp_sum, n = map_shards(run, _means_partial, (), device, engine)
     if n == 0:
         raise ClipInterpretError(f"run {run.path} holds no images")
@@ -193,12 +192,11 @@ def _ablation_partial(run, positions, device, tasks, attn_mean, mlp_mean):
     return correct.cpu().numpy()
 
 
+@one_session
 def ablation_study(run, model, device=None, engine=None) -> dict:
     """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc).
     Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
     (or a ``cluster.Engine``), by Ray tasks over groups of shards."""
-    from .cluster import map_shards
-
     device = _device(model, device)
     tasks = zero_shot_tasks(run, model)
     attn_mean, mlp_mean = piece_means(run, device, engine)

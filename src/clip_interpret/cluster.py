@@ -14,10 +14,11 @@ is. An address that does not answer fails within seconds.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,6 +110,19 @@ def ray_session(engine: Engine):
         yield ray
     finally:
         ray.shutdown()
+
+
+def one_session(function):
+    """Decorator: run ``function`` (its keyword ``engine`` says where) inside one Ray session when
+    the engine is ray, so that its passes share one Ray instead of starting one each."""
+
+    @functools.wraps(function)
+    def call(*args, engine=None, **kwargs):
+        engine = resolve_engine(engine)
+        with ray_session(engine) if engine.kind == "ray" else nullcontext():
+            return function(*args, engine=engine, **kwargs)
+
+    return call
 
 
 def worker_count(ray, engine: Engine) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 from .labels.store import normalise_property
 
@@ -81,13 +82,12 @@ def _drops_partial(run, positions, device, tasks, mean):
     return tuple(x.cpu().numpy() for x in (base_correct, ablated_correct, margin_drop_sum, margin_sum, margin_sq))
 
 
+@one_session
 def head_ablation_drops(run, model, device=None, engine=None) -> dict:
     """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
     Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
     (or a ``cluster.Engine``), by Ray tasks over groups of shards."""
     from .ablation import _device, zero_shot_tasks
-    from .cluster import map_shards
-
     device = _device(model, device)
     tasks = zero_shot_tasks(run, model)
     names = run.head_names()

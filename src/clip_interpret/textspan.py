@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 
 
@@ -165,8 +166,6 @@ def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool 
     a map over groups of shards on Ray and a reduce (the sum). Yields (head index, gram, sum)."""
     from tqdm import tqdm
 
-    from .cluster import map_shards
-
     start_h, stop_h = run.layout["heads"]
     n_heads, d = stop_h - start_h, run.dim
     group = max(1, min(n_heads, int(max_bytes // (d * d * 8))))
@@ -178,6 +177,7 @@ def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool 
             yield first + j, grams[j], sums[j]
 
 
+@one_session
 def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5, 10, 20), progress: bool = True,
                  device=None, engine=None):
     """TextSpan for every analysed head of a run; with ``check_ms``, the reconstruction check.
@@ -269,8 +269,6 @@ def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, de
     """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions from their
     first m texts (``results`` in the run's head order), other layers and MLPs mean-ablated."""
     from .ablation import _device, piece_means, zero_shot_tasks
-    from .cluster import map_shards
-
     try:
         tasks = zero_shot_tasks(run, model)
     except ClipInterpretError as err:

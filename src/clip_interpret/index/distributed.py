@@ -105,7 +105,10 @@ def index_on_ray(job, model, shards: list[int], engine, token: str, on_shard=Non
             """Start ``count`` actors together and check each sees what it needs."""
             handles = [actor.remote(shared, engine.gpus_per_worker > 0, readers, os.getcwd()) for _ in range(count)]
             actors.extend(handles)
-            problem = next(filter(None, ray.get([h.check.remote(token) for h in handles])), None)
+            try:
+                problem = next(filter(None, ray.get([h.check.remote(token) for h in handles])), None)
+            except ray.exceptions.RayActorError as err:  # its __init__ failed (e.g. no memory for the model)
+                problem = f"a Ray worker could not start: {str(err).strip().splitlines()[-1]}"
             if problem:
                 raise ClipInterpretError(problem)
 

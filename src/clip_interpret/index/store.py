@@ -18,6 +18,7 @@ shards and check the run against the model they are given.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import socket
@@ -163,20 +164,31 @@ class Run:
         if self.manifest.get("version") != MANIFEST_VERSION:
             raise ClipInterpretError(f"{self.path} was written by another version of clip-interpret "
                                      f"(manifest version {self.manifest.get('version')}); index it again")
-        images = json.loads((self.path / "images.json").read_text())
         self.shards: list[ShardInfo] = []
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
             self.shards.append(ShardInfo(**json.loads(info_path.read_text())))
         self.shards.sort(key=lambda s: s.shard)
-        kept = [i for s in self.shards for i in s.kept]
-        self.source_indices = np.asarray(kept, dtype=np.int64)
-        self.names = [images["names"][i] for i in kept]
-        self.labels = {k: [v[i] for i in kept] for k, v in images.get("labels", {}).items()}
+        self.source_indices = np.asarray([i for s in self.shards for i in s.kept], dtype=np.int64)
         self.failures = [f for s in self.shards for f in s.failures]
-        self._pieces = [self._map(s.shard, "pieces") for s in self.shards]
-        self._emb = [self._map(s.shard, "emb") for s in self.shards]
+
+    @functools.cached_property
+    def _images(self) -> dict:
+        """The source's item names and labels (read on first use: a pass over the shards needs neither)."""
+        return json.loads((self.path / "images.json").read_text())
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """The item name of each row."""
+        names = self._images["names"]
+        return [names[i] for i in self.source_indices]
+
+    @functools.cached_property
+    def labels(self) -> dict[str, list[str]]:
+        """Label set -> the label of each row."""
+        return {k: [v[i] for i in self.source_indices] for k, v in self._images.get("labels", {}).items()}
 
     def _map(self, shard: int, kind: str) -> np.ndarray:
+        """A shard's array as a memory map (mapped on demand: a run of many shards holds no maps)."""
         return np.load(self.path / "shards" / f"{shard:05d}.{kind}.npy", mmap_mode="r")
 
     # --------------------------------------------------------------- facts
@@ -201,7 +213,7 @@ class Run:
         return self.manifest["layout"]
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.source_indices)
 
     def head_names(self) -> list[str]:
         return [f"L{layer}.H{h}" for layer in self.layers for h in range(self.n_heads)]
@@ -222,10 +234,8 @@ class Run:
     # ------------------------------------------------------------ reading
     def _rows(self, start: int, stop: int) -> np.ndarray:
         """Pieces rows [N, stop-start, D] as float32, across shards."""
-        parts = [p[:, start:stop] for p in self._pieces]
-        if not parts:
-            return np.zeros((0, stop - start, self.dim), np.float32)
-        return np.concatenate(parts).astype(np.float32)
+        parts = [pieces[:, start:stop].astype(np.float32) for _, pieces in self.iter_pieces()]
+        return np.concatenate(parts) if parts else np.zeros((0, stop - start, self.dim), np.float32)
 
     def piece(self, name: str) -> np.ndarray:
         """A named piece [N, k, D] (``heads`` is [N, L*H, D])."""
@@ -252,21 +262,22 @@ class Run:
 
     def embeddings(self) -> np.ndarray:
         """Unit image embeddings [N, D] (float32)."""
-        if not self._emb:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate([np.asarray(e) for e in self._emb]).astype(np.float32)
+        parts = [self._map(s.shard, "emb").astype(np.float32) for s in self.shards]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def iter_pieces(self, positions=None):
         """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order
-        (``positions``: only the shards at these indices into ``shards``)."""
+        (``positions``: only the shards at these indices into ``shards``). Each shard is mapped
+        afresh and unmapped when the caller lets it go: a pass over a large run does not keep
+        every page it read mapped into the process (its resident memory stays flat)."""
         starts = np.cumsum([0] + [len(s.kept) for s in self.shards])
-        for k in range(len(self._pieces)) if positions is None else positions:
-            yield int(starts[k]), self._pieces[k]
+        for k in range(len(self.shards)) if positions is None else positions:
+            yield int(starts[k]), self._map(self.shards[k].shard, "pieces")
 
     def sum_of_pieces(self) -> np.ndarray:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
-        return np.concatenate([np.asarray(p, dtype=np.float32).sum(axis=1) for p in self._pieces]) \
-            if self._pieces else np.zeros((0, self.dim), np.float32)
+        parts = [np.asarray(pieces, dtype=np.float32).sum(axis=1) for _, pieces in self.iter_pieces()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
 
 def _preprocess_from_json(data: dict) -> dict:
