@@ -39,6 +39,7 @@ bench: setup
 	$(PY) bench/toy_card.py
 	$(PY) bench/study.py
 	$(PY) bench/analyses.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) out
