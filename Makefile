@@ -39,6 +39,9 @@ bench: setup
 	$(PY) bench/toy_card.py
 	$(PY) bench/study.py
 	$(PY) bench/analyses.py
+	$(PY) bench/app_memory.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/gpu.py   # on a CPU: a quick check of the script; its figures are for GPUs
 	$(PY) bench/scale.py
 
 clean:

@@ -14,7 +14,7 @@
    statistics' memory does not depend on the values (its accuracies are not
    meaningful, its costs are).
 3. Search at scale: a FAISS index (``search.RunIndex``) of one head over a
-   synthetic run of 1,000,000 x 512 fp16 rows on disk (clustered data, see
+   synthetic run of 1,000,000 x 512 fp16 head rows on disk (clustered data, see
    ``_synthetic``): build time and peak memory in a fresh process, bytes on
    disk, load time of the stored index, query latency, recall@8 against exact
    search for image-like queries (rows of the run, perturbed) and text-like ones
@@ -179,11 +179,15 @@ def bench_textspan(args, tmp: Path) -> dict:
 
 # -------------------------------------------------------------------- 3. FAISS
 def _synthetic(folder: Path, rows: int, dim: int, shard: int = 10_000, seed: int = 0) -> None:
-    """A run of one head with ``rows`` fp16 rows [rows, 1, dim]: 1,000 cluster centres in a
-    64-dimensional subspace (N(0, 1) coordinates), each row its centre plus N(0, 0.5^2) within the
-    subspace plus N(0, 0.05^2) in every dimension (head contributions are low-rank and clustered)."""
-    from clip_interpret.index.store import atomic_save_npy, atomic_write_json
+    """A valid run of one layer with one head, ``rows`` images of ``dim`` dims (fp16 pieces
+    [rows, 5, dim]: the head, then the layer's bias, MLP, CLS embedding and constant pieces,
+    all zero; zero embeddings). The head's rows: 1,000 cluster centres in a 64-dimensional
+    subspace (N(0, 1) coordinates), each row its centre plus N(0, 0.5^2) within the subspace
+    plus N(0, 0.05^2) in every dimension (head contributions are low-rank and clustered)."""
+    from clip_interpret.index.store import atomic_save_npy, atomic_write_json, piece_layout
 
+    layout = piece_layout([0], [], 1, 1)
+    n_pieces = max(stop for _, stop in layout.values())
     rng = np.random.default_rng(seed)
     basis = np.linalg.qr(rng.normal(size=(dim, 64)))[0].T.astype(np.float32)  # [64, dim] orthonormal
     centres = rng.normal(size=(1000, 64)).astype(np.float32)
@@ -192,16 +196,18 @@ def _synthetic(folder: Path, rows: int, dim: int, shard: int = 10_000, seed: int
         stop = min(rows, start + shard)
         latent = centres[rng.integers(0, 1000, stop - start)] + 0.5 * rng.normal(size=(stop - start, 64))
         x = latent.astype(np.float32) @ basis + 0.05 * rng.normal(size=(stop - start, dim)).astype(np.float32)
-        atomic_save_npy(folder / "shards" / f"{s:05d}.pieces.npy", x[:, None].astype(np.float16))
-        atomic_save_npy(folder / "shards" / f"{s:05d}.emb.npy", np.zeros((0, dim), np.float32))
+        pieces = np.zeros((stop - start, n_pieces, dim), np.float16)
+        pieces[:, 0] = x
+        atomic_save_npy(folder / "shards" / f"{s:05d}.pieces.npy", pieces)
+        atomic_save_npy(folder / "shards" / f"{s:05d}.emb.npy", np.zeros((stop - start, dim), np.float32))
         atomic_write_json(folder / "shards" / f"{s:05d}.json",
                           {"shard": s, "start": start, "stop": stop, "kept": list(range(start, stop)), "failures": []})
     atomic_write_json(folder / "images.json", {"names": [f"synthetic:{i}" for i in range(rows)], "labels": {}})
     atomic_write_json(folder / "manifest.json", {
-        "version": 1, "model": {"spec": "synthetic", "fingerprint": f"synthetic-{seed}"},
+        "version": 1, "model": {"spec": "synthetic", "fingerprint": f"synthetic-{seed}"}, "preprocess": {},
         "source": {"spec": "synthetic", "kind": "synthetic", "n": rows, "hash": f"synthetic-{rows}-{dim}-{seed}"},
         "layers": [0], "other_layers": [], "n_layers": 1, "n_heads": 1, "dim": dim, "dtype": "fp16",
-        "shard_size": shard, "layout": {"heads": [0, 1]}, "complete": True})
+        "shard_size": shard, "layout": layout, "complete": True})
 
 
 def _queries(run, n: int = 100, seed: int = 1) -> np.ndarray:

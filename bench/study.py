@@ -3,9 +3,11 @@
 1. Times the whole study exactly as `clip-interpret demo` runs it (bundled toy
    model, 5,000 held-out toy-world images, all 6 layers, toy pool), per step,
    against the 5-minute target.
-2. On that run, scores every offline labeller: heads labelled, association,
-   entanglement, and the share of labels confirmed by single-head mean ablation
-   (margin drops; accuracy drops alone beside it). The toy world is the known
+2. On that run, scores every offline labeller: heads labelled and abstained,
+   association (judged independently of the labeller), entanglement with its
+   floor and normalised form, and the share of labels confirmed by single-head
+   mean ablation (margin drops; accuracy drops alone beside it) with its chance
+   baseline (the same labels shuffled over the heads). The toy world is the known
    answer: a label is right when ablating the head hurts its own property most.
 
     python bench/study.py [--n 5000] [--out DIR]
@@ -26,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clip_interpret.faithfulness import confirm_labels
+    from clip_interpret.labels.judges import judge_labels
     from clip_interpret.metrics import scores
     from clip_interpret.study import analyze, step_label
 
@@ -47,18 +50,28 @@ def main() -> None:
         run = result["run"]
         textspan = out / "textspan-toy.json"
         print("## Known-answer labelling benchmark (toy model, all 48 heads)\n")
-        print("| labeller | labelled | association | entanglement | confirmed by ablation | by accuracy drops alone |")
-        print("|---|---|---|---|---|---|")
+        print("Association judged independently of the labeller (docs/study.md); entanglement with its floor "
+              "(7 properties) and normalised form; confirmed share beside the same labels shuffled over the "
+              "heads (1,000 seeded permutations: mean, 95th percentile, p).\n")
+        print("| labeller | labelled | abstained | association (judge) | entanglement (floor, normalised) "
+              "| confirmed by ablation | chance: mean / 95th pct | p | by accuracy drops alone |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        textspan_data = json.loads(textspan.read_text())
         for name, labeller, encoder in (("taxonomy (toy pool tags)", "taxonomy", "model"),
                                         ("embedding, model's text encoder", "embedding", "model"),
                                         ("embedding, MiniLM", "embedding", "minilm")):
             labels, _ = step_label(run, None if encoder == "minilm" or labeller == "taxonomy" else _model(),
                                    labeller, textspan, encoder=encoder, vocabulary="toy", progress=False,
                                    make_current=False, force=True)
-            s = scores(labels["heads"])
+            verdict = judge_labels(labels, textspan_data, toy=True)
+            s = scores(labels["heads"], judgements=verdict["judgements"], judge=verdict["detail"], n_candidates=7)
             c = confirm_labels({h: e["label"] for h, e in labels["heads"].items()}, drops)
-            print(f"| {name} | {s['n_labelled']}/{s['n_heads']} | {s['association']:.3f} | {s['entanglement']:.3f} "
+            chance = c["chance"]
+            print(f"| {name} | {s['n_labelled']}/{s['n_heads']} | {s['n_abstained']} "
+                  f"| {s['association']:.3f} ({verdict['judge']} judge) | {s['entanglement']:.3f} "
+                  f"({s['entanglement_floor']:.3f}, {s['entanglement_normalised']:.2f}) "
                   f"| {c['confirmed']}/{c['testable']} = {c['share_confirmed']:.0%} "
+                  f"| {chance['mean']:.0%} / {chance['p95']:.0%} | {chance['p_value']:.3g} "
                   f"| {c['share_confirmed_by_accuracy']:.0%} |")
         print("\nThe llm labeller needs a chat endpoint, which this machine does not have; its protocol, retries, "
               "timeouts and cache are tested against a local server (tests/test_llm.py).")

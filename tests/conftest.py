@@ -24,9 +24,9 @@ def jitter(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch
 def make_open_clip(arch: str, seed: int = 0, **kwargs):
     import open_clip
 
-    from clip_interpret.models.loader import _open_clip
+    from clip_interpret.models.loader import registered_open_clip
 
-    _open_clip()  # registers the package's test-* configs
+    registered_open_clip()  # registers the package's test-* configs
     torch.manual_seed(seed)
     model = open_clip.create_model(arch, pretrained=None, pretrained_text=False, pretrained_image=False, **kwargs)
     return jitter(model.eval(), seed=seed)
@@ -90,3 +90,39 @@ def toy_textspan_run(tmp_path_factory, toy_model):
     run = index_images(model, "toyworld:300:1", out, layers="all", progress=False)
     step_textspan(run, model, "toy", check=False, progress=False)
     return out, model
+
+
+@torch.no_grad()
+def explicit_forward(vit, pixels, hook=None):
+    """An independent, plainly written forward of a HookedViT (full attention matrices, no
+    shortcut): the reference for the decomposition, the hooks and the interventions.
+    ``hook(name, value)`` may replace ``attn.hook_z`` [B, H, T, d], ``hook_attn_out`` and
+    ``hook_mlp_out`` of any block (names as the HookedViT's)."""
+    hook = hook or (lambda name, value: value)
+    cfg = vit.cfg
+    x = vit.embed(pixels)
+    cache = {"hook_embed": x}
+    for index, block in enumerate(vit.blocks):
+        name = f"blocks.{index}"
+        cache[f"{name}.hook_resid_pre"] = x
+        h = torch.nn.functional.layer_norm(x, (cfg.width,), block.ln1.weight, block.ln1.bias, cfg.ln_eps)
+        q, k, v = (h @ block.qkv.weight.T + block.qkv.bias).split(cfg.width, dim=-1)
+        q, k, v = (t.view(*t.shape[:2], cfg.heads, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
+        pattern = torch.softmax(q @ k.transpose(-1, -2) / cfg.head_dim ** 0.5, dim=-1)
+        z = hook(f"{name}.attn.hook_z", pattern @ v)
+        cache[f"{name}.attn.hook_v"], cache[f"{name}.attn.hook_pattern"], cache[f"{name}.attn.hook_z"] = v, pattern, z
+        attn = z.transpose(1, 2).reshape(*x.shape) @ block.out.weight.T + block.out.bias
+        attn = hook(f"{name}.hook_attn_out", attn * block.ls1 if block.ls1 is not None else attn)
+        cache[f"{name}.hook_attn_out"] = attn
+        x = x + attn
+        h2 = torch.nn.functional.layer_norm(x, (cfg.width,), block.ln2.weight, block.ln2.bias, cfg.ln_eps)
+        mlp = vit._act(h2 @ block.fc1.weight.T + block.fc1.bias) @ block.fc2.weight.T + block.fc2.bias
+        mlp = hook(f"{name}.hook_mlp_out", mlp * block.ls2 if block.ls2 is not None else mlp)
+        cache[f"{name}.hook_mlp_out"] = mlp
+        x = x + mlp
+        cache[f"{name}.hook_resid_post"] = x
+    r = x[:, 0]
+    cache["ln_post.hook_scale"] = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
+    emb = torch.nn.functional.layer_norm(r, (cfg.width,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps) @ vit.proj
+    cache["hook_image_embed"] = emb
+    return emb, cache

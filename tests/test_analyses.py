@@ -56,9 +56,8 @@ def test_image_neighbours_match_brute_force(model, run):
     assert np.allclose(result.scores, scores, rtol=1e-4, atol=1e-7)
     assert result.names == [run.names[i] for i in order]
     # the query image itself: its own score is its squared norm (up to fp16 storage)
-    own = A.image_neighbours(model, run, 17, "L5.H3", k=len(run))
-    position = list(own.indices).index(17)
-    assert own.scores[position] == pytest.approx(float(q @ q), rel=2e-3)
+    indices, scores = A.ContributionStore(run).search(["L5.H3"], q, k=len(run))  # the whole ranking
+    assert scores[list(indices).index(17)] == pytest.approx(float(q @ q), rel=2e-3)
 
 
 def test_image_neighbours_query_comes_first_by_cosine(model, run):
@@ -172,7 +171,7 @@ def test_run_images_of_a_folder_run(model, tmp_path):
         Image.new("RGB", (80, 60), colour).save(root / f"{i}.png")
     run = index_images(model, str(root), tmp_path / "run", progress=False)
     assert np.array_equal(np.asarray(A.run_image(run, 1)), np.asarray(Image.open(root / "1.png").convert("RGB")))
-    result = A.image_neighbours(model, run, 2, "L5.H0", metric="cosine")
+    result = A.image_neighbours(model, run, 2, "L5.H0", k=3, metric="cosine")
     assert result.indices[0] == 2 and result.images[0].size == (64, 64)
     with pytest.raises(ClipInterpretError, match="no image 3"):
         A.run_image(run, 3)
@@ -187,6 +186,32 @@ def test_renderers_write_pngs(model, run, tmp_path):
         json.dumps(result.to_dict())
     shown = A.overlay(segmentation.image, segmentation.maps[0], segmentation.vmax, size=200)
     assert shown.size == (200, 200)
+
+
+def test_a_huge_k_is_capped_with_a_warning_and_drawn_as_a_grid(model, run):
+    with pytest.warns(UserWarning, match=f"k=100000000 is more than {A.MAX_K}.*showing the top {A.MAX_K}"):
+        result = A.image_neighbours(model, run, 3, "L4.H1", k=100_000_000)
+    assert len(result.indices) == len(result.images) == A.MAX_K
+    image = A.render(result)
+    assert image.size[0] <= 2000 and image.size[1] > image.size[0]  # rows of at most 9 tiles
+    with pytest.warns(UserWarning, match=r"k=50 is more than 20 \(the run has 20 images\); showing the top 20"):
+        assert A.check_k(50, n=20) == 20
+    with pytest.raises(ClipInterpretError, match="k must be a whole number"):
+        A.check_k("many")
+
+
+def test_scores_print_with_enough_digits_to_rank():
+    assert A.format_scores([0.00104, 0.00101, 0.00098]) == ["+0.00104", "+0.00101", "+0.00098"]
+    assert A.format_scores([0.501234, 0.501239, -2]) == ["+0.50123", "+0.50124", "-2"]
+    assert A.format_scores([0.25, 0.25]) == ["+0.25", "+0.25"]  # equal scores stay equal
+
+
+def test_figure_titles_name_every_head(run):
+    heads = [f"L{layer}.H{h}" for layer in (4, 5) for h in range(8)] + ["L3.H0"]
+    result = A.Neighbours("property", "query", heads, np.arange(4), np.full(4, 0.001, np.float32),
+                          ["a"] * 4, [Image.new("RGB", (64, 64))] * 4, Image.new("RGB", (64, 64)), "color")
+    title = A._figure(result)._suptitle.get_text()
+    assert all(head in title for head in heads) and "property 'color'" in title
 
 
 def test_errors_are_clear(model, run, tmp_path):

@@ -4,6 +4,7 @@ The browser test needs Debian's ``chromium`` (``make test`` installs it) and the
 Python package (the ``test`` extra); it never downloads a browser.
 """
 
+import io
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, toy_model):
-    """A labelled toy run, an unlabelled one (same model), and one whose model cannot be loaded."""
+    """A labelled toy run, an unlabelled one (same model), one whose model cannot be loaded, and one
+    whose manifest is cut short."""
     root = tmp_path_factory.mktemp("app-runs")
     model = toy_model
     index_images(model, "toyworld:200:1", root / "toy", progress=False)
@@ -44,7 +46,9 @@ def runs(tmp_path_factory, toy_model):
     manifest = json.loads((root / "broken" / "manifest.json").read_text())
     manifest["model"]["spec"] = "open_clip:ViT-B-32/openai"  # not on this machine; tests run offline
     (root / "broken" / "manifest.json").write_text(json.dumps(manifest))
-    return {name: root / name for name in ("toy", "bare", "broken")}
+    shutil.copytree(root / "bare", root / "damaged")
+    (root / "damaged" / "manifest.json").write_text(json.dumps(manifest)[:100])
+    return {name: root / name for name in ("toy", "bare", "broken", "damaged")}
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +59,91 @@ def registry(runs):
         loads.append(spec)
         return load_model(spec)
 
-    reg = core.Registry([runs["toy"], runs["bare"], runs["broken"], runs["toy"].parent / "missing"], loader=loader)
+    reg = core.Registry([runs["toy"], runs["bare"], runs["broken"], runs["damaged"], runs["toy"].parent / "missing"],
+                        loader=loader)
     reg.loads = loads
     return reg
 
 
-def test_models_load_once_and_a_broken_run_does_not_stop_the_others(registry):
+def test_models_load_once_and_a_broken_run_does_not_stop_the_others(registry, runs):
     assert registry.loads.count("toy") == 1 and registry.n_models == 1
     assert registry.entries["toy"].model is registry.entries["bare"].model
     assert registry.first_usable() == "toy"
     broken = registry.entries["broken"]
     assert not broken.usable and "open_clip:ViT-B-32/openai" in broken.error and "offline" in broken.error
-    with pytest.raises(ClipInterpretError, match=r"run broken .* cannot be used: cannot load 'open_clip:ViT-B-32"):
+    with pytest.raises(ClipInterpretError, match=r"run broken cannot be used: cannot load 'open_clip:ViT-B-32"):
         registry.get("broken")
     assert "not a run directory" in registry.entries["missing"].error
+    damaged = registry.entries["damaged"]
+    assert not damaged.usable and "manifest.json is not valid JSON" in damaged.error and "\n" not in damaged.error
+    # the page says why without a server path: the run's folder is named by the run's name
+    shown = registry.public(damaged.describe())
+    assert "damaged/manifest.json is not valid JSON" in shown and str(runs["damaged"].parent) not in shown
     result = core.run_text_neighbours(registry, "toy", "a red circle", "L5.H3", 3)  # the others still serve
     assert len(result[0]) == 3
+
+
+def test_messages_for_the_browser_carry_no_server_path(registry, runs, tmp_path):
+    toy = runs["toy"]
+    assert registry.public(f"run {toy} has images 0-199; there is no image 300") == \
+        "run toy has images 0-199; there is no image 300"
+    assert registry.public(f"run {toy.resolve()}/labels.json: bad") == "run toy/labels.json: bad"
+    upload = tmp_path / "gradio" / "0123abcd" / "my photo.png"
+    assert registry.public(f"cannot read image {upload.parent}/photo.png: truncated") == \
+        "cannot read image photo.png: truncated"
+    assert registry.public("model open_clip:ViT-B-32/openai, 2.5/3 done") == "model open_clip:ViT-B-32/openai, 2.5/3 done"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels (Pillow identifies it from the header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("page.html", b"<html><script>alert(1)</script></html>", "page.html is not an image file"),
+    ("logo.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "logo.svg is not an image file"),
+    ("notes.png", b"just text", "notes.png is not an image file"),
+    ("huge.png", _png_header(9000, 9000), "huge.png has 9000x9000 pixels, more than the app accepts"),
+    ("doc.pdf", b"%PDF-1.4 not really", "doc.pdf is not an image file"),
+])
+def test_uploads_are_checked_by_content(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    assert message in core.upload_problem(path)
+    with pytest.raises(ClipInterpretError, match=message):
+        core.query_image(path, 224)
+
+
+def test_an_upload_is_decoded_once_and_kept_at_the_models_size(registry, toy_model, tmp_path):
+    from PIL import Image
+
+    from clip_interpret import decompose
+
+    big = generate(3, seed=5).image.resize((1500, 1000), Image.NEAREST)
+    big.save(tmp_path / "big.png")
+    image, preview = core.query_image(tmp_path / "big.png", registry.query_side)
+    assert registry.query_side == 64 and image.size == (96, 64) and max(preview.size) == 640
+    exact = decompose(toy_model, [big]).embedding  # what the model sees of the full-size image
+    assert (decompose(toy_model, [image]).embedding - exact).abs().max() < 1e-5
+    gallery, text = core.run_image_neighbours(registry, "toy", image, "L4.H1", 4)
+    assert len(gallery) == 4 and "Top 4" in text
+
+
+def test_segmentation_maps_carry_their_colour_scale(registry):
+    import numpy as np
+
+    gallery, text = core.run_contrastive_segmentation(registry, "toy", 4, "a red circle", "stripes", "all heads")
+    image, heat = gallery[0][0], gallery[1][0]
+    assert heat.size[0] > heat.size[1] == image.size[1]  # the scale sits beside the map
+    column = np.asarray(heat)[:, heat.size[1] + 12]  # inside the bar: red at the top, blue at the bottom
+    assert column[2, 0] > column[2, 2] + 60 and column[-3, 2] > column[-3, 0] + 60 and "for every map" in text
 
 
 def test_head_choosers_show_labels(registry):
@@ -118,13 +191,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(runs, tmp_path_factory):
+    """The app in a subprocess with a temporary directory of its own, where a folder left by a killed
+    app process (pid 999999999: not running) waits to be swept."""
     port = _free_port()
     log = tmp_path_factory.mktemp("app-log") / "app.log"
+    tmp = tmp_path_factory.mktemp("app-tmp")
+    (tmp / "clip-interpret-app-999999999-old" / "abc").mkdir(parents=True)
     code = ("import sys; from clip_interpret.app import serve; "
             "serve(sys.argv[1:-1], port=int(sys.argv[-1]), max_upload_mb=1)")
     with open(log, "w") as handle:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(runs["toy"]), str(runs["broken"]), str(port)],
-                                stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(runs["toy"]), str(runs["broken"]), str(runs["damaged"]),
+                                 str(port)], stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(tmp)))
     url = f"http://127.0.0.1:{port}/"
     import urllib.request
 
@@ -140,7 +217,7 @@ def server(runs, tmp_path_factory):
                 if time.time() > deadline:
                     pytest.fail(f"the app did not answer within 90 s:\n{log.read_text()}")
                 time.sleep(0.3)
-        yield {"url": url, "log": log, "runs": runs}
+        yield {"url": url, "log": log, "runs": runs, "proc": proc, "tmp": tmp}
     finally:
         proc.terminate()
         try:
@@ -149,31 +226,81 @@ def server(runs, tmp_path_factory):
             proc.kill()
 
 
+def _post_upload(url: str, name: str, data: bytes, content_type: str = "image/png"):
+    """POST one file to gradio's upload route: (status, body)."""
+    import urllib.error
+    import urllib.request
+
+    boundary = "xxBOUNDARYxx"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 def test_app_binds_localhost_says_which_run_failed_and_limits_uploads(server):
     import urllib.error
     import urllib.request
 
     text = server["log"].read_text()
     assert "run broken" in text and "unavailable" in text and "http://127.0.0.1:" in text
-    boundary = "xxBOUNDARYxx"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * (2 << 20) + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(server["url"] + "gradio_api/upload", data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=30)
-    assert err.value.code == 413
+    status, _ = _post_upload(server["url"], "big.png", b"\0" * (2 << 20))
+    assert status == 413
     for path in ("/etc/passwd", str(server["runs"]["toy"] / "manifest.json")):  # gradio serves no other files
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(server["url"] + "gradio_api/file=" + path, timeout=10)
         assert err.value.code in (403, 404)
 
 
+def test_the_upload_route_keeps_only_images(server):
+    from PIL import Image
+
+    for name, data, kind in (("page.html", b"<html><script>alert(1)</script></html>", "text/html"),
+                             ("logo.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"),
+                             ("notes.png", b"plain text", "image/png")):
+        status, body = _post_upload(server["url"], name, data, kind)
+        assert status == 415 and f"{name} is not an image file" in body and "/" not in body.split(";")[0]
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, "PNG")
+    status, body = _post_upload(server["url"], "red.png", buffer.getvalue())
+    assert status == 200 and body.endswith('red.png"]')
+    stored = {p.name for p in server["tmp"].rglob("*") if p.is_file()}
+    assert "red.png" in stored and not stored & {"page.html", "logo.svg", "notes.png"}
+    assert not (server["tmp"] / "clip-interpret-app-999999999-old").exists()  # left by a dead process: swept
+
+
+def test_refused_requests_log_one_line_each(server):
+    from gradio_client import Client
+
+    before = server["log"].read_text()
+    client = Client(server["url"], verbose=False)
+    refused = [("toy", "a red circle", "L5.H3", 1000),  # k above the chooser's maximum
+               ("toy", "a red circle", "L9.H9", 3),  # not a head of the run
+               ("toy", "  ", "L5.H3", 3),  # an empty text: our own message
+               ("damaged", "a red circle", "L5.H3", 3)]  # a run that cannot be used
+    for args in refused:
+        try:
+            client.predict(*args, api_name="/text_neighbours")
+        except Exception:  # noqa: BLE001 - gradio's own checks answer with an error
+            pass
+    deadline = time.time() + 10
+    while time.time() < deadline and server["log"].read_text()[len(before):].count("refused a request") < 4:
+        time.sleep(0.2)
+    new = server["log"].read_text()[len(before):]
+    assert new.count("refused a request") == 4 and "Traceback" not in new, new
+    assert len([line for line in new.splitlines() if line.strip()]) == 4, new
+
+
 def test_uploads_are_only_read_from_the_upload_folder(server):
     from clip_interpret.app import ui
 
     with pytest.raises(ClipInterpretError, match="must be uploaded through the page"):
-        ui._query(("upload", "/etc/passwd"))
+        ui._uploaded("/etc/passwd")
     assert ui._query(("run", "7")) == 7
 
 
@@ -196,10 +323,14 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
         pytest.fail("the browser test needs playwright: pip install -e '.[test]'")
     shots = tmp_path_factory.mktemp("screenshots")
     files = tmp_path_factory.mktemp("uploads")
-    good, bad = files / "query.png", files / "broken.png"
-    generate(3, seed=5).image.save(good)
+    good, bad, cut = files / "query.png", files / "broken.png", files / "truncated.png"
+    generate(3, seed=5).image.resize((640, 480)).save(good)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    cut.write_bytes(good.read_bytes()[:2000])  # a PNG header, then the data stops
     outside = []
+    # every row of a gallery in view: nothing clipped inside a scrolling box
+    unclipped = ("[...document.querySelectorAll('#{0} .grid-wrap')].every(e => e.scrollHeight <= e.clientHeight + 1)"
+                 " && document.querySelectorAll('#{0} img').length >= {1}")
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -216,8 +347,16 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
                 page.set_input_files("#query-upload input[type=file]", str(path))
                 page.wait_for_function(f"document.querySelector('#query-msg').innerText.includes({expect!r})")
 
-            upload(bad, "cannot read image")  # a message, and the app keeps going
-            upload(good, "uploaded image")
+            page.click("#prop-run")  # no query yet
+            page.wait_for_function("document.querySelector('#prop-msg').innerText.includes('no query image')")
+            page.set_input_files("#query-upload input[type=file]", str(bad))  # refused by the upload route
+            page.wait_for_function("[...document.querySelectorAll('.toast-body')].some("
+                                   "t => t.innerText.includes('broken.png is not an image file'))")
+            upload(cut, "cannot read image truncated.png")  # an image header, then nothing: a message
+            assert "/" not in page.inner_text("#query-msg")  # the file's name, never the server's path
+            upload(good, "uploaded image query.png")
+            # the new query clears the message that said there was none
+            page.wait_for_function("document.querySelector('#prop-msg').innerText.trim() == ''")
 
             def run_tab(tab, button, prefix, n_images, fill=None, expect="score"):
                 page.get_by_role("tab", name=tab).click()
@@ -227,6 +366,7 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
                 page.wait_for_function(
                     f"document.querySelectorAll('#{prefix}-gallery img').length >= {n_images} && "
                     f"document.querySelector('#{prefix}-msg').innerText.includes({expect!r})")
+                page.wait_for_function(unclipped.format(f"{prefix}-gallery", n_images))
                 page.screenshot(path=str(shots / f"{prefix}.png"), full_page=True)
                 return page.inner_text(f"#{prefix}-msg")
 
@@ -240,7 +380,7 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
             page.click("#pick-run-image")
             page.wait_for_function("document.querySelector('#query-msg').innerText.includes('run image 17')")
             page.click("#browse-run")  # browse 16 run images from number 17, click the third
-            page.wait_for_function("document.querySelectorAll('#run-browser img').length >= 16")
+            page.wait_for_function(unclipped.format("run-browser", 16))
             page.locator("#run-browser img").nth(2).click()
             page.wait_for_function("document.querySelector('#query-msg').innerText.includes('run image 19')")
             page.screenshot(path=str(shots / "browse.png"), full_page=True)
@@ -285,7 +425,21 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
             page.wait_for_function("document.querySelector('#run-info').innerText.includes('cannot be used')")
             assert "open_clip:ViT-B-32/openai" in page.inner_text("#run-info")
             page.screenshot(path=str(shots / "broken-run.png"), full_page=True)
+            page.click("#run-choice input")
+            page.get_by_role("option", name="damaged (unavailable)").click()
+            page.wait_for_function("document.querySelector('#run-info').innerText.includes('not valid JSON')")
+            info = page.inner_text("#run-info")
+            assert "damaged/manifest.json is not valid JSON" in info and str(server["runs"]["toy"].parent) not in info
         finally:
             browser.close()
     assert not outside, f"the page reached outside the app: {outside[:5]}"
     print(f"screenshots in {shots}")
+
+
+def test_the_app_removes_its_temporary_folder_on_sigterm(server):
+    """Last in this file: it stops the app the tests above used."""
+    folders = list(server["tmp"].glob("clip-interpret-app-*"))
+    assert len(folders) == 1 and any(p.is_file() for p in folders[0].rglob("*"))  # uploads and results
+    server["proc"].terminate()  # SIGTERM
+    assert server["proc"].wait(30) == 0
+    assert not list(server["tmp"].iterdir())

@@ -104,6 +104,37 @@ def test_errors_are_one_line(main, run_dir, tmp_path, capsys, argv, message):
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["image-nn", "RUN", "--run-image", "0", "--head", "L5.H0", "--k", "0"], "k must be at least 1"),
+    (["image-nn", "RUN", "--run-image", "120", "--head", "L5.H0"], "there is no image 120"),
+    (["image-nn", "RUN", "--image", "missing.png", "--head", "L5.H0"], "missing.png: no such file"),
+    (["text-nn", "RUN", "--text", "red", "--head", "L9.H0"], "outside the analysed layers"),
+    (["segment", "RUN", "--run-image", "0", "--text", ""], "text is empty"),
+    (["contrast", "RUN", "--run-image", "0", "--text", "red", "--text", " "], "text is empty"),
+    (["property-nn", "RUN", "--run-image", "0", "--property", "animals"], "carries the property 'animals'"),
+])
+def test_arguments_are_checked_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch, argv, message):
+    from clip_interpret import models
+
+    def no_model(spec, **kw):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    assert cli.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_huge_k_is_capped_with_a_warning(main, run_dir, tmp_path, capsys):
+    with pytest.warns(UserWarning, match=f"k=100000000 is more than {analyses.MAX_K}"):  # the CLI prints it
+        assert main(["image-nn", str(run_dir), "--run-image", "3", "--head", "L4.H1", "--k", "100000000",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{analyses.MAX_K:>3}. image" in out and len(json.loads(next(tmp_path.glob("*.json")).read_text())[
+        "neighbours"]) == analyses.MAX_K
+    assert Image.open(next(tmp_path.glob("*.png"))).size[0] <= 2000
+
+
 def test_app_command_defaults_to_this_machine():
     args = cli.build_parser().parse_args(["app", "runs/a", "runs/b"])
     assert args.runs == ["runs/a", "runs/b"] and args.host == "127.0.0.1" and args.max_upload_mb == 10

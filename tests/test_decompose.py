@@ -9,7 +9,7 @@ from clip_interpret import decompose, load_model
 from clip_interpret.decompose import resolve_layers
 from clip_interpret.errors import ClipInterpretError, ImageLoadError
 
-from .conftest import make_open_clip
+from .conftest import explicit_forward, make_open_clip
 
 LAYER_CHOICES = [None, "all", [0], [-1], [0, 2], "1,2"]
 
@@ -45,7 +45,7 @@ def test_real_architecture_spatial_all_layers_is_exact():
 
 def naive_pieces(vit, pixels):
     """Every piece from its definition, via the explicit cached forward."""
-    emb, cache = vit.run_with_cache(pixels)
+    emb, cache = explicit_forward(vit, pixels)
     cfg = vit.cfg
     sigma = cache["ln_post.hook_scale"]
     norm = emb.norm(dim=-1)

@@ -3,18 +3,20 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clip_interpret import decompose, load_model
+from clip_interpret import decompose, load_image, load_model
 from clip_interpret.errors import ClipInterpretError
 from clip_interpret.index import index_images, open_run, open_source
 from clip_interpret.index import store
@@ -49,25 +51,54 @@ def test_fp16_storage_is_close_and_half_the_bytes(model, tmp_path):
     assert size(a) < 0.55 * size(b)
 
 
+def test_fp16_storage_at_vit_b16_size_keeps_pieces_and_ablation_figures(tmp_path):
+    """ViT-B/16's image tower (12 layers x 12 heads, width 768, 512-d joint space; 64 px images to keep
+    it quick, a one-layer text tower): the fp16 run's pieces and mean-ablation table match fp32."""
+    from clip_interpret.ablation import ablation_study
+
+    from .conftest import make_open_clip
+
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=1)
+    b16 = load_model(make_open_clip("ViT-B-16", force_image_size=64, text_cfg=text))
+    assert (b16.vit.cfg.layers, b16.vit.cfg.heads, b16.vit.cfg.width, b16.vit.cfg.output_dim) == (12, 12, 768, 512)
+    half = index_images(b16, "toyworld:64:1", tmp_path / "fp16", progress=False)  # the default: last 4 layers
+    full = index_images(b16, "toyworld:64:1", tmp_path / "fp32", dtype="fp32", progress=False)
+    heads16, heads32 = half.piece("heads"), full.piece("heads")  # [64, 48, 512]
+    relative = np.linalg.norm(heads16 - heads32, axis=-1) / np.linalg.norm(heads32, axis=-1)
+    assert relative.max() < 5e-4  # fp16 rounding: 2.4e-4 measured; bf16 storage would give 1.9e-3
+    assert np.abs(half.sum_of_pieces() - full.embeddings()).max() < 2e-4  # 74 pieces summed back
+    a16, a32 = ablation_study(half, b16)["accuracy"], ablation_study(full, b16)["accuracy"]
+    assert a16.keys() == a32.keys()
+    for variant in a32:  # the same predictions, up to one image flipping on a near-tie
+        assert all(abs(a16[variant][t] - a32[variant][t]) <= 1 / 64 for t in a32[variant]), variant
+
+
 def _folder(tmp_path):
     root = tmp_path / "photos"
     for cls, colour in (("cat", (200, 50, 50)), ("dog", (50, 50, 200))):
         (root / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 40), colour).save(root / cls / f"{i}.png")
-    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    # broken files in the middle of the list (and of a shard): every later item must keep its own label
+    (root / "cat" / "1-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (root / "dog" / "0-empty.png").write_bytes(b"")
     return root
 
 
 def test_folder_source_labels_and_skips_bad_files(model, tmp_path):
     root = _folder(tmp_path)
     src = open_source(str(root))
-    assert src.kind == "folder" and len(src) == 7 and set(src.labels["class"]) == {"cat", "dog"}
-    run = index_images(model, str(root), tmp_path / "run", progress=False)
+    assert src.kind == "folder" and len(src) == 8 and set(src.labels["class"]) == {"cat", "dog"}
+    run = index_images(model, str(root), tmp_path / "run", shard_size=3, progress=False)
     assert len(run) == 6 and run.labels["class"].count("dog") == 3
-    assert len(run.failures) == 1 and run.failures[0]["source"].endswith("broken.jpg")
+    for i, name in enumerate(run.names):  # names, labels and stored rows stay aligned after skipped files
+        assert run.labels["class"][i] == Path(name).parent.name, i
+        assert src.names[run.source_indices[i]] == name
+    images = [load_image(name) for name in run.names]
+    assert np.allclose(run.embeddings(), decompose(model, images).embedding.numpy(), atol=1e-6)
+    assert [Path(f["source"]).name for f in run.failures] == ["1-broken.jpg", "0-empty.png"]
     assert "corrupt" in run.failures[0]["reason"] or "not an image" in run.failures[0]["reason"]
-    assert run.manifest["n_failed"] == 1
+    assert run.manifest["n_failed"] == 2
 
 
 def test_list_file_source(model, tmp_path):
@@ -196,3 +227,90 @@ def test_a_second_driver_is_refused_naming_the_first_and_a_dead_ones_lock_is_tak
     (out / "writer.lock").write_text(json.dumps({"host": "another-node", "pid": 1, "since": "x"}))
     with pytest.raises(ClipInterpretError, match="pid 1 on host another-node"):
         index_images(model, "toyworld:20:1", out, progress=False)  # never guessed stale across hosts
+
+
+@pytest.fixture(scope="module")
+def good_run(model, tmp_path_factory):
+    """A finished two-shard run (with labels) to copy and damage."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    index_images(model, "toyworld:40:1", out, shard_size=25, progress=False)
+    (out / "labels.json").write_text(json.dumps({"labeller": "manual", "heads": {"L2.H1": {"label": "color"}}}))
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_json(name, change):
+    def edit(run):
+        data = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps(change(data)))
+    return edit
+
+
+CORRUPTIONS = {
+    "manifest truncated": (lambda r: _truncate(r / "manifest.json"), r"manifest\.json is not valid JSON"),
+    "manifest empty": (lambda r: (r / "manifest.json").write_text(""), r"manifest\.json is empty"),
+    "manifest a list": (lambda r: (r / "manifest.json").write_text("[]"), r"manifest\.json is not a run manifest"),
+    "manifest version only": (lambda r: (r / "manifest.json").write_text('{"version": 1}'),
+                              r"manifest\.json lacks or has malformed fields: model, preprocess"),
+    "manifest layout": (_edit_json("manifest.json", lambda m: {**m, "n_heads": m["n_heads"] + 1}),
+                        r"manifest\.json has a piece layout that does not match"),
+    "images truncated": (lambda r: _truncate(r / "images.json"), r"images\.json is not valid JSON"),
+    "images missing": (lambda r: (r / "images.json").unlink(), r"images\.json is missing"),
+    "images short": (_edit_json("images.json", lambda d: {**d, "names": d["names"][:-1]}),
+                     r"images\.json lists 39 images, the manifest's source has 40"),
+    "labels short": (_edit_json("images.json", lambda d: {**d, "labels": {"color": d["labels"]["color"][:3]}}),
+                     r"images\.json has labels that are not one list of 40"),
+    "record truncated": (lambda r: _truncate(r / "shards" / "00001.json"), r"00001\.json is not valid JSON"),
+    "record fields": (lambda r: (r / "shards" / "00001.json").write_text('{"shard": 1}'),
+                      r"00001\.json is not a valid shard record"),
+    "record items": (_edit_json("shards/00000.json", lambda d: {**d, "kept": d["kept"] + [30]}),
+                     r"00000\.json is not a valid shard record"),
+    "array shape": (lambda r: np.save(r / "shards" / "00000.pieces.npy", np.zeros((25, 3, 8), np.float16)),
+                    r"00000\.pieces\.npy holds a float16 array of shape \[25, 3, 8\], the run expects float16 "
+                    r"\[25, \d+, \d+\]; delete .*00000\.json and run the same `clip-interpret index`"),
+    "array dtype": (lambda r: np.save(r / "shards" / "00001.emb.npy",
+                                      np.load(r / "shards" / "00001.emb.npy").astype(np.float64)),
+                    r"00001\.emb\.npy holds a float64 array"),
+    "array truncated": (lambda r: _truncate(r / "shards" / "00001.pieces.npy"),
+                        r"00001\.pieces\.npy is not a readable \.npy array"),
+    "array missing": (lambda r: (r / "shards" / "00000.emb.npy").unlink(), r"00000\.emb\.npy is missing"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_damaged_run_is_a_one_line_error_naming_the_file(good_run, tmp_path, case, capsys):
+    from clip_interpret.cli import main
+
+    damage, message = CORRUPTIONS[case]
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    damage(run)
+    with pytest.raises(ClipInterpretError, match=message):
+        open_run(run)
+    assert main(["text-nn", str(run), "--text", "a red circle", "--heads", "L2.H1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("labels, message", [
+    ('{"heads": {"L2.H1": "color"}}', r"labels\.json has malformed entries for heads L2\.H1"),
+    ('{"heads": {"L2.H1": {"label": ', r"labels\.json is not valid JSON"),
+    ("", r"labels\.json is empty"),
+])
+def test_damaged_labels_are_a_one_line_error(good_run, tmp_path, labels, message, capsys):
+    from clip_interpret.cli import main
+    from clip_interpret.labels import head_labels
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "labels.json").write_text(labels)
+    with pytest.raises(ClipInterpretError, match=message):
+        head_labels(run)
+    for argv in (["property-nn", str(run), "--run-image", "0", "--property", "color"],
+                 ["report", str(run), "--out", str(tmp_path / "report.html")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err

@@ -67,7 +67,7 @@ def test_local_checkpoint_round_trip(tmp_path, suffix):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = native.encode_image(x)
-        text_expected = native.encode_text(loader._open_clip().tokenizer.SimpleTokenizer(context_length=16)(["a dog"]))
+        text_expected = native.encode_text(loader.registered_open_clip().tokenizer.SimpleTokenizer(context_length=16)(["a dog"]))
     assert torch.allclose(model.vit(x), expected, atol=1e-5)
     assert torch.allclose(model.encode_text(["a dog"]), text_expected / text_expected.norm(dim=-1, keepdim=True),
                           atol=1e-5)
@@ -149,7 +149,7 @@ def test_hf_folder_without_weights(tmp_path):
 def test_in_memory_open_clip_text_matches_native():
     native = make_open_clip("test-vit-tiny", seed=2)
     model = load_model(native)
-    tokens = loader._open_clip().tokenizer.SimpleTokenizer(context_length=16)(["red", "a blue square"])
+    tokens = loader.registered_open_clip().tokenizer.SimpleTokenizer(context_length=16)(["red", "a blue square"])
     with torch.no_grad():
         expected = native.encode_text(tokens, normalize=True)
     assert torch.allclose(model.encode_text(["red", "a blue square"]), expected, atol=1e-5)

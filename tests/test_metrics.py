@@ -11,17 +11,22 @@ from clip_interpret.metrics import bar_chart, format_comparison, published_score
 
 def test_scores_on_a_hand_made_model():
     heads = {
-        "L0.H0": {"label": "color", "judgements": [True, True, False, True]},   # 3/4
-        "L0.H1": {"label": "Colours", "judgements": [True, False]},             # 1/2, same property
-        "L0.H2": {"label": "shape", "judgements": [True, True]},                 # 1
-        "L0.H3": {"label": None, "judgements": [False, False]},                  # unlabelled: not counted
+        "L0.H0": {"label": "color", "judgements": [True, True, True, True]},    # the labeller's own: ignored
+        "L0.H1": {"label": "Colours", "judgements": [True, True]},
+        "L0.H2": {"label": "shape", "judgements": [True, True]},
+        "L0.H3": {"label": None, "judgements": [False, False]},                  # abstained
         "L0.H4": {"label": "animal", "judgements": None},                        # labelled, not judged
+        "L0.H5": {"label": None, "error": "L0.H5: timed out"},                   # failed
     }
-    s = scores(heads)
-    assert s["association"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    judged = {"L0.H0": [True, True, False, True], "L0.H1": [True, False], "L0.H2": [True, True],
+              "L0.H3": [True, True]}  # an unlabelled head's judgements do not count
+    s = scores(heads, judgements=judged, judge="a judge")
+    assert s["association"] == pytest.approx((0.75 + 0.5 + 1.0) / 3) and s["association_judge"] == "a judge"
     assert s["entanglement"] == pytest.approx(2 / 4)  # the two colour heads share; shape and animal do not
-    assert s["n_labelled"] == 4 and s["n_judged"] == 3 and s["n_heads"] == 5
+    assert (s["n_labelled"], s["n_judged"], s["n_heads"], s["n_abstained"], s["n_failed"]) == (4, 3, 6, 2, 1)
     assert s["property_heads"] == {"color": ["L0.H0", "L0.H1"], "shape": ["L0.H2"], "animal": ["L0.H4"]}
+    # without an independent judge there is no association, whatever the labeller said
+    assert scores(heads)["association"] is None
 
 
 def test_scores_extremes():
@@ -30,6 +35,25 @@ def test_scores_extremes():
     all_same = scores({"a": "color", "b": "colors", "c": "Colour"})
     assert all_same["entanglement"] == 1 and all_same["n_properties"] == 1
     assert scores({"a": None})["entanglement"] is None
+
+
+def test_entanglement_floor_and_chance_by_enumerating_every_labelling():
+    """The floor is the least entanglement of any labelling, the chance value the mean over all
+    labellings (uniform random labels), both found here by brute force."""
+    from itertools import product
+
+    from clip_interpret.metrics import entanglement_chance, entanglement_floor
+
+    for n_heads, n_props in ((1, 3), (3, 3), (4, 3), (5, 2), (6, 4), (7, 3)):
+        values = [scores({f"h{i}": f"p{k}" for i, k in enumerate(labels)})["entanglement"]
+                  for labels in product(range(n_props), repeat=n_heads)]
+        assert entanglement_floor(n_heads, n_props) == pytest.approx(min(values), abs=1e-12), (n_heads, n_props)
+        assert entanglement_chance(n_heads, n_props) == pytest.approx(np.mean(values), abs=1e-12), (n_heads, n_props)
+    # the issue's figure: 7 properties and 48 labelled heads leave entanglement at least 0.875
+    s = scores({f"L{i // 8}.H{i % 8}": ["shape", "color"][i % 2] for i in range(48)}, n_candidates=7)
+    assert s["entanglement_floor"] == pytest.approx(0.875)
+    assert s["entanglement"] == 1 and s["entanglement_normalised"] == pytest.approx(
+        (1 - 0.875) / (s["entanglement_chance"] - 0.875))
 
 
 def test_published_scores_cover_the_six_models():
@@ -49,7 +73,9 @@ def test_published_scores_cover_the_six_models():
 
 
 def test_bar_chart_is_a_png(tmp_path):
-    rows = {"a": scores({"x": "color", "y": "color"}), **published_scores()}
+    row = scores({"x": "color", "y": "color"})
+    row["faithfulness"] = {"share_confirmed": 0.5, "chance": {"mean": 0.2, "p95": 0.4, "p_value": 0.01}}
+    rows = {"a": row, **published_scores()}
     path = bar_chart(rows, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -60,12 +86,64 @@ def test_confirm_labels_verdicts():
                        "L0.H2": {"color": 0.0, "shape": -0.1}, "L0.H3": {"color": 0.4, "shape": 0.0}},
              "accuracy_drops": {"L0.H0": {"color": 0.01, "shape": 0.0}, "L0.H1": {"color": 0.0, "shape": 0.0},
                                 "L0.H2": {"color": 0.0, "shape": 0.0}, "L0.H3": {"color": 0.0, "shape": 0.0}}}
-    out = confirm_labels({"L0.H0": "Colours", "L0.H1": "color", "L0.H2": "color", "L0.H3": "animal"}, drops)
+    out = confirm_labels({"L0.H0": "Colours", "L0.H1": "color", "L0.H2": "color", "L0.H3": "animal"}, drops,
+                         permutations=200)
     assert out["heads"]["L0.H0"]["verdict"] == "confirmed" and out["heads"]["L0.H0"]["confirmed_by_accuracy"]
     assert out["heads"]["L0.H1"]["verdict"] == "refuted" and out["heads"]["L0.H1"]["most_hurt"] == "shape"
     assert out["heads"]["L0.H2"]["verdict"] == "refuted"  # no drop at all
     assert out["heads"]["L0.H3"]["verdict"] == "untestable"
     assert (out["testable"], out["confirmed"], out["share_confirmed"]) == (3, 1, pytest.approx(1 / 3))
+
+
+def _random_drops(rng, n_heads: int, tasks: list[str]) -> dict:
+    heads = [f"L0.H{h}" for h in range(n_heads)]
+    drops = {h: {t: float(rng.normal()) for t in tasks} for h in heads}
+    return {"tasks": tasks, "drops": drops, "accuracy_drops": {h: {t: 0.0 for t in tasks} for h in heads}}
+
+
+def test_shuffled_baseline_matches_every_permutation_enumerated():
+    """Mean, 95th percentile and p-value of the shuffled-label share, against the exact
+    distribution over all 720 orderings of 6 labels (one of them untestable)."""
+    from itertools import permutations
+
+    from clip_interpret.faithfulness import shuffled_baseline
+
+    rng = np.random.default_rng(3)
+    drops = _random_drops(rng, 6, ["color", "shape", "size"])
+    drops["drops"]["L0.H0"]["color"] = 5.0  # a head that really carries colour
+    labels = dict(zip(drops["drops"], ["color", "color", "shape", "size", "shape", "animal"]))
+    heads, given = list(labels), list(labels.values())
+
+    def share(assigned):
+        ok = [t in drops["tasks"] and drops["drops"][h][t] > 0 and drops["drops"][h][t] == max(drops["drops"][h].values())
+              for h, t in zip(heads, assigned)]
+        return sum(ok) / 5  # five testable labels
+
+    exact = np.array([share([given[k] for k in order]) for order in permutations(range(6))])
+    observed = share(given)
+    result = shuffled_baseline(labels, drops, permutations=20000, seed=1)
+    assert result["mean"] == pytest.approx(exact.mean(), abs=0.01)
+    assert result["p_value"] == pytest.approx((exact >= observed - 1e-12).mean(), abs=0.01)
+    assert abs(result["p95"] - np.percentile(exact, 95)) <= 0.2 + 1e-9  # within one label of five
+    assert confirm_labels(labels, drops)["share_confirmed"] == pytest.approx(observed)
+    # seeded: the same seed gives the same baseline
+    assert shuffled_baseline(labels, drops, 300, seed=5) == shuffled_baseline(labels, drops, 300, seed=5)
+
+
+def test_shuffled_baseline_of_perfect_labels_is_far_below_them():
+    from clip_interpret.faithfulness import format_share
+
+    tasks = ["color", "shape", "size", "count"]
+    heads = [f"L0.H{h}" for h in range(16)]
+    drops = {"tasks": tasks, "accuracy_drops": {h: {t: 0.0 for t in tasks} for h in heads},
+             "drops": {h: {t: (1.0 if k % 4 == j else 0.1) for j, t in enumerate(tasks)} for k, h in enumerate(heads)}}
+    labels = {h: tasks[k % 4] for k, h in enumerate(heads)}
+    out = confirm_labels(labels, drops, permutations=500)
+    assert out["share_confirmed"] == 1.0
+    assert out["chance"]["mean"] == pytest.approx(0.25, abs=0.03)  # each head keeps its label 1 time in 4
+    assert out["chance"]["p_value"] == pytest.approx(1 / 501)  # no shuffle reaches 16 of 16
+    line = format_share(out)
+    assert "16 of 16" in line and "chance" in line and "95th percentile" in line and "p = " in line
 
 
 def test_head_ablation_drops_match_a_direct_computation(toy_textspan_run):

@@ -167,3 +167,42 @@ def test_csv_table_of_labelled_images_gives_one_task_per_property(tmp_path, caps
     bad.write_text("name,color\na.png,red\n")
     assert main(["index", "--model", "toy", "--images", str(bad), "--out", str(tmp_path / "r2")]) == 2
     assert "needs an 'image' column" in capsys.readouterr().err
+
+
+def test_a_grown_run_a_new_pool_and_new_labels_rerun_exactly_what_depends_on_them(tmp_path):
+    from clip_interpret import load_model
+    from clip_interpret.index import index_images
+    from clip_interpret.study import step_ablate, step_faithfulness, step_label, step_metrics, step_textspan
+
+    model = load_model("toy", device="cpu")
+    out = tmp_path / "run"
+    partial = index_images(model, "toyworld:150:1", out, layers=[5], shard_size=100, stop_after_shards=1,
+                           progress=False)
+    assert len(partial) == 100
+    ablation, _ = step_ablate(partial, model)
+    textspan, path, _ = step_textspan(partial, model, "toy", check=False, progress=False)
+    step_label(partial, model, "taxonomy", path, progress=False)
+    faith, _ = step_faithfulness(partial, model)
+    assert ablation["n_images"] == faith["n_images"] == textspan["run"]["n_images"] == 100
+    assert step_ablate(partial, model)[1] is False  # nothing changed: skipped
+
+    grown = index_images(model, "toyworld:150:1", out, layers=[5], shard_size=100, progress=False)
+    assert len(grown) == 150
+    ablation, ran_ablate = step_ablate(grown, model)
+    faith, ran_faith = step_faithfulness(grown, model)
+    textspan, path, ran_textspan = step_textspan(grown, model, "toy", check=False, progress=False)
+    _, ran_label = step_label(grown, model, "taxonomy", path, progress=False)
+    assert ran_ablate and ran_faith and ran_textspan and ran_label
+    assert ablation["n_images"] == faith["n_images"] == textspan["run"]["n_images"] == 150
+
+    pool = tmp_path / "colors.txt"
+    pool.write_text("color\ta red object\ncolor\ta blue object\ncolor\ta green object\nshape\ta circle\n"
+                    "shape\ta square\nshape\ta star\n")
+    _, other_path, ran = step_textspan(grown, model, str(pool), m=3, check=False, progress=False)
+    assert ran and other_path != path
+    assert step_textspan(grown, model, "toy", check=False, progress=False)[2] is False  # the toy one still holds
+    metrics, _ = step_metrics(grown)
+    manual = tmp_path / "manual.tsv"
+    manual.write_text("L5.H0\tposition\n")
+    _, relabelled = step_label(grown, model, "taxonomy", path, manual=str(manual), progress=False)
+    assert relabelled and step_metrics(grown)[1] is True

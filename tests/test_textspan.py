@@ -15,26 +15,31 @@ from clip_interpret.textspan import textspan, textspan_run
 
 
 def published(data, text_features, iters, rank):
-    """The published steps, written plainly (SVD, projection, centring, greedy removal)."""
+    """The published steps, written plainly (SVD, projection, centring, greedy removal).
+
+    Returns the picks, the reconstruction, and for each pick the variance of the remaining data
+    along the picked (unit) direction and the head's total variance (both with ddof=1)."""
     data = np.asarray(data, dtype=np.float64)
     _, _, vh = np.linalg.svd(data, full_matrices=False)
     vh = vh[:rank]
     text_features = vh.T.dot(np.linalg.inv(vh.dot(vh.T)).dot(vh)).dot(text_features.T).T
     mean = data.mean(axis=0, keepdims=True)
     data = data - mean
+    total = data.var(axis=0, ddof=1).sum()
     reconstruct = np.repeat(mean, data.shape[0], axis=0)
-    picks = []
+    picks, variances = [], []
     for _ in range(iters):
         projection = data @ text_features.T
         top = int(np.argmax(projection.std(axis=0)))
         picks.append(top)
         t = text_features[top]
         norm = t @ t
+        variances.append((data @ t / np.sqrt(norm)).var(ddof=1))
         part = np.outer(data @ t / norm, t)
         reconstruct = reconstruct + part
         data = data - part
         text_features = text_features - np.outer(text_features @ t / norm, t)
-    return picks, reconstruct
+    return picks, reconstruct, np.asarray(variances), total
 
 
 def random_problem(seed, k=600, d=64, m_texts=300, structured=True):
@@ -49,16 +54,21 @@ def random_problem(seed, k=600, d=64, m_texts=300, structured=True):
     return (data + rng.normal(size=d)).astype(np.float32), texts
 
 
-@pytest.mark.parametrize("seed, rank, m, structured", [(0, 40, 10, True), (1, 64, 20, False), (2, 8, 5, True),
-                                                       (3, 20, 20, False)])
-def test_same_picks_in_the_same_order_as_the_published_steps(seed, rank, m, structured):
-    data, texts = random_problem(seed, structured=structured)
+@pytest.mark.parametrize("seed, rank, m, structured, d", [
+    (0, 40, 10, True, 64), (1, 64, 20, False, 64), (2, 8, 5, True, 64), (3, 20, 20, False, 64),
+    (4, 80, 10, True, 512), (5, 80, 20, False, 512), (6, 80, 20, True, 768), (7, 80, 10, False, 768)])
+def test_same_picks_in_the_same_order_as_the_published_steps(seed, rank, m, structured, d):
+    """At the toy's width and at the joint-space widths of ViT-B (512) and ViT-L (768), the paper's rank 80."""
+    data, texts = random_problem(seed, structured=structured, d=d)
     names = [f"t{i}" for i in range(len(texts))]
-    expected, expected_recon = published(data, texts, m, rank)
+    expected, expected_recon, variances, total = published(data, texts, m, rank)
     ours = textspan(data, texts, names, m=m, rank=rank, keep_reconstruction=True)
     assert ours.indices == expected
     assert ours.texts == [names[i] for i in expected]
     assert np.allclose(ours.reconstruct(), expected_recon, atol=1e-3)  # float32 Gram vs float64 SVD
+    assert np.allclose(ours.total_variance, total, rtol=1e-4)
+    assert np.allclose(ours.variance, variances, rtol=1e-4, atol=1e-6 * total)  # float32 data
+    assert np.allclose(ours.explained, variances / total, rtol=1e-4, atol=1e-6)
     # each pick removes its own direction: the shares are proper parts of the head's variance
     assert all(0 <= e <= 1 for e in ours.explained) and sum(ours.explained) <= 1 + 1e-6
 
@@ -194,9 +204,32 @@ def test_zero_shot_tasks_for_folders(tmp_path, monkeypatch, folders, task, expec
     tasks = zero_shot_tasks(run, model)
     assert [t.name for t in tasks] == [task]
     assert sorted(set(tasks[0].labels.tolist())) == expected
-    assert len(tasks[0].class_names) == (1000 if task == "imagenet" else 2)
+    assert len(tasks[0].class_names) == (998 if task == "imagenet" else 2)
     result = ablation_study(run, model)
     assert result["tasks"] == [task] and 0 <= result["accuracy"]["full"][task] <= 1
+
+
+@pytest.mark.parametrize("folders", [("n03773504", "n04008634", "n04355933", "n04356056"),  # synsets
+                                     ("missile", "sunglasses")])  # names
+def test_imagenet_classes_named_alike_are_one_class(tmp_path, monkeypatch, folders):
+    """open_clip names classes 657 and 744 "missile", 836 and 837 "sunglasses": each pair is one class."""
+    from PIL import Image
+
+    from clip_interpret.ablation import zero_shot_tasks
+
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path / "cache"))
+    for name in folders:
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (90, 90, 200)).save(tmp_path / "imgs" / name / "0.png")
+    model = load_model("open_clip:test-vit-tiny")
+    run = index_images(model, str(tmp_path / "imgs"), tmp_path / "run", progress=False)
+    (task,) = zero_shot_tasks(run, model)
+    assert len(task.class_names) == len(set(task.class_names)) == 998
+    names = [task.class_names[i] for i in task.labels]
+    assert names == (["missile", "missile", "sunglasses", "sunglasses"] if len(folders) == 4
+                     else ["missile", "sunglasses"])
+    # an image that looks exactly like its class's prompts is predicted right, whichever synset it is
+    assert ((task.classes[task.labels] @ task.classes.T).argmax(axis=1) == task.labels).all()
 
 
 def test_ablation_needs_labels(tmp_path):

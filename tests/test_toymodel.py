@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,11 +18,11 @@ SMALL = TrainConfig(steps=12, batch_size=24, lr=2e-3, warmup=2)
 
 
 def _loss_on(model, cfg, start=0):
-    from clip_interpret.models.loader import _open_clip, _open_clip_preprocess
+    from clip_interpret.models.loader import open_clip_preprocess, registered_open_clip
 
-    tok = _open_clip().tokenizer.SimpleTokenizer(context_length=model.context_length)
+    tok = registered_open_clip().tokenizer.SimpleTokenizer(context_length=model.context_length)
     pixels, tokens = batch_tensors(start, cfg.batch_size, cfg.world_seed,
-                                   _open_clip_preprocess(model, model.visual.image_size), tok, model.context_length)
+                                   open_clip_preprocess(model, model.visual.image_size), tok, model.context_length)
     model.eval()
     with torch.no_grad():
         return float(contrastive_loss(*model(pixels, tokens)[:3]))
@@ -51,16 +52,38 @@ def test_resume_continues_exactly_and_refuses_another_config(tmp_path):
               log=lambda *_: None)
 
 
-def test_bundled_toy_model_loads_offline_and_matches_its_card():
-    model = load_model("toy")
+def test_bundled_toy_model_matches_its_card_by_an_independent_count(toy_model):
+    """evaluate()'s figures and the card's claims against a count written here: generated held-out
+    images, their true attributes and each value's prompts (the task's definition), one image at a time."""
+    from clip_interpret.toyworld import PROPERTIES, generate
+    from clip_interpret.toyworld.evaluate import class_prompts
+
+    model, n = toy_model, 300
     assert not model.random_weights and model.vit.cfg.layers == 6 and model.vit.cfg.heads == 8
-    card = json.loads((loader.TOY_WEIGHTS / "toy.json").read_text())
-    result = evaluate(model, n=300)
-    for prop, row in result["zero_shot"].items():
-        claimed = card["eval"]["zero_shot"][prop]["accuracy"]
-        assert abs(row["accuracy"] - claimed) < 0.08, (prop, row["accuracy"], claimed)
-        if claimed > row["chance"] + 0.3:  # what the card says the model learned, it shows here
-            assert row["accuracy"] > row["chance"] + 0.2, prop
+    card = json.loads((loader.TOY_WEIGHTS / "toy.json").read_text())["eval"]
+    items = [generate(i, seed=1) for i in range(n)]
+    images = model.encode_image(torch.stack([model.preprocess(item.image) for item in items])).numpy()
+    result = evaluate(model, n=n)
+    for prop, values in PROPERTIES.items():
+        wordings = class_prompts(prop)  # for each value, its prompts (one call to the text encoder)
+        flat = model.encode_text([w for value in wordings for w in value]).numpy()
+        ends = np.cumsum([len(value) for value in wordings])
+        prompts = [flat[end - len(value):end].mean(axis=0) for value, end in zip(wordings, ends)]
+        right = 0
+        for image, item in zip(images, items):
+            scores = [float(image @ (p / (p @ p) ** 0.5)) for p in prompts]
+            right += values[scores.index(max(scores))] == item.attributes[prop]
+        assert abs(result["zero_shot"][prop]["accuracy"] - right / n) <= 1 / n, prop  # a near-tie may flip
+        claimed, chance = card["zero_shot"][prop]["accuracy"], 1 / len(values)
+        assert abs(right / n - claimed) < 0.08, (prop, right / n, claimed)  # the card measured 1000 images
+        if claimed > chance + 0.3:  # what the card says the model learned, it shows here
+            assert right / n > chance + 0.2, prop
+    captions = model.encode_text([item.caption for item in items]).numpy()
+    first = 0  # images whose own caption scores highest
+    for i, image in enumerate(images):
+        scores = captions @ image
+        first += int((scores > scores[i]).sum() == 0)
+    assert abs(result["retrieval"]["recall@1"] - first / n) <= 1 / n
 
 
 def test_bundled_weights_are_checked(tmp_path, monkeypatch):

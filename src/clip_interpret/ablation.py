@@ -90,17 +90,30 @@ def _class_tasks(run, model) -> list[Task]:
             raise ClipInterpretError("the run's class folders are WordNet synsets, but not all of them are "
                                      "ImageNet-1k classes")
         index = {s: i for i, s in enumerate(synsets)}
-        labels = np.asarray([index[n] for n in folder_labels])
-        return [Task("imagenet", labels, _class_embeddings(model, imagenet, meta.SIMPLE_IMAGENET_TEMPLATES),
-                     imagenet)]
+        return [_imagenet_task(model, [index[n] for n in folder_labels])]
     lowered = {c.lower(): i for i, c in enumerate(imagenet)}
     if all(n.replace("_", " ").lower() in lowered for n in names):
-        labels = np.asarray([lowered[n.replace("_", " ").lower()] for n in folder_labels])
-        return [Task("imagenet", labels, _class_embeddings(model, imagenet, meta.SIMPLE_IMAGENET_TEMPLATES),
-                     imagenet)]
+        return [_imagenet_task(model, [lowered[n.replace("_", " ").lower()] for n in folder_labels])]
     labels = np.asarray([names.index(n) for n in folder_labels])
     readable = [n.replace("_", " ") for n in names]
     return [Task("class", labels, _class_embeddings(model, readable, SIMPLE_TEMPLATES), readable)]
+
+
+def _imagenet_task(model, class_indices: list[int]) -> Task:
+    """ImageNet zero-shot over open_clip's class names, the images given by class index (0-999).
+
+    open_clip's list names two pairs of classes alike ("missile": 657, 744; "sunglasses": 836, 837);
+    their prompts, hence their embeddings, are identical, so a class index is mapped to its name's
+    class: 998 classes, and an image of either synset of a pair counts as right when the model picks
+    that name (with 1000 tied classes, one synset of each pair could never be predicted).
+    """
+    from open_clip import zero_shot_metadata as meta
+
+    imagenet = list(meta.IMAGENET_CLASSNAMES)
+    names = list(dict.fromkeys(imagenet))
+    position = {name: i for i, name in enumerate(names)}
+    labels = np.asarray([position[imagenet[i]] for i in class_indices])
+    return Task("imagenet", labels, _class_embeddings(model, names, meta.SIMPLE_IMAGENET_TEMPLATES), names)
 
 
 def _imagenet_synsets() -> list[str] | None:

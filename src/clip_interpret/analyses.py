@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import io
 import re
+import textwrap
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .decompose import decompose, head_name, parse_head, resolve_layers
+from .decompose import decompose, parse_head, resolve_layers, select_heads
 from .errors import ClipInterpretError
 from .images import describe, load_image
 from .labels import head_labels, heads_with_property, normalise_property
+from .search import HeadSet, RunSearch, matvec, top_k
 
 DEFAULT_K = {"property": 4, "image": 8, "text": 3}
+MAX_K = 64  # neighbours per result: each is loaded and drawn
 METRICS = ("dot", "cosine")
 _TOY_NAME = re.compile(r"^toyworld:(\d+):(\d+)$")
 
@@ -49,13 +53,7 @@ def run_image(run, index: int) -> Image.Image:
 
     Only the run's own images can be named this way: by position, never by a path.
     """
-    try:
-        index = int(index)
-    except (TypeError, ValueError):
-        raise ClipInterpretError(f"run image index must be an integer, got {index!r}") from None
-    if not 0 <= index < len(run):
-        raise ClipInterpretError(f"run {run.path} has images 0-{len(run) - 1}; there is no image {index}")
-    name = run.names[index]
+    name = run.names[check_index(run, index)]
     if run.manifest["source"].get("kind") == "toyworld":
         from .toyworld import generate
 
@@ -66,6 +64,17 @@ def run_image(run, index: int) -> Image.Image:
     from .index.sources import read_item
 
     return load_image(read_item(name))
+
+
+def check_index(run, index) -> int:
+    """A run image's position, checked."""
+    try:
+        index = int(index)
+    except (TypeError, ValueError):
+        raise ClipInterpretError(f"run image index must be an integer, got {index!r}") from None
+    if not 0 <= index < len(run):
+        raise ClipInterpretError(f"run {run.path} has images 0-{len(run) - 1}; there is no image {index}")
+    return index
 
 
 def _query_image(run, image) -> tuple[Image.Image, str]:
@@ -79,16 +88,26 @@ def _query_image(run, image) -> tuple[Image.Image, str]:
     return load_image(image), describe(image)
 
 
-def _check_text(text, what: str = "text") -> str:
+def check_text(text, what: str = "text") -> str:
     if not isinstance(text, str) or not text.strip():
         raise ClipInterpretError(f"the {what} is empty; type a short description, e.g. 'a red circle'")
     return text.strip()
 
 
-def _check_k(k: int) -> int:
-    if int(k) < 1:
+def check_k(k, n: int | None = None) -> int:
+    """k as a whole number from 1 to ``MAX_K`` (and to ``n``, the run's images when given): a larger
+    k is capped with a warning (every neighbour is loaded and drawn)."""
+    try:
+        value = int(k)
+    except (TypeError, ValueError):
+        raise ClipInterpretError(f"k must be a whole number, got {k!r}") from None
+    if value < 1:
         raise ClipInterpretError(f"k must be at least 1, got {k}")
-    return int(k)
+    limit = MAX_K if n is None else min(MAX_K, n)
+    if value > limit:
+        why = f"the run has {n} images" if limit == n else f"at most {MAX_K} neighbours are shown"
+        warnings.warn(f"k={value} is more than {limit} ({why}); showing the top {limit}", stacklevel=2)
+    return min(value, limit)
 
 
 def _layers(model, run) -> tuple[list[int], int]:
@@ -98,55 +117,24 @@ def _layers(model, run) -> tuple[list[int], int]:
     return resolve_layers(None, model.vit.cfg.layers), model.vit.cfg.heads
 
 
-def select_heads(heads, layers: list[int], n_heads: int, where: str = "") -> list[str]:
-    """Canonical head names for a selection: ``"all"``/None (every analysed head), a name
-    (``"L5.H3"``, or comma-separated names) or a list. Heads outside ``layers`` are refused."""
-    everything = [head_name(layer, h) for layer in layers for h in range(n_heads)]
-    if heads is None or (isinstance(heads, str) and heads.strip().lower() in ("all", "all heads")):
-        return everything
-    if isinstance(heads, str):
-        heads = [part for part in heads.split(",") if part.strip()]
-    elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, (int, np.integer)) for x in heads):
-        heads = [heads]
-    chosen = []
-    for item in heads:
-        layer, h = parse_head(item)
-        name = head_name(layer, h)
-        if layer not in layers:
-            raise ClipInterpretError(f"head {name} is outside the analysed layers {layers}{where}; "
-                                     f"choose a head of layers {layers[0]}-{layers[-1]}")
-        if not 0 <= h < n_heads:
-            raise ClipInterpretError(f"head {name} does not exist: layers have heads 0-{n_heads - 1}")
-        if name not in chosen:
-            chosen.append(name)
-    if not chosen:
-        raise ClipInterpretError("no heads chosen; name at least one head (e.g. L5.H3) or 'all'")
-    return sorted(chosen, key=everything.index)
-
-
-def _run_heads(run, heads) -> list[str]:
+def run_heads(run, heads) -> list[str]:
     return select_heads(heads, run.layers, run.n_heads, where=f" of run {run.path}")
+
+
+def format_scores(scores) -> list[str]:
+    """Scores as signed text with 4 significant digits, more where different scores would print alike
+    (a ranking of +0.0010, +0.0010, +0.0010 says nothing)."""
+    values = [float(s) for s in scores]
+    for digits in range(4, 10):
+        shown = [f"{v:+.{digits}g}" for v in values]
+        if len(set(shown)) == len(set(values)):
+            break
+    return shown
 
 
 def heads_label(heads: list[str], layers: list[int], n_heads: int) -> str:
     """``all heads`` when the selection is every analysed head, else the names."""
     return "all heads" if len(heads) == len(layers) * n_heads else ", ".join(heads)
-
-
-# ------------------------------------------------------------ exact search
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, best first (exact; O(n) selection, then sorting k)."""
-    k = min(int(k), scores.shape[0])
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    idx = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
-    return idx[np.argsort(-scores[idx], kind="stable")]
-
-
-def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """``matrix @ vector`` through torch's BLAS, without copies. (numpy's OpenBLAS threads keep
-    spinning after a call and starve torch's own threads on small machines: 10x slower analyses.)"""
-    return (torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(vector, matrix.dtype))).numpy()
 
 
 class ContributionStore:
@@ -167,8 +155,6 @@ class ContributionStore:
                  ann_min_rows: int = 100_000):
         from importlib.util import find_spec
 
-        from .search import RunSearch
-
         self.run = run
         self.max_bytes = int(max_bytes)
         if approximate is None:
@@ -180,8 +166,6 @@ class ContributionStore:
         self._large = RunSearch(run)
 
     def _read(self, heads: list[str], reduce: str) -> np.ndarray:
-        from .search import HeadSet
-
         out = np.empty((len(self.run), self.run.dim), np.float32)
         for first, block in HeadSet(self.run, heads, reduce).blocks():
             out[first:first + block.shape[0]] = block
@@ -337,14 +321,8 @@ def _head_sum(d, heads: list[str], reduce: str = "sum") -> np.ndarray:
     return (total / len(rows) if reduce == "mean" else total).float().numpy()
 
 
-def property_neighbours(model, run, image, prop: str, k: int = DEFAULT_K["property"], labels: dict | None = None,
-                        store: ContributionStore | None = None, metric: str = "dot") -> Neighbours:
-    """Images of ``run`` closest to ``image`` in the heads labelled ``prop``.
-
-    score(i) = mean_h c_q,h . mean_h c_i,h over the heads h labelled ``prop`` (c: a head's
-    contribution to the unit image embedding; q: the query image).
-    """
-    k = _check_k(k)
+def property_heads(run, prop: str, labels: dict | None = None) -> list[str]:
+    """The run's heads labelled ``prop`` (labels: the run's ``labels.json`` unless given)."""
     if not isinstance(prop, str) or not prop.strip():
         raise ClipInterpretError("the property is empty; name one, e.g. 'color'")
     if labels is None:
@@ -354,7 +332,18 @@ def property_neighbours(model, run, image, prop: str, k: int = DEFAULT_K["proper
         known = sorted({normalise_property(v) for v in labels.values()})
         raise ClipInterpretError(f"no head of run {run.path} carries the property {prop!r}; labelled properties: "
                                  f"{', '.join(known) if known else 'none (no head is labelled)'}")
-    heads = _run_heads(run, heads)
+    return run_heads(run, heads)
+
+
+def property_neighbours(model, run, image, prop: str, k: int = DEFAULT_K["property"], labels: dict | None = None,
+                        store: ContributionStore | None = None, metric: str = "dot") -> Neighbours:
+    """Images of ``run`` closest to ``image`` in the heads labelled ``prop``.
+
+    score(i) = mean_h c_q,h . mean_h c_i,h over the heads h labelled ``prop`` (c: a head's
+    contribution to the unit image embedding; q: the query image).
+    """
+    k = check_k(k, len(run))
+    heads = property_heads(run, prop, labels)
     pil, name, d = _decompose_query(model, run, image)
     store = store or ContributionStore(run, max_bytes=0)
     idx, scores = store.search(heads, _head_sum(d, heads, "mean"), k, reduce="mean", metric=metric)
@@ -366,8 +355,8 @@ def image_neighbours(model, run, image, heads, k: int = DEFAULT_K["image"], stor
                      metric: str = "dot") -> Neighbours:
     """Images of ``run`` closest to ``image`` in one head (or the sum of a set of heads):
     score(i) = c_q,S . c_i,S with c_S the sum of the heads' contributions."""
-    k = _check_k(k)
-    heads = _run_heads(run, heads)
+    k = check_k(k, len(run))
+    heads = run_heads(run, heads)
     pil, name, d = _decompose_query(model, run, image)
     store = store or ContributionStore(run, max_bytes=0)
     idx, scores = store.search(heads, _head_sum(d, heads), k, metric=metric)
@@ -378,9 +367,9 @@ def text_neighbours(model, run, text: str, heads, k: int = DEFAULT_K["text"],
                     store: ContributionStore | None = None) -> Neighbours:
     """Images of ``run`` whose head contribution (sum over a set) has the largest share of the
     similarity with ``text``: score(i) = c_i,S . t, with t the unit text embedding."""
-    k = _check_k(k)
-    text = _check_text(text)
-    heads = _run_heads(run, heads)
+    k = check_k(k, len(run))
+    text = check_text(text)
+    heads = run_heads(run, heads)
     run.check_model(model)
     query = model.encode_text([text])[0].float().numpy()
     store = store or ContributionStore(run, max_bytes=0)
@@ -402,7 +391,7 @@ def _maps(model, run, image, texts: list[str], heads):
 def topic_segmentation(model, image, text: str, heads="all", run=None) -> Segmentation:
     """Map over ``image`` of ``text``'s similarity with the chosen heads' per-patch contributions
     (a set of heads, or ``"all"``, sums them). Layers: the run's, or the model's last 4."""
-    text = _check_text(text)
+    text = check_text(text)
     crop, name, chosen, layers, n_heads, grid, maps, shares = _maps(model, run, image, [text], heads)
     label = heads_label(chosen, layers, n_heads)
     vmax = float(max(np.abs(maps).max(), 1e-12))
@@ -412,7 +401,7 @@ def topic_segmentation(model, image, text: str, heads="all", run=None) -> Segmen
 
 def contrastive_segmentation(model, image, text_a: str, text_b: str, heads="all", run=None) -> Segmentation:
     """The maps of A-B and B-A (exact negatives of each other) on one shared colour scale."""
-    text_a, text_b = _check_text(text_a, "first text"), _check_text(text_b, "second text")
+    text_a, text_b = check_text(text_a, "first text"), check_text(text_b, "second text")
     crop, name, chosen, layers, n_heads, grid, maps, shares = _maps(model, run, image, [text_a, text_b], heads)
     label = heads_label(chosen, layers, n_heads)
     diff, diff_grid = maps[0] - maps[1], grid[0] - grid[1]
@@ -423,9 +412,10 @@ def contrastive_segmentation(model, image, text_a: str, text_b: str, heads="all"
 
 
 # ---------------------------------------------------------------- rendering
-def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, alpha: float = 0.55) -> Image.Image:
+def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, alpha: float = 0.55,
+            colour_bar: bool = False) -> Image.Image:
     """The image with a heat map blended over it (red raises the similarity, blue lowers it),
-    scaled so that its longer side is ``size`` pixels."""
+    scaled so that its longer side is ``size`` pixels; with ``colour_bar``, the scale beside it."""
     from matplotlib import colormaps
 
     heat = np.asarray(heat, np.float32)
@@ -434,7 +424,36 @@ def overlay(image: Image.Image, heat: np.ndarray, vmax: float, size: int = 256, 
     scale = size / max(image.size)
     shape = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     base = image.convert("RGB").resize(shape, Image.BICUBIC)
-    return Image.blend(base, heat_image.resize(shape, Image.BILINEAR), alpha)
+    shown = Image.blend(base, heat_image.resize(shape, Image.BILINEAR), alpha)
+    return _with_colour_bar(shown, vmax) if colour_bar else shown
+
+
+def _with_colour_bar(image: Image.Image, vmax: float) -> Image.Image:
+    """``image`` with the heat maps' colour scale on its right: +vmax (red) at the top, -vmax at the bottom."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw, ImageFont
+
+    width, height = image.size
+    font = ImageFont.load_default(size=max(10, height // 18))
+    labels = [(f"{vmax:+.3g}", 0.0), ("0", 0.5), (f"{-vmax:+.3g}", 1.0)]
+    text_width = max(int(ImageDraw.Draw(image).textlength(text, font=font)) for text, _ in labels)
+    bar_width, gap = max(8, height // 16), max(4, height // 40)
+    out = Image.new("RGB", (width + 2 * gap + bar_width + gap + text_width + gap, height), "white")
+    out.paste(image, (0, 0))
+    ramp = colormaps["RdBu_r"](np.linspace(1, 0, height))[:, :3]  # row 0: +vmax
+    out.paste(Image.fromarray((np.repeat(ramp[:, None], bar_width, axis=1) * 255).round().astype(np.uint8)),
+              (width + 2 * gap, 0))
+    draw = ImageDraw.Draw(out)
+    for text, where in labels:
+        anchor = "lt" if where == 0 else "lb" if where == 1 else "lm"
+        draw.text((width + 3 * gap + bar_width, round(where * (height - 1))), text, fill="black", font=font,
+                  anchor=anchor)
+    return out
+
+
+def _title(text: str, width_inches: float) -> str:
+    """A figure title wrapped to the figure's width (never cut)."""
+    return textwrap.fill(text, width=max(40, int(width_inches * 14)))
 
 
 def _figure(result):
@@ -449,23 +468,28 @@ def _figure(result):
         for ax, heat, title in zip(axes[1:], result.maps, result.titles):
             ax.imshow(result.image)
             shown = ax.imshow(heat, cmap="RdBu_r", vmin=-result.vmax, vmax=result.vmax, alpha=0.6)
-            ax.set_title(title, fontsize=8)
+            ax.set_title(textwrap.fill(title, 40), fontsize=8)
         for ax in axes:
             ax.axis("off")
         fig.colorbar(shown, ax=list(axes[1:]), fraction=0.046, pad=0.04)
-        fig.suptitle(f"{result.heads_label} (layers {result.layers})", fontsize=9)
+        fig.suptitle(_title(f"{result.heads_label} (layers {result.layers})", fig.get_figwidth()), fontsize=9)
         return fig
     tiles = ([(result.query_image, "query")] if result.query_image is not None else []) + \
-        [(im, f"#{r + 1}: image {i}\nscore {s:+.4f}")
-         for r, (im, i, s) in enumerate(zip(result.images, result.indices, result.scores))]
-    fig, axes = plt.subplots(1, len(tiles), figsize=(2.2 * len(tiles), 2.8), dpi=100, squeeze=False,
+        [(im, f"#{r + 1}: image {i}\nscore {s}")
+         for r, (im, i, s) in enumerate(zip(result.images, result.indices, format_scores(result.scores)))]
+    columns = min(len(tiles), 9)  # up to the query and 8 neighbours in a row, then a grid
+    rows = -(-len(tiles) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.6 * rows + 0.4), dpi=100, squeeze=False,
                              layout="constrained")
-    for ax, (im, title) in zip(axes[0], tiles):
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (im, title) in zip(axes.flat, tiles):
         ax.imshow(im)
         ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    what = {"property": f"property {result.property!r}", "image": "image", "text": f"text {result.query!r}"}
-    fig.suptitle(f"nearest neighbours by {what[result.analysis]}, heads {', '.join(result.heads)}"[:150], fontsize=9)
+    heads = f"heads {', '.join(result.heads)}"
+    what = {"property": f"property {result.property!r} (mean of {heads})", "image": heads,
+            "text": f"text {result.query!r}, {heads}"}
+    fig.suptitle(_title(f"nearest neighbours by {what[result.analysis]}", fig.get_figwidth()), fontsize=9)
     return fig
 
 

@@ -168,7 +168,7 @@ def _shard_task(path: str, fn, positions: list[int], gpu: bool, args: tuple):
     from .index.store import Run
 
     device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-    return fn(Run(path), positions, device, *args)
+    return fn(Run(path, check_files=False), positions, device, *args)  # the driver checked its files
 
 
 def map_shards(run, fn, args: tuple = (), device="cpu", engine: Engine | str | None = None):

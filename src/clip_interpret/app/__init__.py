@@ -6,12 +6,60 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+from pathlib import Path
 
 from ..errors import ClipInterpretError
 from .core import Registry
+
+TEMP_PREFIX = "clip-interpret-app-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _private_temp_dir() -> str:
+    """A fresh folder for this process's uploads and result images, removed when the process exits
+    (also on SIGTERM); folders left by app processes that no longer run (kill -9) are removed first."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{TEMP_PREFIX}*"):
+        match = re.match(rf"{TEMP_PREFIX}(\d+)-", old.name)
+        if match and old.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: gradio stops, atexit runs
+    return folder
+
+
+def _release_large_blocks() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own, so that a freed decoded upload goes
+    back to the system. (By default glibc raises that threshold after the first such free, and the
+    memory of a decoded 50 MP image then stays in the arena of the thread that decoded it: several GB
+    for a few sessions.) Elsewhere than glibc, nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10, model: str | None = None,
@@ -28,8 +76,10 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
     if max_upload_mb <= 0:
         raise ClipInterpretError("--max-upload-mb must be positive")
     # this process's own upload folder, made before gradio is imported (it reads the variable then)
-    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="clip-interpret-app-"))
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        os.environ["GRADIO_TEMP_DIR"] = _private_temp_dir()
     torch.set_num_threads(max(1, threads))
+    _release_large_blocks()
     from functools import partial
 
     from ..device import check_precision, resolve_device
@@ -46,14 +96,16 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
     if registry.first_usable() is None:
         raise ClipInterpretError("none of the runs can be served: "
                                  + "; ".join(f"{e.key}: {e.error}" for e in registry.entries.values()))
-    from .ui import CSS, build
+    from starlette.middleware import Middleware
+
+    from .ui import CSS, UploadFilter, build
 
     demo = build(registry)
     demo.queue(default_concurrency_limit=max(1, concurrency))
     try:
         return demo.launch(server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20),
                            prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, css=CSS,
-                           footer_links=["gradio", "settings"])
+                           footer_links=["gradio", "settings"], app_kwargs={"middleware": [Middleware(UploadFilter)]})
     except OSError as err:  # port taken, address not on this machine, ...
         raise ClipInterpretError(f"cannot serve on {host}:{port}: {err}") from None
 

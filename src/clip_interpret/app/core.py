@@ -3,23 +3,32 @@ shared between runs with the same model), head labels, and the five analyses as 
 that turn user input into display-ready results or a clear message.
 
 Nothing here names a file from user input: run images are chosen by position, uploads
-arrive as files that the web layer has already received.
+arrive as files that the web layer has already received; each is checked by its content,
+decoded once and shrunk to what the models see. Messages for the browser go through
+``Registry.public``: no server path reaches it.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from .. import analyses
-from ..errors import ClipInterpretError
+from ..errors import ClipInterpretError, ImageLoadError
+from ..images import load_image
 from ..labels import LABELS_FILE, head_labels, normalise_property
 
 ALL_HEADS = "all heads"
 ALL_LAYERS = "all layers"
+UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # by content, not by name
+MAX_UPLOAD_PIXELS = 50_000_000  # a 50 MP photo; below the library's guard (89 MP): decoding is what takes memory
+_DECODING = threading.BoundedSemaphore(2)  # uploads decoded at once, whatever the number of sessions
+_SERVER_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/'\"`,;()]+/)*([^\s/'\"`,;()]+)")
 
 
 @dataclass
@@ -41,7 +50,7 @@ class RunEntry:
 
     def describe(self) -> str:
         if self.error:
-            return f"**{self.key}** ({self.path}) cannot be used: {self.error}"
+            return f"**{self.key}** cannot be used: {self.error}"
         run = self.run
         layers = run.layers
         text = (f"**{self.key}**: {len(run):,} images, model `{run.manifest['model']['spec']}`, "
@@ -75,17 +84,18 @@ class RunEntry:
     def heads(self, choice) -> str | list[str]:
         """A head chooser's value(s) -> a head selection for the analyses."""
         values = choice if isinstance(choice, (list, tuple)) else [choice]
-        values = [v for v in values if v not in (None, "")]
+        values = [str(v) for v in values if v not in (None, "")]
         if not values:
             raise ClipInterpretError("no head chosen; pick a head, or 'all heads'")
         if ALL_HEADS in values:
             return "all"
         heads = []
         for value in values:
-            if str(value).startswith("layer:"):  # every head of one layer
-                heads += [f"L{int(str(value)[6:])}.H{h}" for h in range(self.run.n_heads)]
+            if value.startswith("layer:"):  # every head of one layer
+                layer = whole_number(value[6:], "a layer")
+                heads += [f"L{layer}.H{h}" for h in range(self.run.n_heads)]
             else:
-                heads.append(str(value))
+                heads.append(value)
         return heads
 
 
@@ -130,8 +140,10 @@ class Registry:
                 entry.store = analyses.ContributionStore(entry.run, max_bytes=cache_bytes)
                 try:
                     entry.labels = head_labels(path)
-                except ClipInterpretError:
-                    entry.labels_note = (f"No head labels yet: head choosers show bare names; run "
+                except ClipInterpretError as err:
+                    entry.labels_note = (f"No head labels: head choosers show bare names; property neighbours "
+                                         f"need them ({err})." if (path / LABELS_FILE).exists() else
+                                         f"No head labels yet: head choosers show bare names; run "
                                          f"`clip-interpret label {path}` for property neighbours.")
             except Exception as err:  # noqa: BLE001 - any failure makes this run unavailable, not the app
                 entry.error = str(err) if isinstance(err, ClipInterpretError) else f"{type(err).__name__}: {err}"
@@ -162,37 +174,125 @@ class Registry:
     def first_usable(self) -> str | None:
         return next((k for k, e in self.entries.items() if e.usable), None)
 
+    def find(self, key) -> RunEntry | None:
+        return self.entries.get(key) if isinstance(key, str) else None
+
     def get(self, key) -> RunEntry:
-        if key not in self.entries:
+        entry = self.find(key)
+        if entry is None:
             raise ClipInterpretError(f"unknown run {key!r}; choose one of {', '.join(self.entries)}")
-        entry = self.entries[key]
         if not entry.usable:
-            raise ClipInterpretError(f"run {entry.key} ({entry.path}) cannot be used: {entry.error}")
+            raise ClipInterpretError(f"run {entry.key} cannot be used: {entry.error}")
         return entry
+
+    @property
+    def query_side(self) -> int:
+        """The shorter side an uploaded query is kept at: the largest input any served model takes."""
+        sizes = [max(m.preprocess.image_size) for m in self._models.values() if not isinstance(m, Exception)]
+        return max(sizes, default=224)
+
+    def public(self, text: str) -> str:
+        """A message for the browser: a run's folder becomes the run's name, any other server path its
+        last part (an upload's file name, a checkpoint's file name)."""
+        for entry in self.entries.values():
+            forms = {str(entry.path.resolve()), str(entry.path.absolute()), str(entry.path)} - {entry.key}
+            for form in sorted(forms, key=len, reverse=True):
+                text = text.replace(form, entry.key)
+        return _SERVER_PATH.sub(r"\1", text)
 
 
 # ------------------------------------------------------------------ handlers
 def display(image: Image.Image, least: int = 160, most: int = 640) -> Image.Image:
     """An image for the page: small ones (the toy model's 64x64) enlarged by a whole factor with
     sharp pixels, large ones shrunk to ``most`` pixels on their longer side."""
-    if max(image.size) > most:
-        shown = image.copy()
-        shown.thumbnail((most, most))
-        return shown
+    if max(image.size) > most:  # (no full-size copy, unlike thumbnail())
+        scale = most / max(image.size)
+        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        return image.resize(size, Image.BICUBIC, reducing_gap=2.0)
     factor = -(-least // max(image.size))
     return image.resize((image.size[0] * factor, image.size[1] * factor), Image.NEAREST) if factor > 1 else image
 
 
+def whole_number(value, what: str) -> int:
+    """A whole number from the page (which sends numbers as given), or a clear error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer():
+        raise ClipInterpretError(f"{what} must be a whole number, not {value!r}")
+    return int(number)
+
+
+def _k(k, default: int) -> int:
+    k = default if k in (None, "") else whole_number(k, "k")
+    if not 1 <= k <= analyses.MAX_K:
+        raise ClipInterpretError(f"k must be from 1 to {analyses.MAX_K}, not {k}")
+    return k
+
+
+def upload_problem(path) -> str | None:
+    """Why an uploaded file is refused (not an image of an accepted format, or too many pixels),
+    or None; reads only the file's header."""
+    name = Path(path).name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decompression-bomb warnings: the size is checked below
+            with Image.open(path) as image:
+                kind, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        return f"{name} has too many pixels; the app accepts up to {MAX_UPLOAD_PIXELS:,}"
+    except Exception:  # noqa: BLE001 - whatever Pillow cannot identify is not an image
+        return f"{name} is not an image file; upload one of {', '.join(UPLOAD_FORMATS)}"
+    if kind not in UPLOAD_FORMATS:
+        return f"{name} is a {kind} file; upload one of {', '.join(UPLOAD_FORMATS)}"
+    if width * height > MAX_UPLOAD_PIXELS:
+        return (f"{name} has {width}x{height} pixels, more than the app accepts ({MAX_UPLOAD_PIXELS:,}); "
+                "upload a smaller image")
+    return None
+
+
+def remove_upload(path) -> None:
+    """Delete an uploaded file and its folder (gradio keeps each upload in a folder of its own)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # not empty (the same file uploaded twice at once), or gone
+        pass
+
+
+def query_image(path, side: int, preview: int = 220) -> tuple[Image.Image, Image.Image]:
+    """An uploaded query, decoded once (two at a time at most): (the image shrunk so that its shorter
+    side is ``side``, the models' input, as their preprocessing would; a preview for the page).
+    The file stays for gradio (identical uploads of several sessions share it) until its cache is
+    cleared: hourly, and at exit."""
+    problem = upload_problem(path)
+    if problem:
+        raise ClipInterpretError(problem)
+    with _DECODING:  # the full-size image exists only in here
+        try:
+            image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS)
+        except ImageLoadError as err:
+            raise ImageLoadError(Path(path).name, err.reason) from None
+        shown = display(image, preview)
+        width, height = image.size
+        if min(width, height) > side:  # the rounding of Preprocess.crop: the model's crop needs no resize
+            shape = (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+            image = image.resize(shape, Image.BICUBIC)
+    return image, shown
+
+
 def _image(query):
-    """The query: an uploaded file path (from the web layer), a PIL image, or nothing."""
+    """The query: a run image number, an uploaded image (decoded by ``query_image``), or nothing."""
     if query is None or (isinstance(query, str) and not query):
         raise ClipInterpretError("no query image: upload one, or pick an image of the run")
     return query
 
 
 def neighbours_gallery(result: analyses.Neighbours) -> list[tuple[Image.Image, str]]:
-    return [(display(im), f"#{r + 1}  image {i}  score {s:+.4f}")
-            for r, (im, i, s) in enumerate(zip(result.images, result.indices, result.scores))]
+    return [(display(im), f"#{r + 1}  image {i}  score {s}")
+            for r, (im, i, s) in enumerate(zip(result.images, result.indices, analyses.format_scores(result.scores)))]
 
 
 def neighbours_text(result: analyses.Neighbours) -> str:
@@ -200,15 +300,16 @@ def neighbours_text(result: analyses.Neighbours) -> str:
             "image": f"heads {', '.join(result.heads)}" if len(result.heads) < 12 else f"{len(result.heads)} heads",
             "text": f"text *{result.query}*, heads "
                     + (", ".join(result.heads) if len(result.heads) < 12 else f"{len(result.heads)} heads")}
-    rows = "\n".join(f"| {r + 1} | {i} | {n} | {s:+.5f} |"
-                     for r, (i, n, s) in enumerate(zip(result.indices, result.names, result.scores)))
+    rows = "\n".join(f"| {r + 1} | {i} | {n} | {s} |" for r, (i, n, s) in
+                     enumerate(zip(result.indices, result.names, analyses.format_scores(result.scores))))
     score = "cosine" if result.metric == "cosine" else "dot product"
     return f"Top {len(result.indices)} by {what[result.analysis]} ({score}):\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
 
 
 def segmentation_gallery(result: analyses.Segmentation) -> list[tuple[Image.Image, str]]:
     shown = [(display(result.image, 256), "image")]
-    shown += [(analyses.overlay(result.image, m, result.vmax), t) for m, t in zip(result.maps, result.titles)]
+    shown += [(analyses.overlay(result.image, m, result.vmax, colour_bar=True), t)
+              for m, t in zip(result.maps, result.titles)]
     return shown
 
 
@@ -222,7 +323,7 @@ def run_property_neighbours(registry: Registry, key, image, prop, k, metric="dot
     entry = registry.get(key)
     if not entry.labels:
         raise ClipInterpretError(entry.labels_note or f"run {entry.key} has no labelled heads")
-    result = analyses.property_neighbours(entry.model, entry.run, _image(image), prop or "", k=int(k or 4),
+    result = analyses.property_neighbours(entry.model, entry.run, _image(image), prop or "", k=_k(k, 4),
                                           labels=entry.labels, store=entry.store, metric=metric or "dot")
     return neighbours_gallery(result), neighbours_text(result)
 
@@ -242,20 +343,22 @@ def run_contrastive_segmentation(registry: Registry, key, image, text_a, text_b,
 
 def run_image_neighbours(registry: Registry, key, image, heads, k, metric="dot"):
     entry = registry.get(key)
-    result = analyses.image_neighbours(entry.model, entry.run, _image(image), entry.heads(heads), k=int(k or 8),
+    result = analyses.image_neighbours(entry.model, entry.run, _image(image), entry.heads(heads), k=_k(k, 8),
                                        store=entry.store, metric=metric or "dot")
     return neighbours_gallery(result), neighbours_text(result)
 
 
 def run_text_neighbours(registry: Registry, key, text, heads, k):
     entry = registry.get(key)
-    result = analyses.text_neighbours(entry.model, entry.run, text or "", entry.heads(heads), k=int(k or 3),
+    result = analyses.text_neighbours(entry.model, entry.run, text or "", entry.heads(heads), k=_k(k, 3),
                                       store=entry.store)
     return neighbours_gallery(result), neighbours_text(result)
 
 
-def pick_run_image(registry: Registry, key, index) -> Image.Image:
+def pick_run_image(registry: Registry, key, index) -> tuple[int, Image.Image]:
+    """(the number, the image) of a run image chosen by its number."""
     entry = registry.get(key)
-    if index is None:
+    if index in (None, ""):
         raise ClipInterpretError("type the number of a run image")
-    return analyses.run_image(entry.run, int(index))
+    index = whole_number(index, "a run image number")
+    return index, analyses.run_image(entry.run, index)

@@ -1,13 +1,17 @@
 """The gradio page: a run chooser, a query image (uploaded, or picked from the run by number),
 and the five analyses as tabs.
 
-Each browser session keeps its query in a server-side ``gr.State``; results go back as
-in-memory images, so no two users share an output file. The only files read are the
-run's own images (by position) and uploads that gradio received into its upload folder.
+Each browser session keeps its query in a server-side ``gr.State`` (a run image number, or the
+uploaded image itself, decoded once and shrunk); results go back as in-memory images, so no two
+users share an output file. The only files read are the run's own images (by position) and
+uploads, which the upload route checks by content (only images are kept) and which are decoded once.
+Every event takes its values as sent and the handlers check them: a refused value is a message
+in the page and one line in the server log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,14 +19,42 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
 import gradio as gr  # noqa: E402
+from starlette.responses import PlainTextResponse  # noqa: E402
 
 from ..errors import ClipInterpretError  # noqa: E402
-from ..images import load_image  # noqa: E402
 from . import core  # noqa: E402
 
 log = logging.getLogger(__name__)
 CSS = ".ci-msg p { margin: 0.2em 0; }"
 BROWSE = 16  # run images shown at once when browsing
+
+
+class UploadFilter:
+    """ASGI middleware on gradio's upload route: every file received must be an image of an accepted
+    format and size (by its content); otherwise the files are deleted and the request refused (415)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        held = []
+
+        async def hold(message):
+            held.append(message)
+
+        await self.app(scope, receive, hold)  # the files are in place once the route (and its tasks) returned
+        if held and held[0].get("status") == 200:
+            paths = json.loads(b"".join(m.get("body", b"") for m in held[1:]) or b"[]")
+            problems = [p for p in map(core.upload_problem, paths) if p]
+            if problems:
+                for path in paths:
+                    core.remove_upload(path)
+                log.warning("refused an upload: %s", problems[0])
+                return await PlainTextResponse(problems[0], status_code=415)(scope, receive, send)
+        for message in held:
+            await send(message)
 
 
 def _uploaded(path) -> str:
@@ -37,23 +69,25 @@ def _uploaded(path) -> str:
 
 
 def _query(query):
-    """The session's query -> what the analyses take: a run image index or an uploaded file."""
+    """The session's query -> what the analyses take: a run image number or the uploaded image."""
     if not query:
         raise ClipInterpretError("no query image: upload one, or pick an image of the run by its number")
     kind, value = query
-    return int(value) if kind == "run" else _uploaded(value)
+    return int(value) if kind == "run" else value
 
 
-def _guard(fn, n_out: int):
-    """Run a handler; a user error becomes a message (the last output), the other outputs cleared."""
+def _guard(registry: core.Registry, fn, n_out: int):
+    """Run a handler; a user error becomes a message (the last output, one line in the server log),
+    the other outputs cleared."""
     def wrapped(*args):
         try:
             return fn(*args)
         except ClipInterpretError as err:
-            message = f"**Error:** {err}"
+            log.warning("refused a request: %s", err)
+            message = f"**Error:** {registry.public(str(err))}"
         except Exception as err:  # noqa: BLE001 - a bug must not take the app down; say what happened
             log.exception("analysis failed")
-            message = f"**Internal error** ({type(err).__name__}): {err}"
+            message = f"**Internal error** ({type(err).__name__}): {registry.public(str(err))}"
         return (*([None] * (n_out - 1)), message)
     return wrapped
 
@@ -65,18 +99,21 @@ def build(registry: core.Registry) -> gr.Blocks:
     usable = entry is not None and entry.usable
     run_choices = [(k if e.usable else f"{k} (unavailable)", k) for k, e in registry.entries.items()]
 
+    def describe(picked) -> str:
+        return registry.public(picked.describe()) if picked else ""
+
     with gr.Blocks(title="clip-interpret", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        query = gr.State(None)  # per session: ("upload", path) or ("run", index)
+        query = gr.State(None)  # per session: ("upload", image) or ("run", index)
         gr.Markdown("## clip-interpret: the five CLIP-InterpreT analyses")
         with gr.Row():
             run_box = gr.Dropdown(run_choices, value=first, label="Run", elem_id="run-choice", scale=1)
-            run_info = gr.Markdown(entry.describe() if entry else "No runs given.", elem_id="run-info")
+            run_info = gr.Markdown(describe(entry) or "No runs given.", elem_id="run-info")
         with gr.Row():
             upload = gr.File(label="Upload a query image", file_types=["image"], type="filepath",
-                             elem_id="query-upload")
+                          elem_id="query-upload")
             with gr.Column():
                 index_box = gr.Number(value=0, precision=0, minimum=0, label="...or a run image, by number",
-                                      elem_id="run-index")
+                                   elem_id="run-index")
                 with gr.Row():
                     pick = gr.Button("Use this run image", elem_id="pick-run-image")
                     browse = gr.Button(f"Browse {BROWSE} from this number", elem_id="browse-run")
@@ -85,7 +122,8 @@ def build(registry: core.Registry) -> gr.Blocks:
                                elem_id="query-preview")
         browse_start = gr.State(0)  # per session: the run image number of the first thumbnail
         browser = gr.Gallery(label="The run's images: click one to use it as the query", columns=BROWSE // 2,
-                             height=270, allow_preview=False, format="png", visible=False, elem_id="run-browser")
+                             height="max-content", allow_preview=False, format="png", visible=False,
+                             elem_id="run-browser")
 
         layer_boxes, head_boxes = [], []
 
@@ -100,18 +138,18 @@ def build(registry: core.Registry) -> gr.Blocks:
             layer_boxes.append(layer)
             head_boxes.append((heads, multiselect))
             layer.change(lambda key, chosen, multi=multiselect: _heads_update(registry, key, chosen, multi),
-                         [run_box, layer], heads)
+                         [run_box, layer], heads, preprocess=False)
             return heads
 
         def outputs(prefix: str, columns: int):
-            gallery = gr.Gallery(label="Result", columns=columns, height="auto", format="png", elem_id=f"{prefix}-gallery",
-                                 object_fit="contain")
+            gallery = gr.Gallery(label="Result", columns=columns, height="max-content", format="png",
+                                 elem_id=f"{prefix}-gallery", object_fit="contain")  # every row shown, none cut
             message = gr.Markdown(elem_id=f"{prefix}-msg", elem_classes="ci-msg")
             return gallery, message
 
         def metric_choice(prefix: str):
             return gr.Radio([("dot product (the paper's)", "dot"), ("cosine", "cosine")], value="dot",
-                            label="Score", elem_id=f"{prefix}-metric")
+                         label="Score", elem_id=f"{prefix}-metric")
 
         props = entry.properties() if usable else []
         with gr.Tabs():
@@ -121,7 +159,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 with gr.Row():
                     prop = gr.Dropdown(props, value=props[0] if props else None, allow_custom_value=True,
                                        label="Property", elem_id="prop-property")
-                    prop_k = gr.Number(value=4, precision=0, minimum=1, maximum=64, label="k")
+                    prop_k = gr.Number(value=4, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                     prop_metric = metric_choice("prop")
                 prop_go = gr.Button("Find neighbours", variant="primary", elem_id="prop-run")
                 prop_out = outputs("prop", 4)
@@ -130,7 +168,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 seg_text = gr.Textbox(label="Text", placeholder="e.g. a red circle", elem_id="seg-text")
                 seg_heads = head_picker("seg", multiselect=True)
                 seg_go = gr.Button("Segment", variant="primary", elem_id="seg-run")
-                seg_out = outputs("seg", 2)
+                seg_out = outputs("seg", 3)
             with gr.Tab("Contrastive segmentation", elem_id="tab-contrast"):
                 gr.Markdown("The maps of text A minus text B and of B minus A, on one colour scale.")
                 with gr.Row():
@@ -143,7 +181,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 gr.Markdown("The run's images closest to the query in one head (the score compares the two images' contributions).")
                 img_heads = head_picker("img", multiselect=False)
                 with gr.Row():
-                    img_k = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="k")
+                    img_k = gr.Number(value=8, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                     img_metric = metric_choice("img")
                 img_go = gr.Button("Find neighbours", variant="primary", elem_id="img-run")
                 img_out = outputs("img", 4)
@@ -151,50 +189,58 @@ def build(registry: core.Registry) -> gr.Blocks:
                 gr.Markdown("The run's images whose contribution in one head best matches a text.")
                 txt_text = gr.Textbox(label="Text", placeholder="e.g. a striped background", elem_id="txt-text")
                 txt_heads = head_picker("txt", multiselect=False)
-                txt_k = gr.Number(value=3, precision=0, minimum=1, maximum=64, label="k")
+                txt_k = gr.Number(value=3, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                 txt_go = gr.Button("Find neighbours", variant="primary", elem_id="txt-run")
                 txt_out = outputs("txt", 3)
 
         # --------------------------------------------------------------- events
-        def on_upload(path):
+        def on_upload(payload):
+            path = payload.get("path") if isinstance(payload, dict) else None  # gradio's file data, as sent
             if not path:
                 return gr.skip(), None, None, ""
             try:
-                image = load_image(_uploaded(path))
+                image, shown = core.query_image(_uploaded(path), registry.query_side)
             except ClipInterpretError as err:  # refused: the box is emptied for the next try
-                return None, None, None, f"**Error:** {err}"
-            return gr.skip(), ("upload", path), core.display(image, 220), "Query: the uploaded image."
+                log.warning("refused an upload: %s", err)
+                return None, None, None, f"**Error:** {registry.public(str(err))}"
+            # the box is emptied too: the image is kept (shrunk) in the session
+            return None, ("upload", image), shown, f"Query: the uploaded image {Path(path).name}."
 
         def on_pick(key, index):
             try:
-                image = core.pick_run_image(registry, key, index)
+                index, image = core.pick_run_image(registry, key, index)
             except ClipInterpretError as err:
-                return gr.skip(), gr.skip(), gr.skip(), f"**Error:** {err}"
-            return None, ("run", int(index)), core.display(image, 220), f"Query: run image {int(index)}."
+                log.warning("refused a request: %s", err)
+                return gr.skip(), gr.skip(), gr.skip(), f"**Error:** {registry.public(str(err))}"
+            return None, ("run", index), core.display(image, 220), f"Query: run image {index}."
 
         def on_browse(key, start):
             try:
                 entry_ = registry.get(key)
-                start = max(0, min(int(start or 0), len(entry_.run) - 1))
+                start = max(0, min(core.whole_number(start or 0, "the first run image"), len(entry_.run) - 1))
                 stop = min(len(entry_.run), start + BROWSE)
                 shown = [(core.display(core.analyses.run_image(entry_.run, i), 96), f"#{i}") for i in range(start, stop)]
             except ClipInterpretError as err:
-                return gr.skip(), gr.skip(), f"**Error:** {err}"
+                log.warning("refused a request: %s", err)
+                return gr.skip(), gr.skip(), f"**Error:** {registry.public(str(err))}"
             return gr.Gallery(value=shown, visible=True), start, f"Run images {start}-{stop - 1}: click one to use it."
 
         def on_select(key, start, evt: gr.SelectData):
             return on_pick(key, int(start) + int(evt.index))
 
-        upload.upload(on_upload, upload, [upload, query, preview, query_msg])
-        pick.click(on_pick, [run_box, index_box], [upload, query, preview, query_msg])
-        browse.click(on_browse, [run_box, index_box], [browser, browse_start, query_msg])
-        browser.select(on_select, [run_box, browse_start], [upload, query, preview, query_msg])
+        # every event takes the values as sent (preprocess=False): the handlers check them, and a refused
+        # value is one line in the server log, not gradio's traceback
+        upload.upload(on_upload, upload, [upload, query, preview, query_msg], api_name="upload_query",
+                      preprocess=False)
+        pick.click(on_pick, [run_box, index_box], [upload, query, preview, query_msg], preprocess=False)
+        browse.click(on_browse, [run_box, index_box], [browser, browse_start, query_msg], preprocess=False)
+        browser.select(on_select, [run_box, browse_start], [upload, query, preview, query_msg], preprocess=False)
 
         def on_run(key, current):
-            picked = registry.entries.get(key)
+            picked = registry.find(key)
             ok = picked is not None and picked.usable
             props_now = picked.properties() if ok else []
-            updates = [picked.describe() if picked else "",
+            updates = [describe(picked),
                        gr.Dropdown(choices=props_now, value=props_now[0] if props_now else None)]
             updates += [gr.Dropdown(choices=picked.layer_choices() if ok else [], value=core.ALL_LAYERS)
                         for _ in layer_boxes]
@@ -207,28 +253,33 @@ def build(registry: core.Registry) -> gr.Blocks:
             return updates + [gr.skip()] * 3
 
         run_box.change(on_run, [run_box, query], [run_info, prop, *layer_boxes, *[h for h, _ in head_boxes],
-                                                  browser, query, preview, query_msg])
+                                                  browser, query, preview, query_msg], preprocess=False)
 
         def analysis(fn):
-            return _guard(lambda *a: fn(registry, *a), 2)
+            return _guard(registry, lambda *a: fn(registry, *a), 2)
 
-        prop_go.click(analysis(lambda r, key, q, p, k, m: core.run_property_neighbours(r, key, _query(q), p, k, m)),
-                      [run_box, query, prop, prop_k, prop_metric], list(prop_out))
-        seg_go.click(analysis(lambda r, key, q, t, h: core.run_topic_segmentation(r, key, _query(q), t, h)),
-                     [run_box, query, seg_text, seg_heads], list(seg_out))
-        con_go.click(analysis(lambda r, key, q, a, b, h: core.run_contrastive_segmentation(r, key, _query(q), a, b, h)),
-                     [run_box, query, con_a, con_b, con_heads], list(con_out))
-        img_go.click(analysis(lambda r, key, q, h, k, m: core.run_image_neighbours(r, key, _query(q), h, k, m)),
-                     [run_box, query, img_heads, img_k, img_metric], list(img_out))
-        txt_go.click(analysis(core.run_text_neighbours), [run_box, txt_text, txt_heads, txt_k], list(txt_out))
+        for button, fn, inputs, out, name in (
+                (prop_go, lambda r, key, q, p, k, m: core.run_property_neighbours(r, key, _query(q), p, k, m),
+                 [run_box, query, prop, prop_k, prop_metric], prop_out, "property_neighbours"),
+                (seg_go, lambda r, key, q, t, h: core.run_topic_segmentation(r, key, _query(q), t, h),
+                 [run_box, query, seg_text, seg_heads], seg_out, "topic_segmentation"),
+                (con_go, lambda r, key, q, a, b, h: core.run_contrastive_segmentation(r, key, _query(q), a, b, h),
+                 [run_box, query, con_a, con_b, con_heads], con_out, "contrastive_segmentation"),
+                (img_go, lambda r, key, q, h, k, m: core.run_image_neighbours(r, key, _query(q), h, k, m),
+                 [run_box, query, img_heads, img_k, img_metric], img_out, "image_neighbours"),
+                (txt_go, core.run_text_neighbours, [run_box, txt_text, txt_heads, txt_k], txt_out, "text_neighbours")):
+            button.click(analysis(fn), inputs, list(out), api_name=name, preprocess=False)
+        # a new query (or none): the results and messages of the tabs that use it no longer apply
+        about_query = [*prop_out, *seg_out, *con_out, *img_out]
+        query.change(lambda: [None] * len(about_query), None, about_query, show_progress="hidden")
     return demo
 
 
 def _heads_update(registry: core.Registry, key, layer, multiselect: bool):
-    entry = registry.entries.get(key)
+    entry = registry.find(key)
     if entry is None or not entry.usable:
         return gr.Dropdown(choices=[], value=None)
-    layer = core.ALL_LAYERS if layer in (None, core.ALL_LAYERS) else int(layer)
+    layer = int(layer) if str(layer) in map(str, entry.run.layers) else core.ALL_LAYERS
     choices = entry.head_choices(layer)
     if multiselect:  # the whole layer (or every head)
         return gr.Dropdown(choices=choices, value=[choices[0][1]], multiselect=True)

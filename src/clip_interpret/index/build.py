@@ -25,7 +25,7 @@ from ..cluster import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
-from .store import MANIFEST_VERSION, Run, RunLock, atomic_save_npy, atomic_write_json, piece_layout
+from .store import MANIFEST_VERSION, Run, RunLock, atomic_save_npy, atomic_write_json, piece_layout, read_manifest
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SHARD_SIZE = 1024
@@ -309,7 +309,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
                    precision, decode, draft, timeout)
     with RunLock(out) as lock:
         if manifest_path.exists():
-            _check_resume(json.loads(manifest_path.read_text()), manifest, out)
+            _check_resume(read_manifest(out), manifest, out)
         else:
             atomic_write_json(out / "images.json", {"names": src.names, "labels": src.labels})
             atomic_write_json(manifest_path, manifest)
@@ -329,7 +329,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         for stale in (out / "shards").glob(".*.tmp"):  # left by an interrupted write (no writer is left now)
             stale.unlink()
         if len(job.finished()) == job.n_shards:
-            final = json.loads(manifest_path.read_text())
+            final = read_manifest(out)
             final["complete"] = True
             final["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             run = Run(out)

@@ -152,29 +152,40 @@ class ShardInfo:
 
 
 class Run:
-    """Read access to a finished (or partly finished) run directory."""
+    """Read access to a finished (or partly finished) run directory.
 
-    def __init__(self, path: str | Path):
+    Every file is checked as it is opened: a missing, empty, truncated or malformed file
+    (manifest, images.json, a shard record or array) is a ``ClipInterpretError`` naming
+    the file, what is wrong with it and what to do.
+    """
+
+    def __init__(self, path: str | Path, check_files: bool = True):
+        """``check_files=False`` trusts the files a driver has just checked (a Ray task opening
+        the run): ``images.json`` is then read on first use and shard arrays when mapped."""
         self.path = Path(path)
-        manifest = self.path / "manifest.json"
-        if not manifest.is_file():
-            raise ClipInterpretError(f"{self.path} is not a run directory (no manifest.json); create one with "
-                                     "`clip-interpret index`")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("version") != MANIFEST_VERSION:
-            raise ClipInterpretError(f"{self.path} was written by another version of clip-interpret "
-                                     f"(manifest version {self.manifest.get('version')}); index it again")
+        self.manifest = read_manifest(self.path)
+        n_items = self.manifest["source"].get("n") if not check_files else None
+        if n_items is None:
+            n_items = len(self._images["names"])
         self.shards: list[ShardInfo] = []
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
-            self.shards.append(ShardInfo(**json.loads(info_path.read_text())))
+            self.shards.append(_shard_info(info_path, n_items))
         self.shards.sort(key=lambda s: s.shard)
         self.source_indices = np.asarray([i for s in self.shards for i in s.kept], dtype=np.int64)
         self.failures = [f for s in self.shards for f in s.failures]
+        if check_files:
+            for shard in self.shards:
+                for kind in ("pieces", "emb"):
+                    self._check_array(shard, kind)
 
     @functools.cached_property
     def _images(self) -> dict:
-        """The source's item names and labels (read on first use: a pass over the shards needs neither)."""
-        return json.loads((self.path / "images.json").read_text())
+        """The source's item names and labels, checked (a pass over the shards needs neither)."""
+        images = read_json(self.path / "images.json", REINDEX)
+        problem = _images_problem(images, self.manifest)
+        if problem:
+            raise ClipInterpretError(f"{self.path / 'images.json'} {problem}; {REINDEX}")
+        return images
 
     @functools.cached_property
     def names(self) -> list[str]:
@@ -187,9 +198,43 @@ class Run:
         """Label set -> the label of each row."""
         return {k: [v[i] for i in self.source_indices] for k, v in self._images.get("labels", {}).items()}
 
+    def _array_path(self, shard: int, kind: str) -> Path:
+        return self.path / "shards" / f"{shard:05d}.{kind}.npy"
+
+    def _unreadable(self, shard: int, kind: str, err: Exception) -> ClipInterpretError:
+        path, fix = self._array_path(shard, kind), _redo_shard(self.path, shard)
+        if isinstance(err, FileNotFoundError):
+            return ClipInterpretError(f"{path} is missing; {fix}")
+        return ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); {fix}")
+
+    def _check_array(self, shard: ShardInfo, kind: str) -> None:
+        """A shard array's header and size against its record (rows) and the manifest (shape,
+        dtype), read without mapping the array (a run of many shards holds no maps)."""
+        path = self._array_path(shard.shard, kind)
+        row_shape = (max(stop for _, stop in self.layout.values()), self.dim) if kind == "pieces" else (self.dim,)
+        dtype = np.dtype(np.float16 if kind == "pieces" and self.manifest["dtype"] == "fp16" else np.float32)
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, found = read_header(handle)
+                size = int(np.prod(shape)) * found.itemsize
+                if os.fstat(handle.fileno()).st_size < handle.tell() + size:
+                    raise ValueError(f"the file is shorter than its {size}-byte array")
+        except (OSError, ValueError) as err:
+            raise self._unreadable(shard.shard, kind, err) from None
+        expected = (len(shard.kept), *row_shape)
+        if tuple(shape) != expected or found != dtype:
+            raise ClipInterpretError(f"{path} holds a {found} array of shape {list(shape)}, the run expects "
+                                     f"{dtype} {list(expected)}; {_redo_shard(self.path, shard.shard)}")
+
     def _map(self, shard: int, kind: str) -> np.ndarray:
         """A shard's array as a memory map (mapped on demand: a run of many shards holds no maps)."""
-        return np.load(self.path / "shards" / f"{shard:05d}.{kind}.npy", mmap_mode="r")
+        try:
+            return np.load(self._array_path(shard, kind), mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise self._unreadable(shard, kind, err) from None
 
     # --------------------------------------------------------------- facts
     @property
@@ -278,6 +323,102 @@ class Run:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
         parts = [np.asarray(pieces, dtype=np.float32).sum(axis=1) for _, pieces in self.iter_pieces()]
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+
+REINDEX = "index the images again into a new folder (`clip-interpret index ... --out NEW_FOLDER`)"
+
+
+def read_json(path: Path, fix: str):
+    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipInterpretError(f"{path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClipInterpretError(f"{path} cannot be read ({getattr(err, 'strerror', None) or err}); {fix}") from None
+    if not text.strip():
+        raise ClipInterpretError(f"{path} is empty; {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ClipInterpretError(f"{path} is not valid JSON (truncated or corrupt: {err.msg} at line {err.lineno}); "
+                                 f"{fix}") from None
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) for i in value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and value > 0
+
+
+_MANIFEST_FIELDS = {
+    "model": lambda v: isinstance(v, dict) and isinstance(v.get("spec"), str) and isinstance(v.get("fingerprint"), str),
+    "preprocess": lambda v: isinstance(v, dict),
+    "source": lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str),
+    "layers": _int_list, "other_layers": _int_list, "n_layers": _count, "n_heads": _count, "dim": _count,
+    "dtype": lambda v: v in ("fp16", "fp32"),
+    "layout": lambda v: isinstance(v, dict),
+}
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """A run's manifest, checked: every field that readers use is there and consistent."""
+    run_dir = Path(run_dir)
+    path = run_dir / "manifest.json"
+    if not path.is_file() and not (run_dir / "images.json").is_file():
+        raise ClipInterpretError(f"{run_dir} is not a run directory (no manifest.json); create one with "
+                                 "`clip-interpret index`")
+    manifest = read_json(path, REINDEX)
+    if not isinstance(manifest, dict) or "version" not in manifest:
+        raise ClipInterpretError(f"{path} is not a run manifest (a JSON object with a version); {REINDEX}")
+    if manifest["version"] != MANIFEST_VERSION:
+        raise ClipInterpretError(f"{run_dir} was written by another version of clip-interpret "
+                                 f"(manifest version {manifest['version']}); index it again")
+    bad = [key for key, valid in _MANIFEST_FIELDS.items() if not valid(manifest.get(key))]
+    if bad:
+        raise ClipInterpretError(f"{path} lacks or has malformed fields: {', '.join(bad)}; {REINDEX}")
+    layout = piece_layout(manifest["layers"], manifest["other_layers"], manifest["n_layers"], manifest["n_heads"])
+    if manifest["layout"] != layout:
+        raise ClipInterpretError(f"{path} has a piece layout that does not match its layers and heads; {REINDEX}")
+    return manifest
+
+
+def _images_problem(images, manifest: dict) -> str | None:
+    """What is wrong with a run's images.json, if anything."""
+    if not isinstance(images, dict) or not isinstance(images.get("names"), list) \
+            or not all(isinstance(n, str) for n in images["names"]):
+        return "is not an image list (a JSON object with a list of names)"
+    n = len(images["names"])
+    if manifest["source"].get("n", n) != n:
+        return f"lists {n} images, the manifest's source has {manifest['source']['n']}"
+    labels = images.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, list) and len(v) == n for v in labels.values()):
+        return f"has labels that are not one list of {n} values per label set"
+    return None
+
+
+def _redo_shard(run_dir: Path, shard: int) -> str:
+    return (f"delete {run_dir / 'shards' / f'{shard:05d}.json'} and run the same `clip-interpret index` command "
+            "again to redo that shard")
+
+
+def _shard_info(path: Path, n_items: int) -> ShardInfo:
+    """A shard record, checked: its number, its item range and the items it kept."""
+    try:
+        number = int(path.name.split(".")[0])
+    except ValueError:
+        number = None
+    fix = _redo_shard(path.parent.parent, number) if number is not None else f"delete {path}"
+    data = read_json(path, fix)
+    ok = (isinstance(data, dict) and data.get("shard") == number and _int_list([data.get("start"), data.get("stop")])
+          and 0 <= data["start"] <= data["stop"] <= n_items and _int_list(data.get("kept"))
+          and all(data["start"] <= i < data["stop"] for i in data["kept"]) and isinstance(data.get("failures"), list))
+    if not ok:
+        raise ClipInterpretError(f"{path} is not a valid shard record (shard {number}: items start..stop of the "
+                                 f"run's {n_items}, the kept ones, the failures); {fix}")
+    return ShardInfo(number, data["start"], data["stop"], data["kept"], data["failures"], str(data.get("decoder", "")))
 
 
 def _preprocess_from_json(data: dict) -> dict:

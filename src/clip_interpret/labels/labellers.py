@@ -168,17 +168,24 @@ def text_encoder(name: str, model=None):
     raise ClipInterpretError(f"unknown text encoder {name!r}; choose model or minilm")
 
 
-def embedding_labels(textspan: dict, vocabulary: Vocabulary, encode) -> dict[str, dict]:
-    """Label every head: each description goes to the property of its most similar exemplar."""
-    heads = textspan["heads"]
-    texts = sorted({t for head in heads.values() for t in head["texts"]})
+def assign_properties(texts, vocabulary: Vocabulary, encode) -> dict[str, str]:
+    """Each text -> the property of its most similar exemplar in the encoder's space."""
+    texts = sorted(set(texts))
     if not texts:
         return {}
     text_emb = encode(texts)
     exemplar_emb = encode(vocabulary.exemplars)
     nearest = (text_emb @ exemplar_emb.T).argmax(axis=1)
     owner = np.asarray(vocabulary.owner)
-    assigned_of = {t: vocabulary.properties[owner[j]] for t, j in zip(texts, nearest)}
+    return {t: vocabulary.properties[owner[j]] for t, j in zip(texts, nearest)}
+
+
+def embedding_labels(textspan: dict, vocabulary: Vocabulary, encode) -> dict[str, dict]:
+    """Label every head: each description goes to the property of its most similar exemplar."""
+    heads = textspan["heads"]
+    assigned_of = assign_properties((t for head in heads.values() for t in head["texts"]), vocabulary, encode)
+    if not assigned_of:
+        return {}
     return {name: _entry(head["texts"], [assigned_of[t] for t in head["texts"]], head["explained"], "embedding")
             for name, head in heads.items()}
 

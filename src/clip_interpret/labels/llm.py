@@ -147,8 +147,8 @@ def build_messages(texts: list[str], examples: list[dict], properties: list[str]
 
 
 # -------------------------------------------------------------------- parsing
-def parse_answer(content: str, n_texts: int, properties: list[str] | None) -> dict:
-    """Strictly parse one answer; raise LLMAnswerError saying what is wrong."""
+def json_object(content: str) -> dict:
+    """One JSON object (optionally in one ```json fence); LLMAnswerError otherwise."""
     text = content.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.S)
     if fence:
@@ -159,14 +159,25 @@ def parse_answer(content: str, n_texts: int, properties: list[str] | None) -> di
         raise LLMAnswerError(f"malformed JSON answer: {content[:120]!r}") from None
     if not isinstance(data, dict):
         raise LLMAnswerError(f"the answer is not a JSON object: {content[:120]!r}")
+    return data
+
+
+def check_judgements(judgements, n_texts: int) -> list[bool]:
+    if not isinstance(judgements, list) or len(judgements) != n_texts or \
+            not all(isinstance(j, bool) for j in judgements):
+        raise LLMAnswerError(f"'judgements' must be {n_texts} booleans, got {judgements!r}")
+    return judgements
+
+
+def parse_answer(content: str, n_texts: int, properties: list[str] | None) -> dict:
+    """Strictly parse one answer; raise LLMAnswerError saying what is wrong."""
+    data = json_object(content)
     prop, conf, judgements = data.get("property"), data.get("confidence"), data.get("judgements")
     if not isinstance(prop, str) or not prop.strip():
         raise LLMAnswerError("the answer has no 'property' string")
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0 <= conf <= 1:
         raise LLMAnswerError(f"'confidence' must be a number in [0, 1], got {conf!r}")
-    if not isinstance(judgements, list) or len(judgements) != n_texts or \
-            not all(isinstance(j, bool) for j in judgements):
-        raise LLMAnswerError(f"'judgements' must be {n_texts} booleans, got {judgements!r}")
+    check_judgements(judgements, n_texts)
     label = normalise_property(prop)
     if label in ("none", "unknown", "no property"):
         label = None

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import ClipInterpretError
+from ..index.store import read_manifest
 from .store import LABELS_FILE
 
 LABELLERS = ("taxonomy", "embedding", "llm")
@@ -50,7 +51,7 @@ def label_run(run_dir: str | Path, labeller: str = "taxonomy", textspan: str | N
     run_dir = Path(run_dir)
     path = find_textspan(run_dir, textspan)
     result = json.loads(path.read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     options: dict = {}
     if labeller == "taxonomy":
         heads = labellers.taxonomy_labels(result)

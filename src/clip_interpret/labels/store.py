@@ -15,11 +15,11 @@ A head whose labelling failed or that fits no property has ``"label": null``
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from ..errors import ClipInterpretError
+from ..index.store import read_json
 
 LABELS_FILE = "labels.json"
 
@@ -70,17 +70,22 @@ def normalise_property(name: str) -> str:
 
 
 def read_labels(run_dir: str | Path, name: str | None = None) -> dict:
-    """The labels file of a run (``labels.json``, or ``labels-<name>.json``), parsed."""
-    path = Path(run_dir) / (LABELS_FILE if name is None else f"labels-{name}.json")
+    """The labels file of a run (``labels.json``, or ``labels-<name>.json``), parsed; ``run_dir``
+    may also be a labels file itself."""
+    path = Path(run_dir) if Path(run_dir).is_file() else Path(run_dir) / (LABELS_FILE if name is None
+                                                                          else f"labels-{name}.json")
     if not path.is_file():
         raise ClipInterpretError(f"run {run_dir} has no head labels ({path.name}); run "
                                  f"`clip-interpret label {run_dir}` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ClipInterpretError(f"cannot read labels {path}: {err}") from None
+    fix = f"label the run again (`clip-interpret label {run_dir}`)"
+    data = read_json(path, fix)
     if not isinstance(data, dict) or not isinstance(data.get("heads"), dict):
-        raise ClipInterpretError(f"{path} is not a labels file (no 'heads' mapping)")
+        raise ClipInterpretError(f"{path} is not a labels file (no 'heads' mapping); {fix}")
+    bad = [head for head, entry in data["heads"].items()
+           if not isinstance(entry, dict) or not isinstance(entry.get("label"), (str, type(None)))]
+    if bad:
+        raise ClipInterpretError(f"{path} has malformed entries for heads {', '.join(bad[:5])}"
+                                 f"{' ...' if len(bad) > 5 else ''} (each needs a 'label': a property or null); {fix}")
     return data
 
 

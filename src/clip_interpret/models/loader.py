@@ -171,7 +171,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _registered = False
 
 
-def _open_clip():
+def registered_open_clip():
     """open_clip, with our model configs (tiny ``test-*`` towers, ``toy``) registered once."""
     global _registered
     import open_clip
@@ -184,7 +184,7 @@ def _open_clip():
 
 def open_clip_architectures() -> list[str]:
     """open_clip architectures whose image tower is a ViT we can decompose."""
-    open_clip = _open_clip()
+    open_clip = registered_open_clip()
     names = []
     for name in open_clip.list_models():
         if name.startswith("test-"):
@@ -200,7 +200,7 @@ def open_clip_architectures() -> list[str]:
 
 
 def _open_clip_text(model: nn.Module, tokenizer=None) -> TextEncoder:
-    open_clip = _open_clip()
+    open_clip = registered_open_clip()
     context = int(getattr(model, "context_length", 77) or 77)
     tok = tokenizer if tokenizer is not None else open_clip.tokenizer.SimpleTokenizer(context_length=context)
     if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
@@ -231,7 +231,7 @@ def _params(fn) -> set[str]:
         return set()
 
 
-def _open_clip_preprocess(model: nn.Module, image_size) -> Preprocess:
+def open_clip_preprocess(model: nn.Module, image_size) -> Preprocess:
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
     if cfg.get("resize_mode", "shortest") != "shortest":
@@ -248,15 +248,15 @@ def _wrap_open_clip(spec: str, model: nn.Module, tokenizer=None, random_weights=
                     keep_native_visual=True) -> ClipModel:
     model.eval()
     vit = from_open_clip(model.visual)
-    preprocess = _open_clip_preprocess(model, vit.cfg.image_size)
+    preprocess = open_clip_preprocess(model, vit.cfg.image_size)
     if not keep_native_visual:
         model.visual = nn.Identity()  # our HookedViT replaces it; the text tower stays
     return ClipModel(spec, vit, preprocess, _open_clip_text(model, tokenizer), native=model,
                      random_weights=random_weights, note=note)
 
 
-def _create_open_clip(spec: str, arch: str, quick_gelu: bool = False, seed: int = RANDOM_INIT_SEED) -> nn.Module:
-    open_clip = _open_clip()
+def create_open_clip(spec: str, arch: str, quick_gelu: bool = False, seed: int = RANDOM_INIT_SEED) -> nn.Module:
+    open_clip = registered_open_clip()
     if arch not in open_clip.list_models():
         close = [m for m in open_clip.list_models() if m.lower().replace("_", "-") == arch.lower().replace("_", "-")]
         hint = f" Did you mean {close[0]!r}?" if close else " `clip-interpret models` lists them."
@@ -279,7 +279,7 @@ def _create_open_clip(spec: str, arch: str, quick_gelu: bool = False, seed: int 
 
 
 def _read_state_dict(path: Path, spec: str) -> dict[str, torch.Tensor]:
-    open_clip = _open_clip()
+    open_clip = registered_open_clip()
     try:
         state = open_clip.factory.load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - any reader failure means "not a checkpoint we can read"
@@ -318,17 +318,17 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def _load_open_clip(spec: str, parsed: ModelSpec) -> ClipModel:
-    open_clip = _open_clip()
+    open_clip = registered_open_clip()
     arch = parsed.arch
     if parsed.random:
-        model = _create_open_clip(spec, arch)
+        model = create_open_clip(spec, arch)
         return _wrap_open_clip(spec, model, random_weights=True, keep_native_visual=False,
                                note=f"RANDOM WEIGHTS: randomly initialised (seed {RANDOM_INIT_SEED}), not a trained model")
     if parsed.path:
         path = Path(parsed.path).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file not found: {path} (spec {spec!r})")
-        model = _create_open_clip(spec, arch)
+        model = create_open_clip(spec, arch)
         state = _read_state_dict(path, spec)
         state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
         check_state_dict(model, state, f"{path} (spec {spec!r})")
@@ -338,7 +338,7 @@ def _load_open_clip(spec: str, parsed: ModelSpec) -> ClipModel:
     # a pretrained tag
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if arch not in open_clip.list_models():
-        _create_open_clip(spec, arch)  # raises the unknown-architecture error
+        create_open_clip(spec, arch)  # raises the unknown-architecture error
     cfg = open_clip.get_pretrained_cfg(arch, parsed.tag)
     if not cfg:
         known = ", ".join(tags) if tags else "none"
@@ -386,14 +386,20 @@ def _cached_open_clip_file(cfg: dict) -> str | None:
 
 
 # -------------------------------------------------------------------------- toy
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
 
 
 def _load_toy(spec: str) -> ClipModel:
     """The bundled toy CLIP, checked against its recorded checksum, loaded as a local open_clip checkpoint."""
     import json
-
-    from ..toyworld.train import sha256_file
 
     card = TOY_WEIGHTS / "toy.json"
     weights = TOY_WEIGHTS / "toy.safetensors"
@@ -413,7 +419,7 @@ def _load_toy(spec: str) -> ClipModel:
 def _hf_text(model: nn.Module, tokenizer) -> TextEncoder:
     context = int(model.config.text_config.max_position_embeddings)
     if tokenizer is None:
-        open_clip = _open_clip()
+        open_clip = registered_open_clip()
         simple = open_clip.tokenizer.SimpleTokenizer(context_length=context)
         warnings.warn("no Hugging Face tokenizer found with the model; using the CLIP BPE tokenizer "
                       "bundled with open_clip (the same vocabulary as OpenAI CLIP)")

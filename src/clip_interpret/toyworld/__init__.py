@@ -1,6 +1,6 @@
 """The known-answer world and the small CLIP trained on it (the bundled ``toy`` model)."""
 
 from .pool import toy_pool
-from .world import PROPERTIES, ToyImage, ToyWorld, export, generate, property_name
+from .world import PROPERTIES, ToyImage, ToyWorld, export, generate, property_name, spurious
 
-__all__ = ["PROPERTIES", "ToyImage", "ToyWorld", "export", "generate", "property_name", "toy_pool"]
+__all__ = ["PROPERTIES", "ToyImage", "ToyWorld", "export", "generate", "property_name", "spurious", "toy_pool"]

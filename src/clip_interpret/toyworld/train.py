@@ -10,7 +10,6 @@ and the step, and is written atomically every ``checkpoint_every`` steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,18 +47,12 @@ class TrainConfig:
         return asdict(self)
 
 
-def _open_clip():
-    from ..models.loader import _open_clip as registered
-
-    return registered()
-
-
 def build_model(cfg: TrainConfig):
-    from ..models.loader import _create_open_clip
+    from ..models.loader import create_open_clip
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return _create_open_clip(f"open_clip:{cfg.model}", cfg.model, seed=cfg.seed)
+        return create_open_clip(f"open_clip:{cfg.model}", cfg.model, seed=cfg.seed)
 
 
 def batch_attributes(start: int, size: int, world_seed: int, group: int, n_shared: int) -> list[dict]:
@@ -112,7 +105,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
     """Train (or resume) in ``out_dir``; returns a summary. ``stop_after`` ends early (for tests)."""
     from tqdm import tqdm
 
-    from ..models.loader import _open_clip_preprocess
+    from ..models.loader import open_clip_preprocess, registered_open_clip
 
     out = Path(out_dir)
     try:
@@ -121,10 +114,10 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
         raise ClipInterpretError(f"cannot create training folder {out}: {err.strerror or err}") from None
     ckpt_path = out / "checkpoint.pt"
     model = build_model(cfg)
-    open_clip = _open_clip()
+    open_clip = registered_open_clip()
     context = model.context_length
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
-    preprocess = _open_clip_preprocess(model, model.visual.image_size)
+    preprocess = open_clip_preprocess(model, model.visual.image_size)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -184,15 +177,9 @@ def export_weights(model, path: str | Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)
+    from ..models.loader import sha256_file
+
     return sha256_file(path)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def config_from_dict(data: dict) -> TrainConfig:

@@ -397,3 +397,46 @@ def export(out_dir, n: int, seed: int = 0, masks: bool = True, progress: bool = 
             writer.writerow([r["image"], r.get("mask", ""), r["caption"], *(r["attributes"][p] for p in PROPERTIES),
                              json.dumps(r["objects"])])
     return {"dir": str(out), "n": n, "seed": seed}
+
+
+def spurious(out_dir, n: int, seed: int, agree: float, core: str = "shape", core_values=("circle", "square"),
+             cue: str = "background", cue_values=("white", "black"), progress: bool = True) -> dict:
+    """A labelled collection with a spurious cue (a known-answer Waterbirds): image i has the class
+    ``core_values[c]`` (c drawn evenly) and the cue ``cue_values[c]`` with probability ``agree``
+    (the other value otherwise); every other property is drawn as usual. Writes PNGs and
+    ``spurious.csv`` (columns image, <core>, <cue>), an image table that ``index`` reads."""
+    import csv
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    core, cue = property_name(core), property_name(cue)
+    if core == cue:
+        raise ClipInterpretError("the class and the cue must be different properties")
+    if len(core_values) != 2 or len(cue_values) != 2:
+        raise ClipInterpretError("give two class values and two cue values")
+    core_values = [check_value(core, v) for v in core_values]
+    cue_values = [check_value(cue, v) for v in cue_values]
+    if not 0 <= agree <= 1 or int(n) <= 0:
+        raise ClipInterpretError(f"need n > 0 and 0 <= agree <= 1, got n={n}, agree={agree}")
+    out = Path(out_dir)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ClipInterpretError(f"cannot write to {out}: {err.strerror or err}") from None
+    rows = []
+    for i in tqdm(range(int(n)), desc="spurious toy world", unit="img", disable=not progress):
+        draw = np.random.default_rng([int(seed), i, 7919])  # apart from the image's own stream
+        c = int(draw.integers(2))
+        same = bool(draw.random() < agree)
+        values = {core: core_values[c], cue: cue_values[c if same else 1 - c]}
+        item = generate(i, seed, attributes=values)
+        name = f"images/{i:06d}.png"
+        item.image.save(out / name)
+        rows.append((name, values[core], values[cue]))
+    with open(out / "spurious.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", core, cue])
+        writer.writerows(rows)
+    agreeing = sum(core_values.index(r[1]) == cue_values.index(r[2]) for r in rows)
+    return {"table": str(out / "spurious.csv"), "n": int(n), "agreeing": agreeing}

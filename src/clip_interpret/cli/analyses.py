@@ -8,16 +8,40 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ClipInterpretError
+from ..errors import ClipInterpretError, ImageLoadError
+
+
+def _check_args(args, run) -> None:
+    """Check every argument that can be checked without the model (loading one takes seconds):
+    k (capped at the analyses' limit), texts, heads, the property, the query image."""
+    from .. import analyses
+
+    if hasattr(args, "k"):
+        args.k = analyses.check_k(args.k, len(run))
+    text = getattr(args, "text", None)
+    for item in text if isinstance(text, list) else [] if text is None else [text]:
+        analyses.check_text(item)
+    if hasattr(args, "heads"):
+        analyses.run_heads(run, args.heads)
+    if hasattr(args, "property"):
+        analyses.property_heads(run, args.property)
+    if getattr(args, "run_image", None) is not None:
+        analyses.check_index(run, args.run_image)
+    elif getattr(args, "image", None) is not None and not Path(args.image).is_file():
+        raise ImageLoadError(args.image, "no such file")
 
 
 def _prepare(args):
     """The run, its model (the manifest's spec unless --model), the output folder, the query image."""
-    from .cli import _ensure_dir, _run_and_model
+    from .common import ensure_dir, run_and_model
 
-    run, model = _run_and_model(args.run, args)
     out = Path(args.out or f"out/{args.command}")
-    _ensure_dir(out)
+
+    def check(run):
+        _check_args(args, run)
+        ensure_dir(out)
+
+    run, model = run_and_model(args.run, args, check=check)
     image = None
     if hasattr(args, "image"):
         image = args.run_image if args.run_image is not None else args.image
@@ -25,10 +49,10 @@ def _prepare(args):
 
 
 def _write(result, out: Path, stem: str) -> None:
-    from . import analyses
-    from .cli import _slug
+    from .. import analyses
+    from .common import slug
 
-    name = _slug(stem, 60)
+    name = slug(stem, 60)
     analyses.render(result, out / f"{name}.png")
     (out / f"{name}.json").write_text(json.dumps(result.to_dict(), indent=1))
     print(f"\nwrote {out / name}.png and {out / name}.json")
@@ -37,8 +61,12 @@ def _write(result, out: Path, stem: str) -> None:
 def _print_neighbours(result) -> None:
     print(f"{result.analysis} nearest neighbours of {result.query!r} in {result.run}, heads {', '.join(result.heads)}"
           + (f" (property {result.property!r})" if result.property else ""))
-    for rank, (index, name, score) in enumerate(zip(result.indices, result.names, result.scores), 1):
-        print(f"  {rank:>3}. image {index:<7} {score:+.5f}  {name}")
+    from ..analyses import format_scores
+
+    scores = format_scores(result.scores)
+    width = max(len(s) for s in scores) if scores else 0
+    for rank, (index, name, score) in enumerate(zip(result.indices, result.names, scores), 1):
+        print(f"  {rank:>3}. image {index:<7} {score:<{width}}  {name}")
 
 
 def _print_maps(result) -> None:
@@ -50,7 +78,7 @@ def _print_maps(result) -> None:
 
 
 def cmd_property_nn(args) -> int:
-    from . import analyses
+    from .. import analyses
 
     run, model, out, image = _prepare(args)
     result = analyses.property_neighbours(model, run, image, args.property, k=args.k, metric=args.metric)
@@ -60,7 +88,7 @@ def cmd_property_nn(args) -> int:
 
 
 def cmd_image_nn(args) -> int:
-    from . import analyses
+    from .. import analyses
 
     run, model, out, image = _prepare(args)
     result = analyses.image_neighbours(model, run, image, args.heads, k=args.k, metric=args.metric)
@@ -70,7 +98,7 @@ def cmd_image_nn(args) -> int:
 
 
 def cmd_text_nn(args) -> int:
-    from . import analyses
+    from .. import analyses
 
     run, model, out, _ = _prepare(args)
     result = analyses.text_neighbours(model, run, args.text, args.heads, k=args.k)
@@ -80,7 +108,7 @@ def cmd_text_nn(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from . import analyses
+    from .. import analyses
 
     run, model, out, image = _prepare(args)
     result = analyses.topic_segmentation(model, image, args.text, args.heads, run=run)
@@ -90,7 +118,7 @@ def cmd_segment(args) -> int:
 
 
 def cmd_contrast(args) -> int:
-    from . import analyses
+    from .. import analyses
 
     if len(args.text or []) != 2:
         raise ClipInterpretError("contrast needs exactly two texts: --text A --text B")
@@ -102,7 +130,7 @@ def cmd_contrast(args) -> int:
 
 
 def cmd_app(args) -> int:
-    from .app import serve
+    from ..app import serve
 
     serve(args.runs, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, model=args.model,
           threads=args.threads, concurrency=args.concurrency, device=args.device, precision=args.precision)
@@ -110,7 +138,7 @@ def cmd_app(args) -> int:
 
 
 def _common(p, image: bool = True) -> None:
-    from .cli import _add_compute_options
+    from .common import add_compute_options
 
     p.add_argument("run", help="run directory (from `clip-interpret index`)")
     if image:
@@ -119,12 +147,12 @@ def _common(p, image: bool = True) -> None:
         group.add_argument("--run-image", type=int, metavar="N", help="use image number N of the run as the query")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--out", default=None, help="output folder for the PNG and JSON (default out/COMMAND)")
-    _add_compute_options(p)
+    add_compute_options(p)
 
 
 def register(sub) -> None:
     """Add the analysis subcommands and ``app`` to ``clip-interpret``'s subparsers."""
-    from .analyses import DEFAULT_K, METRICS
+    from ..analyses import DEFAULT_K, METRICS
 
     heads_help = "a head (L5.H3), comma-separated heads (summed), or all"
 
@@ -169,7 +197,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model spec for every run (default: each run's own)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
     p.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
-    from .cli import _add_compute_options
+    from .common import add_compute_options
 
-    _add_compute_options(p)
+    add_compute_options(p)
     p.set_defaults(func=cmd_app)
