@@ -314,3 +314,19 @@ def test_damaged_labels_are_a_one_line_error(good_run, tmp_path, labels, message
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err
+
+
+def test_a_trusted_open_reads_neither_images_json_nor_the_arrays_until_used(good_run, tmp_path):
+    """How a Ray task opens a run its driver has checked: no images.json, no array headers, no maps."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)
+    (run_dir / "images.json").unlink()
+    np.save(run_dir / "shards" / "00001.emb.npy", np.zeros((3, 2), np.float64))  # not looked at
+    run = store.Run(run_dir, check_files=False)
+    assert len(run) == 40 and [s.shard for s in run.shards] == [0, 1]
+    first, pieces = next(run.iter_pieces([1]))
+    assert first == 25 and isinstance(pieces, np.memmap) and pieces.shape[0] == 15
+    with pytest.raises(ClipInterpretError, match=r"images\.json is missing"):
+        run.names
+    with pytest.raises(ClipInterpretError, match=r"images\.json is missing"):
+        open_run(run_dir)  # the checked open still refuses it

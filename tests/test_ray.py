@@ -102,6 +102,12 @@ def test_an_address_that_does_not_answer_fails_within_seconds(model, tmp_path, c
     assert "need --engine ray" in capsys.readouterr().err
 
 
+def test_interventions_refuse_the_ray_engine(reference, capsys):
+    assert main(["ablate", str(reference.path), "--heads", "L2.H1", "--engine", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "interventions re-run the model here: drop --engine ray" in err and err.count("\n") == 1
+
+
 # --------------------------------------------------------- on one local Ray cluster
 @pytest.fixture(scope="module")
 def cluster():

@@ -321,7 +321,8 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
             if engine.kind == "ray":
                 from .distributed import index_on_ray
 
-                index_on_ray(job, model, todo, engine, lock.token, on_shard=bar.update, stop_after=stop_after_shards)
+                index_on_ray(job, model, todo, engine, lock.token, write_shards, on_shard=bar.update,
+                             stop_after=stop_after_shards)
             else:
                 write_shards(job, model.vit, model.preprocess, todo, workers, bar.update, stop_after_shards)
         finally:

@@ -2,7 +2,7 @@
 
 Each actor (``ShardWorker``) holds the model once (on its GPU with
 ``gpus_per_worker``) and runs ``write_shards``, the local engine's own shard
-function, on the groups of shard numbers the driver hands it, with
+function (handed over by ``index_images``), on the groups of shard numbers the driver hands it, with
 ``cpus_per_worker`` reading processes; so the shards are the same bytes whoever
 writes them, and any later run resumes from them. The driver alone writes the
 manifest and marks the run complete.
@@ -32,12 +32,13 @@ class ShardWorker:
     """A Ray actor: the model, held once, and the job; writes the shards it is given."""
 
     def __init__(self, parts: tuple, gpu: bool, readers: int, cwd: str):
+        """``parts``: the job, the model's ViT and preprocessing, and the shard function."""
         import torch
 
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative image paths mean what they meant to the driver
-        job, vit, preprocess = parts
-        self.job, self.preprocess, self.readers = job, preprocess, readers
+        job, vit, preprocess, write_shards = parts
+        self.job, self.preprocess, self.readers, self.write_shards = job, preprocess, readers, write_shards
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
         self.gpu_missing = gpu and self.device.type == "cpu"
         self.vit = vit.to(self.device)
@@ -70,9 +71,7 @@ class ShardWorker:
 
     def write(self, shards: list[int]) -> list[int]:
         """Write the shards numbered ``shards``; the number of source items each covered."""
-        from .build import write_shards
-
-        write_shards(self.job, self.vit, self.preprocess, shards, workers=self.readers)
+        self.write_shards(self.job, self.vit, self.preprocess, shards, workers=self.readers)
         return [self.job.bounds(s)[1] - self.job.bounds(s)[0] for s in shards]
 
 
@@ -83,10 +82,10 @@ def _groups(shards: list[int], n_workers: int) -> deque:
     return deque(shards[i:i + size] for i in range(0, len(shards), size))
 
 
-def index_on_ray(job, model, shards: list[int], engine, token: str, on_shard=None,
+def index_on_ray(job, model, shards: list[int], engine, token: str, write_shards, on_shard=None,
                  stop_after: int | None = None) -> None:
     """Write the shards numbered ``shards`` of ``job`` on Ray (see the module doc).
-    ``token``: the driver's lock token; ``on_shard(n)``: called with each finished shard's
+    ``token``: the driver's lock token; ``write_shards``: the shard function (``build.write_shards``); ``on_shard(n)``: called with each finished shard's
     number of items; ``stop_after``: hand out no more groups once that many shards are written."""
     from ..cluster import raise_cause, ray_session, worker_count
 
@@ -95,7 +94,7 @@ def index_on_ray(job, model, shards: list[int], engine, token: str, on_shard=Non
     with ray_session(engine) as ray:
         n_workers = min(worker_count(ray, engine), len(shards))
         vit = model.vit if model.vit.proj.device.type == "cpu" else copy.deepcopy(model.vit).cpu()
-        shared = ray.put((job, vit, model.preprocess))
+        shared = ray.put((job, vit, model.preprocess, write_shards))
         actor = ray.remote(ShardWorker).options(num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker,
                                                 max_restarts=0, max_task_retries=0)
         readers = max(1, int(engine.cpus_per_worker))
