@@ -24,7 +24,7 @@
    measured per-worker rate (section 1), labelled as a projection.
 
     python bench/scale.py [--only index,textspan,faiss,disk] [--n 50000] [--model toy] [--images SPEC]
-                          [--device auto] [--batch-size 64] [--rows 1000000] [--dim 512]
+                          [--device auto] [--batch-size 64] [--rows 1000000] [--dim 512] [--rate R]
 
 On a GPU node, ``--only index --model open_clip:ViT-B-16@ckpt.pt --images DIR --device cuda
 --gpus-per-worker 1`` measures the per-GPU rate the projection needs.
@@ -293,7 +293,7 @@ def bench_faiss(args, tmp: Path) -> dict:
 
 
 # -------------------------------------------------------------- 4. disk, projection
-def bench_disk(index_rows: dict | None) -> dict:
+def bench_disk(index_rows: dict | None, rate: float | None = None) -> dict:
     import open_clip
 
     from clip_interpret.decompose import resolve_layers
@@ -317,8 +317,9 @@ def bench_disk(index_rows: dict | None) -> dict:
     if index_rows:
         ray_rows = [r for name, r in index_rows.items() if name.startswith("ray")]
         rate = ray_rows[-1]["per_worker"] if ray_rows else next(iter(index_rows.values()))["steady"]
-        print(f"\n  PROJECTION from the measured per-worker rate {rate:.0f} img/s (section 1; linear scaling "
-              "assumed, start-up excluded):")
+    if rate:
+        print(f"\n  PROJECTION from the measured per-worker rate {rate:.0f} img/s (section 1, or --rate from an "
+              "earlier run of it; linear scaling assumed, start-up excluded):")
         for k in (1, 8, 64):
             print(f"    K={k:<3} workers: 1M images {1e6 / (k * rate) / 3600:8.2f} h, "
                   f"100M images {1e8 / (k * rate) / 3600:9.1f} h")
@@ -338,6 +339,8 @@ def main() -> None:
     parser.add_argument("--textspan", type=int, default=20_000, help="images of the smaller TextSpan run")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--rate", type=float, default=None,
+                        help="per-worker img/s for the projection (section 4) when section 1 is not run")
     parser.add_argument("--tmp", default=None, help="work folder (default: a temporary folder)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,7 +361,7 @@ def main() -> None:
         if "faiss" in only:
             bench_faiss(args, tmp)
         if "disk" in only:
-            bench_disk(index_rows)
+            bench_disk(index_rows, args.rate)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
