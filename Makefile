@@ -42,6 +42,7 @@ bench: setup
 	$(PY) bench/app_memory.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/gpu.py   # on a CPU: a quick check of the script; its figures are for GPUs
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) out

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,6 +212,23 @@ def test_manifest_records_what_the_run_came_from(model, tmp_path):
     assert manifest["layers"] == run.layers == [0, 1, 2] and manifest["dtype"] == "fp16"
 
 
+def test_a_second_driver_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with store.RunLock(out):  # a driver (this process) writes the run
+        with pytest.raises(ClipInterpretError, match=rf"being written by another index process \(pid {os.getpid()} "
+                                                     rf"on host {socket.gethostname()}.*delete .*writer.lock"):
+            index_images(model, "toyworld:20:1", out, progress=False)
+    assert not (out / "writer.lock").exists()  # released on exit
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout), "since": "x"}))
+    run = index_images(model, "toyworld:20:1", out, progress=False)  # killed driver: its lock is stale
+    assert run.complete and not (out / "writer.lock").exists()
+    (out / "writer.lock").write_text(json.dumps({"host": "another-node", "pid": 1, "since": "x"}))
+    with pytest.raises(ClipInterpretError, match="pid 1 on host another-node"):
+        index_images(model, "toyworld:20:1", out, progress=False)  # never guessed stale across hosts
+
+
 @pytest.fixture(scope="module")
 def good_run(model, tmp_path_factory):
     """A finished two-shard run (with labels) to copy and damage."""
@@ -296,3 +314,19 @@ def test_damaged_labels_are_a_one_line_error(good_run, tmp_path, labels, message
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "labels.json" in err
+
+
+def test_a_trusted_open_reads_neither_images_json_nor_the_arrays_until_used(good_run, tmp_path):
+    """How a Ray task opens a run its driver has checked: no images.json, no array headers, no maps."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_run, run_dir)
+    (run_dir / "images.json").unlink()
+    np.save(run_dir / "shards" / "00001.emb.npy", np.zeros((3, 2), np.float64))  # not looked at
+    run = store.Run(run_dir, check_files=False)
+    assert len(run) == 40 and [s.shard for s in run.shards] == [0, 1]
+    first, pieces = next(run.iter_pieces([1]))
+    assert first == 25 and isinstance(pieces, np.memmap) and pieces.shape[0] == 15
+    with pytest.raises(ClipInterpretError, match=r"images\.json is missing"):
+        run.names
+    with pytest.raises(ClipInterpretError, match=r"images\.json is missing"):
+        open_run(run_dir)  # the checked open still refuses it

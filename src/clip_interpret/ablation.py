@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.")
@@ -147,9 +148,10 @@ def layer_parts(rows: torch.Tensor, run) -> tuple[torch.Tensor, torch.Tensor, to
     return attn, mlps, heads, rest
 
 
-def iter_rows(run, device="cpu"):
-    """(start index, rows [S, P, D] float32 on ``device``) per shard (one shard in memory at a time)."""
-    for start, pieces in run.iter_pieces():
+def iter_rows(run, device="cpu", positions=None):
+    """(start index, rows [S, P, D] float32 on ``device``) per shard (one shard in memory at a time;
+    ``positions``: only the shards at these indices into ``run.shards``)."""
+    for start, pieces in run.iter_pieces(positions):
         yield start, torch.from_numpy(np.ascontiguousarray(pieces)).to(device).float()
 
 
@@ -159,37 +161,40 @@ def task_tensors(task: Task, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.as_tensor(task.classes, dtype=torch.float32, device=device))
 
 
-def piece_means(run, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Dataset means of every layer's attention and MLP pieces ([L, D] each, float64 sums)."""
+def _means_partial(run, positions, device):
+    """Sums of every layer's attention and MLP pieces ([L, D] each, float64) and the row count."""
     n_layers, d = run.manifest["n_layers"], run.dim
     attn_sum = torch.zeros((n_layers, d), dtype=torch.float64, device=device)
     mlp_sum, n = torch.zeros_like(attn_sum), 0
-    for _, rows in iter_rows(run, device):
+    for _, rows in iter_rows(run, device, positions):
         attn, mlps, _, _ = layer_parts(rows, run)
         attn_sum += attn.sum(dim=0)
         mlp_sum += mlps.sum(dim=0)
         n += rows.shape[0]
+    return attn_sum.cpu().numpy(), mlp_sum.cpu().numpy(), n
+
+
+def piece_means(run, device="cpu", engine=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset means of every layer's attention and MLP pieces ([L, D] each, float64 sums),
+    on ``device``; ``engine``: see ``clip_interpret.cluster.map_shards``."""
+    attn_sum, mlp_sum, n = map_shards(run, _means_partial, (), device, engine)
     if n == 0:
         raise ClipInterpretError(f"run {run.path} holds no images")
-    return (attn_sum / n).float(), (mlp_sum / n).float()
+    return (torch.as_tensor(attn_sum / n, device=device).float(),
+            torch.as_tensor(mlp_sum / n, device=device).float())
 
 
 def _device(model, device):
     return torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
 
 
-def ablation_study(run, model, device=None) -> dict:
-    """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc).
-    Computed on ``device`` (default: the model's), one shard at a time."""
-    device = _device(model, device)
-    tasks = zero_shot_tasks(run, model)
+def _ablation_partial(run, positions, device, tasks, attn_mean, mlp_mean):
+    """Correct predictions [variants, tasks] over the shards at ``positions`` (see ablation_study)."""
     on_device = [task_tensors(t, device) for t in tasks]
-    attn_mean, mlp_mean = piece_means(run, device)
+    attn_mean, mlp_mean = torch.as_tensor(attn_mean, device=device), torch.as_tensor(mlp_mean, device=device)
     n_layers = attn_mean.shape[0]
-    variants = ["full", "MLPs mean-ablated"] + [
-        f"attention 0-{k} mean-ablated" if k else "attention 0 mean-ablated" for k in range(n_layers)]
-    correct = torch.zeros((len(variants), len(tasks)), dtype=torch.float64, device=device)
-    for start, rows in iter_rows(run, device):
+    correct = torch.zeros((2 + n_layers, len(on_device)), dtype=torch.float64, device=device)
+    for start, rows in iter_rows(run, device, positions):
         attn, mlps, _, rest = layer_parts(rows, run)
         stop = start + rows.shape[0]
         attn_total, mlp_total = attn.sum(dim=1), mlps.sum(dim=1)
@@ -199,8 +204,23 @@ def ablation_study(run, model, device=None) -> dict:
         for v, emb in enumerate(embs):
             for t, (labels, classes) in enumerate(on_device):
                 correct[v, t] += ((emb @ classes.T).argmax(dim=1) == labels[start:stop]).sum()
+    return correct.cpu().numpy()
+
+
+@one_session
+def ablation_study(run, model, device=None, engine=None) -> dict:
+    """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc).
+    Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
+    (or a ``cluster.Engine``), by Ray tasks over groups of shards."""
+    device = _device(model, device)
+    tasks = zero_shot_tasks(run, model)
+    attn_mean, mlp_mean = piece_means(run, device, engine)
+    n_layers = attn_mean.shape[0]
+    variants = ["full", "MLPs mean-ablated"] + [
+        f"attention 0-{k} mean-ablated" if k else "attention 0 mean-ablated" for k in range(n_layers)]
+    correct = map_shards(run, _ablation_partial, (tasks, attn_mean.cpu().numpy(), mlp_mean.cpu().numpy()), device,
+                         engine)
     n = len(run)
-    correct = correct.cpu().numpy()
     table = {variant: {task.name: float(correct[v, t] / n) for t, task in enumerate(tasks)}
              for v, variant in enumerate(variants)}
     for variant in table:

@@ -13,8 +13,10 @@ defines each one). A head selection is one head (``"L5.H3"``), a list, or
 ``"all"``: a set of heads always means the *sum* of their contributions.
 Nearest neighbours are exact: one matrix-vector product over the run's head
 contributions (read shard by shard from the fp16 memory maps and kept as float32
-matrices in a ``ContributionStore``) and ``np.argpartition``. An optional FAISS
-index (``ApproximateIndex``) serves very large runs. Every function returns data;
+matrices in a ``ContributionStore``) and ``np.argpartition``; a run too large for
+the cache is scored shard by shard, and very large runs are served by a FAISS
+index per head set stored in the run folder (``search.py``; ``ApproximateIndex``
+is the in-memory one over any matrix). Every function returns data;
 ``render`` draws any result as a PNG and ``overlay`` draws a heat map for the web app.
 """
 
@@ -37,6 +39,7 @@ from .decompose import decompose, parse_head, resolve_layers, select_heads
 from .errors import ClipInterpretError
 from .images import describe, load_image
 from .labels import head_labels, heads_with_property, normalise_property
+from .search import HeadSet, RunSearch, matvec, top_k
 
 DEFAULT_K = {"property": 4, "image": 8, "text": 3}
 MAX_K = 64  # neighbours per result: each is loaded and drawn
@@ -58,7 +61,9 @@ def run_image(run, index: int) -> Image.Image:
         if not match:
             raise ClipInterpretError(f"run {run.path}: {name!r} is not a toy-world item name")
         return generate(int(match.group(2)), seed=int(match.group(1))).image
-    return load_image(name)
+    from .index.sources import read_item
+
+    return load_image(read_item(name))
 
 
 def check_index(run, index) -> int:
@@ -132,54 +137,38 @@ def heads_label(heads: list[str], layers: list[int], n_heads: int) -> str:
     return "all heads" if len(heads) == len(layers) * n_heads else ", ".join(heads)
 
 
-# ------------------------------------------------------------ exact search
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, best first (exact; O(n) selection, then sorting k)."""
-    k = min(int(k), scores.shape[0])
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    idx = np.argpartition(-scores, k - 1)[:k] if k < scores.shape[0] else np.arange(scores.shape[0])
-    return idx[np.argsort(-scores[idx], kind="stable")]
-
-
-def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """``matrix @ vector`` through torch's BLAS, without copies. (numpy's OpenBLAS threads keep
-    spinning after a call and starve torch's own threads on small machines: 10x slower analyses.)"""
-    return (torch.from_numpy(matrix) @ torch.from_numpy(np.ascontiguousarray(vector, matrix.dtype))).numpy()
-
-
 class ContributionStore:
     """A run's head contributions as float32 matrices [N, D], for nearest-neighbour search.
 
     ``matrix(heads)`` is the sum (``reduce="sum"``) or mean of the heads' contributions,
     read shard by shard from the fp16 memory maps (never every head at once) and kept
-    in a thread-safe LRU cache bounded by ``max_bytes`` (0: nothing is kept). With
-    ``approximate=True``, matrices of at least ``ann_min_rows`` rows are searched
-    with a FAISS index instead (``ApproximateIndex``).
+    in a thread-safe LRU cache bounded by ``max_bytes`` (0: nothing is kept). A head
+    set whose matrix is larger than ``max_bytes`` is searched exactly by streaming the
+    shards instead (memory of one shard). With ``approximate=True``, runs of at least
+    ``ann_min_rows`` rows are searched through a FAISS index per head set and metric,
+    built on demand from the shards and stored in the run folder (``search.RunIndex``);
+    ``None`` (default): so are runs of that size whose matrices do not fit ``max_bytes``,
+    when FAISS is installed (runs larger than memory), while the others stay exact.
     """
 
-    def __init__(self, run, max_bytes: int = 2 << 30, approximate: bool = False, ann_min_rows: int = 100_000):
+    def __init__(self, run, max_bytes: int = 2 << 30, approximate: bool | None = None,
+                 ann_min_rows: int = 100_000):
+        from importlib.util import find_spec
+
         self.run = run
         self.max_bytes = int(max_bytes)
+        if approximate is None:
+            approximate = len(run) * run.dim * 4 > self.max_bytes and find_spec("faiss") is not None
         self.approximate = approximate
         self.ann_min_rows = ann_min_rows
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
-
-    def _rows(self, heads: list[str]) -> list[int]:
-        start = self.run.layout["heads"][0]
-        return [start + self.run.head_index(*parse_head(h)) for h in heads]
+        self._large = RunSearch(run)
 
     def _read(self, heads: list[str], reduce: str) -> np.ndarray:
-        rows = sorted(self._rows(heads))
-        n, dim = len(self.run), self.run.dim
-        out = np.empty((n, dim), np.float32)
-        contiguous = rows == list(range(rows[0], rows[-1] + 1))
-        for pos, piece in self.run.iter_pieces():
-            block = piece[:, rows[0]:rows[-1] + 1] if contiguous else piece[:, rows]  # [n_shard, k, D] fp16
-            out[pos:pos + block.shape[0]] = block.sum(axis=1, dtype=np.float32)
-        if reduce == "mean":
-            out /= len(rows)
+        out = np.empty((len(self.run), self.run.dim), np.float32)
+        for first, block in HeadSet(self.run, heads, reduce).blocks():
+            out[first:first + block.shape[0]] = block
         return out
 
     def _entry(self, heads: list[str], reduce: str) -> dict:
@@ -189,7 +178,7 @@ class ContributionStore:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         matrix = self._read(heads, reduce)
-        entry = {"matrix": matrix, "norms": None, "ann": {}}
+        entry = {"matrix": matrix, "norms": None}
         if matrix.nbytes <= self.max_bytes:
             with self._lock:
                 self._cache[key] = entry
@@ -205,6 +194,10 @@ class ContributionStore:
         """Top-k rows (indices, scores) of the heads' matrix against ``query`` [D]."""
         if metric not in METRICS:
             raise ClipInterpretError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        if self.approximate and len(self.run) >= self.ann_min_rows:
+            return self._large.approximate(heads, query, k, reduce, metric)
+        if len(self.run) * self.run.dim * 4 > self.max_bytes:  # not kept: stream the shards
+            return self._large.exact(heads, query, k, reduce, metric)
         entry = self._entry(heads, reduce)
         matrix = entry["matrix"]
         query = np.asarray(query, np.float32)
@@ -212,11 +205,6 @@ class ContributionStore:
             if entry["norms"] is None:
                 entry["norms"] = np.maximum(np.linalg.norm(matrix, axis=1), 1e-12)
             query = query / max(float(np.linalg.norm(query)), 1e-12)
-        if self.approximate and matrix.shape[0] >= self.ann_min_rows:
-            if metric not in entry["ann"]:
-                base = matrix / entry["norms"][:, None] if metric == "cosine" else matrix
-                entry["ann"][metric] = ApproximateIndex(base)
-            return entry["ann"][metric].search(query, k)
         scores = matvec(matrix, query)
         if metric == "cosine":
             scores /= entry["norms"]

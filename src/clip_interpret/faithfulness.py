@@ -29,8 +29,10 @@ permutation p-value of the observed share.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 from .labels.store import normalise_property
 
@@ -42,30 +44,32 @@ def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return correct - others.max(dim=-1).values
 
 
-def head_ablation_drops(run, model, device=None) -> dict:
-    """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
-    Computed on ``device`` (default: the model's), one shard at a time."""
-    from .ablation import _device, iter_rows, task_tensors, zero_shot_tasks
+def _head_sums(run, positions, device):
+    """Sum of every analysed head's contributions [HH, D] (float64) over the shards at ``positions``."""
+    from .ablation import iter_rows
 
-    device = _device(model, device)
-    tasks = zero_shot_tasks(run, model)
-    on_device = [task_tensors(t, device) for t in tasks]
-    names = run.head_names()
     start_h, stop_h = run.layout["heads"]
-    n = len(run)
-    if n == 0:
-        raise ClipInterpretError(f"run {run.path} holds no images")
-    head_sum = torch.zeros((len(names), run.dim), dtype=torch.float64, device=device)
-    for _, rows in iter_rows(run, device):
-        head_sum += rows[:, start_h:stop_h].sum(dim=0)
-    mean = (head_sum / n).float()  # [HH, D]
-    n_tasks = len(tasks)
+    total = torch.zeros((stop_h - start_h, run.dim), dtype=torch.float64, device=device)
+    for _, rows in iter_rows(run, device, positions):
+        total += rows[:, start_h:stop_h].sum(dim=0)
+    return total.cpu().numpy()
+
+
+def _drops_partial(run, positions, device, tasks, mean):
+    """Sums over the shards at ``positions``: correct predictions (full, and per head ablated),
+    margin drops per (head, task), and the full model's margins and their squares."""
+    from .ablation import iter_rows, task_tensors
+
+    on_device = [task_tensors(t, device) for t in tasks]
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)  # [HH, D]
+    n_heads, n_tasks = mean.shape[0], len(tasks)
+    start_h, stop_h = run.layout["heads"]
     f64 = dict(dtype=torch.float64, device=device)
     base_correct = torch.zeros(n_tasks, **f64)
-    ablated_correct = torch.zeros((len(names), n_tasks), **f64)
-    margin_drop_sum = torch.zeros((len(names), n_tasks), **f64)
+    ablated_correct = torch.zeros((n_heads, n_tasks), **f64)
+    margin_drop_sum = torch.zeros((n_heads, n_tasks), **f64)
     margin_sum, margin_sq = torch.zeros(n_tasks, **f64), torch.zeros(n_tasks, **f64)
-    for start, rows in iter_rows(run, device):
+    for start, rows in iter_rows(run, device, positions):
         stop = start + rows.shape[0]
         emb = rows.sum(dim=1)  # the exact reconstruction [S, D]
         heads = rows[:, start_h:stop_h]  # [S, HH, D]
@@ -77,13 +81,31 @@ def head_ablation_drops(run, model, device=None) -> dict:
             margin_sum[t] += base_margin.sum()
             margin_sq[t] += (base_margin.double() ** 2).sum()
             ablated = logits[:, None, :] + (mean[None] - heads) @ classes.T  # [S, HH, C]
-            per_head = labels[:, None].expand(-1, len(names))
+            per_head = labels[:, None].expand(-1, n_heads)
             ablated_correct[:, t] += (ablated.argmax(dim=2) == per_head).sum(dim=0)
             margin_drop_sum[:, t] += (base_margin[:, None] - _margins(ablated, per_head)).sum(dim=0)
-    spread = torch.sqrt(torch.clamp(margin_sq / n - (margin_sum / n) ** 2, min=1e-12))
-    accuracy_drop = ((base_correct[None] - ablated_correct) / n).cpu().numpy()
-    margin_drop = (margin_drop_sum / n / spread[None]).cpu().numpy()
-    base = (base_correct / n).cpu().numpy()
+    return tuple(x.cpu().numpy() for x in (base_correct, ablated_correct, margin_drop_sum, margin_sum, margin_sq))
+
+
+@one_session
+def head_ablation_drops(run, model, device=None, engine=None) -> dict:
+    """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
+    Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
+    (or a ``cluster.Engine``), by Ray tasks over groups of shards."""
+    from .ablation import _device, zero_shot_tasks
+    device = _device(model, device)
+    tasks = zero_shot_tasks(run, model)
+    names = run.head_names()
+    n = len(run)
+    if n == 0:
+        raise ClipInterpretError(f"run {run.path} holds no images")
+    mean = map_shards(run, _head_sums, (), device, engine) / n  # [HH, D]
+    base_correct, ablated_correct, margin_drop_sum, margin_sum, margin_sq = map_shards(
+        run, _drops_partial, (tasks, mean), device, engine)
+    spread = np.sqrt(np.clip(margin_sq / n - (margin_sum / n) ** 2, 1e-12, None))
+    accuracy_drop = (base_correct[None] - ablated_correct) / n
+    margin_drop = margin_drop_sum / n / spread[None]
+    base = base_correct / n
     task_names = [t.name for t in tasks]
     return {"tasks": task_names, "n_images": n, "accuracy": dict(zip(task_names, base.tolist())),
             "drops": {name: dict(zip(task_names, map(float, margin_drop[i]))) for i, name in enumerate(names)},

@@ -343,7 +343,7 @@ def segbench(model, dataset_spec: str, layers="all", per_head: bool | None = Non
     started = time.time()
     failures, first, previous_truth = [], None, None
     with tqdm(total=len(dataset), desc="segbench", unit="img", disable=not progress) as bar:
-        stream = pixel_batches(dataset, model.preprocess, ranges, vit.proj.device, workers=workers, decode=decode,
+        stream = pixel_batches(dataset, model.preprocess, ranges, vit.device, workers=workers, decode=decode,
                                draft=draft, compute=compute)
         for batch in stream:
             failures += batch.failures

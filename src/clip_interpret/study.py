@@ -61,7 +61,7 @@ def pool_file_name(pool_spec: str) -> str:
 
 
 # ------------------------------------------------------------------- steps
-def step_ablate(run, model, force: bool = False) -> tuple[dict | None, bool]:
+def step_ablate(run, model, force: bool = False, engine=None) -> tuple[dict | None, bool]:
     """(result, ran). Runs without zero-shot tasks give (None, False) with a printed reason."""
     from .ablation import ablation_study
 
@@ -69,14 +69,14 @@ def step_ablate(run, model, force: bool = False) -> tuple[dict | None, bool]:
     old = up_to_date(path, stamp, force)
     if old is not None:
         return old, False
-    result = ablation_study(run, model)
+    result = ablation_study(run, model, engine=engine)
     result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
 
 
 def step_textspan(run, model, pool_spec: str, m: int = 5, rank: int = 80, check: bool = True, force: bool = False,
-                  progress: bool = True) -> tuple[dict, Path, bool]:
+                  progress: bool = True, engine=None) -> tuple[dict, Path, bool]:
     from .pools import load_pool
     from .textspan import textspan_run
 
@@ -87,7 +87,7 @@ def step_textspan(run, model, pool_spec: str, m: int = 5, rank: int = 80, check:
     if old is not None:
         return old, path, False
     result = textspan_run(run, model, pool, m=m, rank=rank, check_ms=[1, 3, 5, 10, 20] if check else [],
-                          progress=progress)
+                          progress=progress, engine=engine)
     result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, path, True
@@ -123,14 +123,14 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
     return result, True
 
 
-def step_faithfulness(run, model, force: bool = False) -> tuple[dict | None, bool]:
+def step_faithfulness(run, model, force: bool = False, engine=None) -> tuple[dict | None, bool]:
     from .faithfulness import head_ablation_drops
 
     path, stamp = run.path / "faithfulness.json", {"run": run_state(run)}
     old = up_to_date(path, stamp, force)
     if old is not None:
         return old, False
-    result = head_ablation_drops(run, model)
+    result = head_ablation_drops(run, model, engine=engine)
     result["stamp"] = stamp
     atomic_write_json(path, result)
     return result, True
@@ -242,83 +242,90 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
             vocabulary: str | None = None, llm=None, published: bool = True, batch_size: int = 64,
             force: bool = False, progress: bool = True, log=print, device: str = "auto", precision: str = "fp32",
             workers: int | None = None, decode: str = "auto", draft: bool = False,
-            convention: str | None = None, tokenizer=None) -> dict:
+            convention: str | None = None, tokenizer=None, engine=None) -> dict:
     """Chain every step for one model and image source; return what each produced (see module doc).
 
     ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
     the input pipeline of the index step; ``convention``: of the pieces (default: an existing
-    run's, else ``centred``); ``tokenizer``: replaces the model's (``load_model``)."""
+    run's, else ``centred``); ``tokenizer``: replaces the model's (``load_model``).
+    ``engine="ray"`` (or a ``cluster.Engine``): index, ablation, TextSpan and faithfulness run on
+    one Ray session (``workers``: Ray workers)."""
+    from contextlib import nullcontext
+
+    from .cluster import ray_session, resolve_engine
     from .index import index_images, open_run
     from .models import load_model
 
-    started = time.time()
-    total = len(STEPS)
-    timings: dict[str, float] = {}
+    engine = resolve_engine(engine, workers=workers if engine == "ray" else None)
+    with ray_session(engine) if engine.kind == "ray" else nullcontext():
+        started = time.time()
+        total = len(STEPS)
+        timings: dict[str, float] = {}
 
-    def say(i: int, step: str, ran: bool, detail: str = "", t0: float | None = None) -> None:
-        took = time.time() - t0 if t0 is not None else 0.0
-        timings[step] = round(took, 2)
-        state = f"done in {took:.1f} s" if ran else "up to date, skipped"
-        log(f"[{i}/{total}] {step}: {state}{' - ' + detail if detail else ''}")
+        def say(i: int, step: str, ran: bool, detail: str = "", t0: float | None = None) -> None:
+            took = time.time() - t0 if t0 is not None else 0.0
+            timings[step] = round(took, 2)
+            state = f"done in {took:.1f} s" if ran else "up to date, skipped"
+            log(f"[{i}/{total}] {step}: {state}{' - ' + detail if detail else ''}")
 
-    out = Path(out)
-    log(f"loading {model_spec} ...")
-    model = load_model(model_spec, tokenizer=tokenizer, device=device, precision=precision)
-    if model.random_weights:
-        log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
-    t0 = time.time()
-    existing = _read(out / "manifest.json")
-    was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
-    if convention is None:
-        convention = existing.get("convention", "centred") if isinstance(existing, dict) else "centred"
-    run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
-                       decode=decode, draft=draft, convention=convention)
-    say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
-    run = open_run(out, model)
+        out = Path(out)
+        log(f"loading {model_spec} ...")
+        model = load_model(model_spec, tokenizer=tokenizer, device=device, precision=precision)
+        if model.random_weights:
+            log("NOTE: this model has RANDOM weights; the study shows the mechanics, not meaning.")
+        t0 = time.time()
+        existing = _read(out / "manifest.json")
+        was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
+        if convention is None:
+            convention = existing.get("convention", "centred") if isinstance(existing, dict) else "centred"
+        run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
+                           decode=decode, draft=draft, convention=convention, engine=engine)
+        say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)
+        run = open_run(out, model)
 
-    t0 = time.time()
-    try:
-        ablation, ran = step_ablate(run, model, force)
-        say(2, "ablate", ran, f"tasks {', '.join(ablation['tasks'])}", t0)
-        has_tasks = True
-    except ClipInterpretError as err:
-        ablation, has_tasks = None, False
-        log(f"[2/{total}] ablate: not possible here ({err})")
+        t0 = time.time()
+        try:
+            ablation, ran = step_ablate(run, model, force, engine)
+            say(2, "ablate", ran, f"tasks {', '.join(ablation['tasks'])}", t0)
+            has_tasks = True
+        except ClipInterpretError as err:
+            ablation, has_tasks = None, False
+            log(f"[2/{total}] ablate: not possible here ({err})")
 
-    t0 = time.time()
-    textspan, textspan_path, ran = step_textspan(run, model, pool, m=m, rank=rank, check=has_tasks, force=force,
-                                                 progress=progress)
-    say(3, "textspan", ran, f"pool {textspan['pool']['name']}, m={m}, {textspan_path.name}", t0)
+        t0 = time.time()
+        textspan, textspan_path, ran = step_textspan(run, model, pool, m=m, rank=rank, check=has_tasks, force=force,
+                                                     progress=progress, engine=engine)
+        say(3, "textspan", ran, f"pool {textspan['pool']['name']}, m={m}, {textspan_path.name}", t0)
 
-    labels = {}
-    t0 = time.time()
-    any_ran = False
-    for k, labeller in enumerate(labellers):
-        labels[labeller], ran = step_label(run, model, labeller, textspan_path, manual=manual, encoder=encoder,
-                                           vocabulary=vocabulary, llm=llm, force=force, progress=progress,
-                                           make_current=False)
-        any_ran |= ran
-        if labels[labeller]["failed"]:
-            log(f"    {labeller}: {len(labels[labeller]['failed'])} head(s) failed, e.g. "
-                f"{next(iter(labels[labeller]['failed'].values()))}")
-    atomic_write_json(out / "labels.json", labels[labellers[0]])  # the first labeller's labels are in force
-    say(4, "label", any_ran, ", ".join(f"{k}: {sum(1 for e in v['heads'].values() if e['label'])} heads labelled"
-                                       for k, v in labels.items()), t0)
+        labels = {}
+        t0 = time.time()
+        any_ran = False
+        for k, labeller in enumerate(labellers):
+            labels[labeller], ran = step_label(run, model, labeller, textspan_path, manual=manual, encoder=encoder,
+                                               vocabulary=vocabulary, llm=llm, force=force, progress=progress,
+                                               make_current=False)
+            any_ran |= ran
+            if labels[labeller]["failed"]:
+                log(f"    {labeller}: {len(labels[labeller]['failed'])} head(s) failed, e.g. "
+                    f"{next(iter(labels[labeller]['failed'].values()))}")
+        atomic_write_json(out / "labels.json", labels[labellers[0]])  # the first labeller's labels are in force
+        say(4, "label", any_ran, ", ".join(f"{k}: {sum(1 for e in v['heads'].values() if e['label'])} heads labelled"
+                                           for k, v in labels.items()), t0)
 
-    t0 = time.time()
-    if has_tasks:
-        _, ran = step_faithfulness(run, model, force)
-        say(5, "faithfulness", ran, "each head mean-ablated alone", t0)
-    else:
-        log(f"[5/{total}] faithfulness: not possible here (the run has no zero-shot tasks)")
+        t0 = time.time()
+        if has_tasks:
+            _, ran = step_faithfulness(run, model, force, engine)
+            say(5, "faithfulness", ran, "each head mean-ablated alone", t0)
+        else:
+            log(f"[5/{total}] faithfulness: not possible here (the run has no zero-shot tasks)")
 
-    t0 = time.time()
-    metrics, ran = step_metrics(run, published=published, force=force, model=model, llm=llm)
-    say(6, "metrics", ran, "metrics.json, metrics.png", t0)
+        t0 = time.time()
+        metrics, ran = step_metrics(run, published=published, force=force, model=model, llm=llm)
+        say(6, "metrics", ran, "metrics.json, metrics.png", t0)
 
-    t0 = time.time()
-    report, ran = step_report(run, model, force=force or any_ran)
-    say(7, "report", ran, str(report), t0)
-    log(f"finished in {time.time() - started:.1f} s")
-    return {"run": run, "ablation": ablation, "textspan": textspan, "labels": labels, "metrics": metrics,
-            "report": report, "timings": timings}
+        t0 = time.time()
+        report, ran = step_report(run, model, force=force or any_ran)
+        say(7, "report", ran, str(report), t0)
+        log(f"finished in {time.time() - started:.1f} s")
+        return {"run": run, "ablation": ablation, "textspan": textspan, "labels": labels, "metrics": metrics,
+                "report": report, "timings": timings}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cluster import map_shards, one_session
 from .errors import ClipInterpretError
 
 
@@ -140,15 +141,30 @@ def textspan(contributions: np.ndarray, text_embeddings: np.ndarray, texts: list
     return result
 
 
-def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool = False):
+def _gram_partial(run, positions, device, first: int, last: int):
+    """Gram matrices [G, D, D] and sums [G, D] (float64, on the host) of the analysed heads
+    first..last-1 over the shards at ``positions``."""
+    import torch
+
+    from .ablation import iter_rows
+
+    start_h, d = run.layout["heads"][0], run.dim
+    grams = torch.zeros((last - first, d, d), dtype=torch.float64, device=device)
+    sums = torch.zeros((last - first, d), dtype=torch.float64, device=device)
+    for _, rows in iter_rows(run, device, positions):
+        h = rows[:, start_h + first:start_h + last].double().transpose(0, 1)  # [G, S, D]
+        grams += h.transpose(1, 2) @ h
+        sums += h.sum(dim=1)
+    return grams.cpu().numpy(), sums.cpu().numpy()
+
+
+def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool = False, engine=None):
     """Per analysed head, the Gram matrix ``C^T C`` [D, D] and the sum of its contributions [D]
     (float64), accumulated shard by shard on ``device``: memory stays at the statistics' size
     (heads are taken in groups of at most ``max_bytes`` of Gram matrices, one pass per group),
-    whatever the number of images. Yields (head index, gram, sum) as numpy arrays."""
-    import torch
+    whatever the number of images. With ``engine="ray"`` (or a ``cluster.Engine``) each pass is
+    a map over groups of shards on Ray and a reduce (the sum). Yields (head index, gram, sum)."""
     from tqdm import tqdm
-
-    from .ablation import iter_rows
 
     start_h, stop_h = run.layout["heads"]
     n_heads, d = stop_h - start_h, run.dim
@@ -156,22 +172,19 @@ def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool 
     passes = range(0, n_heads, group)
     for first in tqdm(passes, desc="TextSpan statistics", unit="pass", disable=not progress or len(passes) < 2):
         last = min(n_heads, first + group)
-        grams = torch.zeros((last - first, d, d), dtype=torch.float64, device=device)
-        sums = torch.zeros((last - first, d), dtype=torch.float64, device=device)
-        for _, rows in iter_rows(run, device):
-            h = rows[:, start_h + first:start_h + last].double().transpose(0, 1)  # [G, S, D]
-            grams += h.transpose(1, 2) @ h
-            sums += h.sum(dim=1)
+        grams, sums = map_shards(run, _gram_partial, (first, last), device, engine)
         for j in range(last - first):
-            yield first + j, grams[j].cpu().numpy(), sums[j].cpu().numpy()
+            yield first + j, grams[j], sums[j]
 
 
+@one_session
 def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5, 10, 20), progress: bool = True,
-                 device=None):
+                 device=None, engine=None):
     """TextSpan for every analysed head of a run; with ``check_ms``, the reconstruction check.
 
     Streams the run: each head's Gram matrix and mean are accumulated shard by shard on
-    ``device`` (default: the model's), so memory does not grow with the number of images.
+    ``device`` (default: the model's), so memory does not grow with the number of images;
+    ``engine="ray"``: on Ray, a map over groups of shards and a reduce (``head_statistics``).
     Returns a JSON-ready dict: per head the picked texts (with categories and the
     variance each explains), the inputs it came from, and — when the run supports
     zero-shot tasks — accuracy with the analysed heads replaced by their
@@ -195,7 +208,7 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bar = tqdm(total=len(names), desc="TextSpan", unit="head", disable=not progress)
-        for index, gram, total in head_statistics(run, device, progress=progress):
+        for index, gram, total in head_statistics(run, device, progress=progress, engine=engine):
             result = textspan_from_gram(gram, total / max(n, 1), n, texts_emb, pool.texts, m=depth, rank=rank)
             results[names[index]] = result
             heads[names[index]] = {
@@ -219,24 +232,49 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
         "heads": heads,
     }
     if check_ms:
-        out["reconstruction"] = reconstruction_check(run, model, [results[name] for name in names], check_ms, device)
+        out["reconstruction"] = reconstruction_check(run, model, [results[name] for name in names], check_ms, device,
+                                                     engine)
     return out
 
 
-def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, device=None) -> dict | None:
-    """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions from their
-    first m texts (``results`` in the run's head order), other layers and MLPs mean-ablated."""
+def _reconstruction_partial(run, positions, device, tasks, fixed_mean, means, projections, directions, ks):
+    """Correct predictions [variants, tasks] over the shards at ``positions``: the full
+    reconstruction, then the heads rebuilt from their first k texts for each k in ``ks``."""
     import torch
 
-    from .ablation import _device, iter_rows, layer_parts, piece_means, task_tensors, zero_shot_tasks
+    from .ablation import iter_rows, layer_parts, task_tensors
 
+    on_device = [task_tensors(t, device) for t in tasks]
+    f32 = dict(dtype=torch.float32, device=device)
+    fixed_mean, means = torch.as_tensor(fixed_mean, **f32), torch.as_tensor(means, **f32)
+    projections, directions = torch.as_tensor(projections, **f32), torch.as_tensor(directions, **f32)
+    correct = torch.zeros((1 + len(ks), len(tasks)), dtype=torch.float64, device=device)
+    start_h, stop_h = run.layout["heads"]
+    for start, rows in iter_rows(run, device, positions):
+        attn, mlps, _, rest = layer_parts(rows, run)
+        stop = start + rows.shape[0]
+        bias = rows[:, slice(*run.layout["attn_bias"])].sum(dim=1)
+        coefficients = torch.einsum("shd,hdm->shm", rows[:, start_h:stop_h] - means, projections)  # [S, HH, depth]
+        embs = [attn.sum(dim=1) + mlps.sum(dim=1) + rest]
+        for k in ks:
+            heads = means.sum(dim=0) + torch.einsum("shm,hmd->sd", coefficients[..., :k], directions[:, :k])
+            embs.append(heads + bias + fixed_mean + rest)
+        for v, emb in enumerate(embs):
+            for t, (labels, classes) in enumerate(on_device):
+                correct[v, t] += ((emb @ classes.T).argmax(dim=1) == labels[start:stop]).sum()
+    return correct.cpu().numpy()
+
+
+def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, device=None, engine=None) -> dict | None:
+    """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions from their
+    first m texts (``results`` in the run's head order), other layers and MLPs mean-ablated."""
+    from .ablation import _device, piece_means, zero_shot_tasks
     try:
         tasks = zero_shot_tasks(run, model)
     except ClipInterpretError as err:
         return {"skipped": str(err)}
     device = _device(model, device)
-    on_device = [task_tensors(t, device) for t in tasks]
-    attn_mean, mlp_mean = piece_means(run, device)
+    attn_mean, mlp_mean = piece_means(run, device, engine)
     other = run.manifest["other_layers"]
     fixed_mean = mlp_mean.sum(dim=0) + (attn_mean[other].sum(dim=0) if other else 0)
     depth = max(check_ms)
@@ -247,28 +285,16 @@ def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, de
         return out
 
     d = run.dim
-    f32 = dict(dtype=torch.float32, device=device)
-    means = torch.tensor(np.stack([r.mean for r in results]), **f32)  # [HH, D]
-    projections = torch.tensor(np.stack([padded(r.projection[:, :depth], (d, depth)) for r in results]), **f32)
-    directions = torch.tensor(np.stack([padded(r.directions[:depth], (depth, d)) for r in results]), **f32)
-    variants = {"full": None, **{f"m={k}" if k else "heads mean-ablated (m=0)": k for k in [0, *check_ms]}}
-    correct = {name: torch.zeros(len(tasks), dtype=torch.float64, device=device) for name in variants}
-    start_h, stop_h = run.layout["heads"]
-    for start, rows in iter_rows(run, device):
-        attn, mlps, _, rest = layer_parts(rows, run)
-        stop = start + rows.shape[0]
-        bias = rows[:, slice(*run.layout["attn_bias"])].sum(dim=1)
-        coefficients = torch.einsum("shd,hdm->shm", rows[:, start_h:stop_h] - means, projections)  # [S, HH, depth]
-        for name, k in variants.items():
-            if k is None:
-                emb = attn.sum(dim=1) + mlps.sum(dim=1) + rest
-            else:
-                heads = means.sum(dim=0) + torch.einsum("shm,hmd->sd", coefficients[..., :k], directions[:, :k])
-                emb = heads + bias + fixed_mean + rest
-            for t, (labels, classes) in enumerate(on_device):
-                correct[name][t] += ((emb @ classes.T).argmax(dim=1) == labels[start:stop]).sum()
+    means = np.stack([r.mean for r in results])  # [HH, D]
+    projections = np.stack([padded(r.projection[:, :depth], (d, depth)) for r in results])
+    directions = np.stack([padded(r.directions[:depth], (depth, d)) for r in results])
+    ks = [0, *check_ms]
+    correct = map_shards(run, _reconstruction_partial, (tasks, fixed_mean.cpu().numpy(), means, projections,
+                                                        directions, ks), device, engine)
+    variants = ["full"] + [f"m={k}" if k else "heads mean-ablated (m=0)" for k in ks]
     n = len(run)
-    table = {name: {task.name: float(c[t] / n) for t, task in enumerate(tasks)} for name, c in correct.items()}
+    table = {name: {task.name: float(correct[v, t] / n) for t, task in enumerate(tasks)}
+             for v, name in enumerate(variants)}
     for row in table.values():
         row["mean"] = float(np.mean([row[t.name] for t in tasks]))
     return {"tasks": [t.name for t in tasks], "chance": {t.name: 1.0 / len(t.class_names) for t in tasks},

@@ -24,7 +24,9 @@ def add_compute_options(p, pipeline: bool = False) -> None:
                         "own tokenizer, from the Hugging Face cache or the Hub)")
     if pipeline:
         p.add_argument("--workers", type=int, default=None,
-                       help="image-reading processes (default: the CPU cores available; 0: read in this process)")
+                       help="image-reading processes (default: the CPU cores available; 0: read in this process); "
+                            "with --engine ray: Ray workers, each holding the model once (default: as many as the "
+                            "cluster fits)")
         p.add_argument("--decode", choices=["auto", "pil", "torch", "device"], default="auto",
                        help="JPEG decoding: pil (exactly open_clip's transform), torch (torchvision in the workers), "
                             "device (on the GPU); default auto = device on a GPU, torch on the CPU")
@@ -45,6 +47,34 @@ def add_convention_option(p, default: str | None = "centred") -> None:
 
 def pipeline_options(args) -> dict:
     return {"workers": args.workers, "decode": args.decode, "draft": args.draft}
+
+
+def add_engine_options(p, workers: bool = False) -> None:
+    """--engine and the Ray options; with ``workers``, also --workers (commands without a pipeline)."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (this process, default) or ray (a Ray cluster; pip install 'clip-interpret[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="ray: the cluster, HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS, else a local "
+                        "Ray started for the command and stopped after)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="ray: GPUs per Ray worker (default 0: CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=1,
+                   help="ray: CPUs per Ray worker; an indexing worker runs that many image-reading processes "
+                        "(default 1)")
+    if workers:
+        p.add_argument("--workers", type=int, default=None,
+                       help="ray: Ray workers, tasks at once (default: as many as the cluster fits)")
+
+
+def engine(args):
+    """The ``cluster.Engine`` the engine options name (checked: Ray installed, sane counts)."""
+    from ..cluster import resolve_engine
+
+    return resolve_engine(args.engine, args.ray_address, args.workers if args.engine == "ray" else None,
+                          args.gpus_per_worker, args.cpus_per_worker)
+
+
+IMAGES_HELP = ("a folder, a text file of image paths, a CSV or Parquet table, tars:PATTERN (WebDataset shards, "
+               "e.g. tars:data/{00000..00099}.tar) or toyworld:N[:seed]")
 
 
 def load(spec, args):

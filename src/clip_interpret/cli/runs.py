@@ -5,18 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from .common import add_compute_options, add_convention_option, load, pipeline_options, run_and_model, slug
+from .common import (IMAGES_HELP, add_compute_options, add_convention_option, add_engine_options, engine, load,
+                     pipeline_options, run_and_model, slug)
 
 
 def cmd_index(args) -> int:
     from ..index import index_images
 
+    where = engine(args)
     model = load(args.model, args)
     run = index_images(model, args.images, args.out, layers=args.layers, batch_size=args.batch_size,
-                       storage=args.storage, shard_size=args.shard_size, convention=args.convention,
+                       storage=args.storage, shard_size=args.shard_size, convention=args.convention, engine=where,
                        **pipeline_options(args))
     print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, {run.convention} convention, computed in "
-          f"{run.manifest['precision']} on {model.device}, stored as {run.manifest['dtype']})")
+          f"{run.manifest['precision']} {'on Ray' if where.kind == 'ray' else f'on {model.device}'}, "
+          f"stored as {run.manifest['dtype']})")
     for failure in run.failures[:20]:
         print(f"  skipped {failure['source']}: {failure['reason']}")
     if len(run.failures) > 20:
@@ -29,11 +32,15 @@ def cmd_ablate(args) -> int:
     from ..study import step_ablate
 
     if args.heads or args.property:
+        if args.engine != "local":
+            raise ClipInterpretError("--engine ray runs the mean-ablation study (without --heads/--property); "
+                                     "interventions re-run the model here: drop --engine ray")
         return _ablate_targets(args)
     if args.groups or args.probe:
         raise ClipInterpretError("--groups and --probe need targets: --heads L10.H3,... or --property P")
+    where = engine(args)
     run, model = run_and_model(args.run, args)
-    result, _ = step_ablate(run, model, force=True)
+    result, _ = step_ablate(run, model, force=True, engine=where)
     print(format_table(result, f"zero-shot accuracy, {result['n_images']} images of {args.run}"))
     print(f"\nwrote {Path(args.run) / 'ablation.json'}")
     return 0
@@ -84,9 +91,10 @@ def cmd_textspan(args) -> int:
     from ..study import step_textspan
     from ..textspan import format_heads
 
+    where = engine(args)
     run, model = run_and_model(args.run, args)
     result, name, _ = step_textspan(run, model, args.pool, m=args.m, rank=args.rank, check=not args.no_check,
-                                    force=True)
+                                    force=True, engine=where)
     print(format_heads(result))
     if result.get("reconstruction") and "accuracy" in result["reconstruction"]:
         print()
@@ -100,7 +108,7 @@ def cmd_textspan(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("index", help="decompose an image collection into a run directory (resumable)")
     p.add_argument("--model", required=True, help="model spec")
-    p.add_argument("--images", required=True, help="a folder, a text file of image paths, or toyworld:N[:seed]")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -109,6 +117,7 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1024, help="images per shard (default 1024)")
     add_convention_option(p)
     add_compute_options(p, pipeline=True)
+    add_engine_options(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("ablate", help="mean-ablation study; with --heads, the direct and total effects of "
@@ -127,8 +136,11 @@ def register(sub) -> None:
     p.add_argument("--probe", default=None, metavar="RUN", help="classify with linear probes fitted on this run's "
                                                                 "embeddings (same intervention) instead of zero-shot")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="image-reading processes (default: the cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-reading processes of an intervention (default: the cores); with --engine ray: Ray "
+                        "workers, tasks at once (default: as many as the cluster fits)")
     add_compute_options(p)
+    add_engine_options(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("textspan", help="TextSpan: a text basis for each analysed head")
@@ -139,4 +151,5 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     p.add_argument("--no-check", action="store_true", help="skip the reconstruction check")
     add_compute_options(p)
+    add_engine_options(p, workers=True)
     p.set_defaults(func=cmd_textspan)

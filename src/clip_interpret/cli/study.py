@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from .common import add_compute_options, add_convention_option, ensure_dir, pipeline_options, run_and_model
+from .common import (IMAGES_HELP, add_compute_options, add_convention_option, add_engine_options, engine,
+                     ensure_dir, pipeline_options, run_and_model)
 
 
 def cmd_demo(args) -> int:
@@ -107,8 +108,9 @@ def cmd_faithfulness(args) -> int:
     from ..faithfulness import confirm_labels, format_confirmation
     from ..study import step_faithfulness
 
+    where = engine(args)
     run, model = run_and_model(args.run, args)
-    drops, _ = step_faithfulness(run, model, force=True)
+    drops, _ = step_faithfulness(run, model, force=True, engine=where)
     print(f"mean-ablating each head alone, {drops['n_images']} images, tasks {', '.join(drops['tasks'])}")
     found = sorted(run.path.glob("labels-*.json"))
     for path in found:
@@ -179,8 +181,8 @@ def cmd_analyze(args) -> int:
         options["labellers"] = ("taxonomy",) if load_pool(args.pool).tagged else ("embedding",)
     result = analyze(args.model, args.images, args.out, pool=args.pool, layers=args.layers, m=args.m,
                      rank=args.rank, batch_size=args.batch_size, force=args.force, device=args.device,
-                     precision=args.precision, convention=args.convention,
-                     tokenizer=args.tokenizer, **pipeline_options(args), **options)
+                     precision=args.precision, convention=args.convention, tokenizer=args.tokenizer,
+                     engine=engine(args), **pipeline_options(args), **options)
     _print_study(result)
     return 0
 
@@ -212,6 +214,7 @@ def register(sub) -> None:
     p.add_argument("run", help="run directory")
     p.add_argument("--model", default=None, help="model spec (default: the run's)")
     add_compute_options(p)
+    add_engine_options(p, workers=True)
     p.set_defaults(func=cmd_faithfulness)
 
     p = sub.add_parser("metrics", help="association and entanglement scores; compare runs (table + bar chart)")
@@ -232,7 +235,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("analyze", help="the whole study: index, ablate, textspan, label, faithfulness, metrics, report")
     p.add_argument("--model", required=True, help="model spec")
-    p.add_argument("--images", required=True, help="a folder, a text file of image paths, or toyworld:N[:seed]")
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--pool", default="general", help="TextSpan pool: general, toy or a file (default general)")
     p.add_argument("--layers", default=None, help="analysed layers (default: last 4)")
@@ -243,6 +246,7 @@ def register(sub) -> None:
     _add_label_options(p, many=True)
     add_compute_options(p, pipeline=True)
     add_convention_option(p, default=None)
+    add_engine_options(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (a few minutes on CPU)")

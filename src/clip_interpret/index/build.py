@@ -21,10 +21,11 @@ import torch
 
 from ..decompose import check_convention, decompose_pixels, resolve_layers
 from ..device import check_precision, is_out_of_memory, out_of_memory_error
+from ..cluster import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
-from .store import MANIFEST_VERSION, Run, atomic_save_npy, atomic_write_json, piece_layout, read_manifest
+from .store import MANIFEST_VERSION, Run, RunLock, atomic_save_npy, atomic_write_json, piece_layout, read_manifest
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SHARD_SIZE = 1024
@@ -156,19 +157,140 @@ class _Shard:
         self.pieces, self.embs = [], []
 
 
+@dataclass
+class ShardJob:
+    """What every shard of a run needs besides the model (picklable: a Ray worker gets it once)."""
+
+    source: ImageSource
+    out: Path  # the run folder
+    shard_size: int
+    batch_size: int
+    layers: list[int]
+    layout: dict
+    dim: int
+    storage: str
+    precision: str
+    decode: str = "auto"
+    draft: bool = False
+    timeout: float = DEFAULT_TIMEOUT_S
+    convention: str = "centred"
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.source) + self.shard_size - 1) // self.shard_size
+
+    def bounds(self, shard: int) -> tuple[int, int]:
+        """The source items [start, stop) of shard number ``shard``."""
+        return shard * self.shard_size, min(len(self.source), (shard + 1) * self.shard_size)
+
+    def finished(self) -> set[int]:
+        """Numbers of the shards whose record is written (whoever wrote them)."""
+        return {int(p.name.split(".")[0]) for p in (self.out / "shards").glob("[0-9]*.json")}
+
+
+def write_shards(job: ShardJob, vit, preprocess, shards, workers: int | None = None, on_batch=None,
+                 stop_after: int | None = None) -> int:
+    """Index the shards numbered ``shards`` of ``job`` into its run folder with ``vit`` (on its
+    device) and return how many were written. Each shard is written atomically, its record last.
+    The local engine calls this for every unfinished shard; a Ray worker for the shards it is
+    given: the same bytes whoever writes them. ``workers``: reading processes;
+    ``on_batch(n)``: called with the number of images of each finished batch."""
+    device = vit.device
+    decoder = resolve_decoder(job.decode, device, preprocess)
+    n = len(job.source)
+    workers = resolve_workers(workers, n)
+    if decoder == "device" and device.type == "cpu" and workers:
+        decoder = "torch"  # on a CPU the workers decode and compute (see pixel_batches)
+    batches, owner, accumulators = [], [], {}
+    for shard in shards:
+        start, stop = job.bounds(shard)
+        ranges = [list(range(b, min(stop, b + job.batch_size))) for b in range(start, stop, job.batch_size)]
+        accumulators[shard] = _Shard(shard, start, stop, len(ranges))
+        batches += ranges
+        owner += [shard] * len(ranges)
+
+    writer = ShardWriter(job.out / "shards")
+    written = 0
+    pending = None  # the previous batch, its rows still on their way to the host
+    p_rows = max(stop for _, stop in job.layout.values())
+    np_dtype = np.float16 if job.storage == "fp16" else np.float32
+
+    def finish(item) -> int:
+        """Hand a computed batch's rows to its shard; write the shard when it is complete."""
+        shard, batch, pieces, embs, event = item
+        if event is not None:
+            event.synchronize()
+        acc = accumulators[shard]
+        if pieces is not None:
+            acc.pieces.append(pieces.numpy())
+            acc.embs.append(embs.numpy())
+            acc.record["kept"] += batch.indices
+        acc.record["failures"] += batch.failures
+        acc.left -= 1
+        if on_batch is not None:
+            on_batch(len(batch.indices) + len(batch.failures))
+        if acc.left:
+            return 0
+        acc.record["decoder"] = decoder
+        writer.submit(acc.record,
+                      np.concatenate(acc.pieces) if acc.pieces else np.zeros((0, p_rows, job.dim), np_dtype),
+                      np.concatenate(acc.embs) if acc.embs else np.zeros((0, job.dim), np.float32))
+        del accumulators[shard]
+        return 1
+
+    compute = _Rows(vit, job.layers, job.precision, job.layout, job.storage, job.convention)
+    stream = pixel_batches(job.source, preprocess, batches, device, workers=workers, decode=decoder, draft=job.draft,
+                           timeout=job.timeout, compute=compute)
+    try:
+        for batch in stream:
+            item = (owner[batch.number], batch, None, None, None)
+            if batch.indices:
+                try:
+                    pieces, embs = batch.result(compute)
+                except RuntimeError as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    raise out_of_memory_error(device, job.batch_size, "while indexing ") from None
+                event = None
+                if pieces.device.type == "cuda":  # into pinned host memory, while the device goes on
+                    pieces, embs = pieces.to("cpu", non_blocking=True), embs.to("cpu", non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                item = (owner[batch.number], batch, pieces, embs, event)
+            if pending is not None:
+                written += finish(pending)
+            pending = item
+            if stop_after is not None and written >= stop_after:
+                pending = None
+                break
+        if pending is not None:
+            written += finish(pending)
+    finally:
+        stream.close()
+        writer.close()
+    return written
+
+
 def index_images(model, source: str | ImageSource, out: str | Path, layers=None, batch_size: int = 64,
                  storage: str = "fp16", shard_size: int = SHARD_SIZE, progress: bool = True,
                  stop_after_shards: int | None = None, workers: int | None = None, decode: str = "auto",
                  draft: bool = False, precision: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 dtype: str | None = None, convention: str = "centred") -> Run:
+                 dtype: str | None = None, engine: str | Engine = "local", ray_address: str | None = None,
+                 gpus_per_worker: float = 0, cpus_per_worker: float = 1, convention: str = "centred") -> Run:
     """Decompose every image of ``source`` into the run directory ``out`` and return the Run.
 
-    Resumes an interrupted run (only unfinished shards are redone); refuses a
-    folder that holds a run made with other settings. ``storage``: dtype of the
-    stored pieces (fp16 or fp32); ``precision``: compute precision (default: the
-    model's); ``workers``: image-reading processes (default: the cores available);
-    ``decode``/``draft``/``timeout``: see ``clip_interpret.pipeline``; ``convention``:
-    ``centred`` or ``published`` (see ``clip_interpret.decompose``), recorded in the manifest.
+    Resumes an interrupted run (only unfinished shards are redone, whichever engine wrote
+    the others); refuses a folder that holds a run made with other settings, or that another
+    indexing process is writing. ``storage``: dtype of the stored pieces (fp16 or fp32);
+    ``precision``: compute precision (default: the model's); ``decode``/``draft``/``timeout``:
+    see ``clip_interpret.pipeline``; ``convention``: ``centred`` or ``published`` (see
+    ``clip_interpret.decompose``), recorded in the manifest.
+
+    ``engine="local"``: this process, with ``workers`` image-reading processes (default: the
+    cores available). ``engine="ray"``: ``workers`` Ray workers (default: as many as the
+    cluster fits), each holding the model once on ``gpus_per_worker`` GPUs with
+    ``cpus_per_worker`` reading processes, on the cluster at ``ray_address`` (default: a
+    local Ray started for the call); ``out`` must be a folder every node sees (see docs/scale.md).
     """
     from tqdm import tqdm
 
@@ -177,6 +299,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         raise ClipInterpretError(f"unknown storage dtype {storage!r}; choose fp16 or fp32")
     if batch_size < 1 or shard_size < 1:
         raise ClipInterpretError("batch size and shard size must be at least 1")
+    engine = resolve_engine(engine, ray_address, workers, gpus_per_worker, cpus_per_worker)
     precision = check_precision(precision or getattr(model, "precision", "fp32"))
     check_convention(convention)
     src = open_source(source) if isinstance(source, str) else source
@@ -189,101 +312,36 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         raise ClipInterpretError(f"cannot create run folder {out}: {err.strerror or err}") from None
     manifest = _manifest(model, src, chosen, others, storage, shard_size, precision, convention)
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        _check_resume(read_manifest(out), manifest, out)
-    else:
-        atomic_write_json(out / "images.json", {"names": src.names, "labels": src.labels})
-        atomic_write_json(manifest_path, manifest)
-    for stale in (out / "shards").glob(".*.tmp"):  # left by an interrupted write
-        stale.unlink()
+    job = ShardJob(src, out.absolute(), shard_size, batch_size, chosen, manifest["layout"], manifest["dim"], storage,
+                   precision, decode, draft, timeout, convention)
+    with RunLock(out) as lock:
+        if manifest_path.exists():
+            _check_resume(read_manifest(out), manifest, out)
+        else:
+            atomic_write_json(out / "images.json", {"names": src.names, "labels": src.labels})
+            atomic_write_json(manifest_path, manifest)
+        done = job.finished()
+        todo = [s for s in range(job.n_shards) if s not in done]
+        already = sum(min(shard_size, len(src) - s * shard_size) for s in done)
+        bar = tqdm(total=len(src), initial=already, desc="indexing", unit="img", disable=not progress, smoothing=0.1)
+        try:
+            if engine.kind == "ray":
+                from .distributed import index_on_ray
 
-    layout = manifest["layout"]
-    n = len(src)
-    n_shards = (n + shard_size - 1) // shard_size
-    done = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
-    todo = [s for s in range(n_shards) if s not in done]
-    vit = model.vit
-    device = vit.device
-    decoder = resolve_decoder(decode, device, model.preprocess)
-    workers = resolve_workers(workers, n)
-    if decoder == "device" and device.type == "cpu" and workers:
-        decoder = "torch"  # on a CPU the workers decode and compute (see pixel_batches)
-    batches, owner, shards = [], [], {}
-    for shard in todo:
-        start, stop = shard * shard_size, min(n, (shard + 1) * shard_size)
-        ranges = [list(range(b, min(stop, b + batch_size))) for b in range(start, stop, batch_size)]
-        shards[shard] = _Shard(shard, start, stop, len(ranges))
-        batches += ranges
-        owner += [shard] * len(ranges)
-
-    already = sum(min(shard_size, n - s * shard_size) for s in done)
-    bar = tqdm(total=n, initial=already, desc="indexing", unit="img", disable=not progress, smoothing=0.1)
-    writer = ShardWriter(out / "shards")
-    written = 0
-    pending = None  # the previous batch, its rows still on their way to the host
-
-    def finish(item) -> int:
-        """Hand a computed batch's rows to its shard; write the shard when it is complete."""
-        shard, batch, pieces, embs, event = item
-        if event is not None:
-            event.synchronize()
-        acc = shards[shard]
-        if pieces is not None:
-            acc.pieces.append(pieces.numpy())
-            acc.embs.append(embs.numpy())
-            acc.record["kept"] += batch.indices
-        acc.record["failures"] += batch.failures
-        acc.left -= 1
-        bar.update(len(batch.indices) + len(batch.failures))
-        if acc.left:
-            return 0
-        p_rows = max(stop for _, stop in layout.values())
-        np_dtype = np.float16 if storage == "fp16" else np.float32
-        acc.record["decoder"] = decoder
-        writer.submit(acc.record,
-                      np.concatenate(acc.pieces) if acc.pieces else np.zeros((0, p_rows, manifest["dim"]), np_dtype),
-                      np.concatenate(acc.embs) if acc.embs else np.zeros((0, manifest["dim"]), np.float32))
-        del shards[shard]
-        return 1
-
-    compute = _Rows(vit, chosen, precision, layout, storage, convention)
-    stream = pixel_batches(src, model.preprocess, batches, device, workers=workers, decode=decoder, draft=draft,
-                           timeout=timeout, compute=compute)
-    try:
-        for batch in stream:
-            item = (owner[batch.number], batch, None, None, None)
-            if batch.indices:
-                try:
-                    pieces, embs = batch.result(compute)
-                except RuntimeError as err:
-                    if not is_out_of_memory(err):
-                        raise
-                    raise out_of_memory_error(device, batch_size, "while indexing ") from None
-                event = None
-                if pieces.device.type == "cuda":  # into pinned host memory, while the device goes on
-                    pieces, embs = pieces.to("cpu", non_blocking=True), embs.to("cpu", non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                item = (owner[batch.number], batch, pieces, embs, event)
-            if pending is not None:
-                written += finish(pending)
-            pending = item
-            if stop_after_shards is not None and written >= stop_after_shards:
-                pending = None
-                break
-        if pending is not None:
-            written += finish(pending)
-    finally:
-        stream.close()
-        bar.close()
-        writer.close()
-    finished = {int(p.name.split(".")[0]) for p in (out / "shards").glob("[0-9]*.json")}
-    if len(finished) == n_shards:
-        final = read_manifest(out)
-        final["complete"] = True
-        final["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        run = Run(out)
-        final["n_indexed"] = len(run)
-        final["n_failed"] = len(run.failures)
-        atomic_write_json(manifest_path, final)
+                index_on_ray(job, model, todo, engine, lock.token, write_shards, on_shard=bar.update,
+                             stop_after=stop_after_shards)
+            else:
+                write_shards(job, model.vit, model.preprocess, todo, workers, bar.update, stop_after_shards)
+        finally:
+            bar.close()
+        for stale in (out / "shards").glob(".*.tmp"):  # left by an interrupted write (no writer is left now)
+            stale.unlink()
+        if len(job.finished()) == job.n_shards:
+            final = read_manifest(out)
+            final["complete"] = True
+            final["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            run = Run(out)
+            final["n_indexed"] = len(run)
+            final["n_failed"] = len(run.failures)
+            atomic_write_json(manifest_path, final)
     return Run(out)

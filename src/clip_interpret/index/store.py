@@ -7,6 +7,7 @@
     RUN/shards/00000.emb.npy     [rows, D]     unit image embeddings (fp32)
     RUN/shards/00000.json        which source items the rows are, and the failures;
                                  written last: a shard without it is not done
+    RUN/writer.lock              while an index call writes the run: who (host, pid, since when)
 
 Every file is written to a temporary name and renamed into place, so an
 interrupted run (even kill -9) never leaves a half-written shard that looks
@@ -17,8 +18,12 @@ shards and check the run against the model they are given.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +66,70 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
+LOCK_NAME = "writer.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class RunLock:
+    """One indexing driver per run folder at a time. ``RUN/writer.lock`` names the holder (host,
+    pid, start time) and carries a random token (Ray workers check it to prove they see this very
+    folder). A second driver refuses, naming the first; a lock left by a process of this host that
+    no longer exists (kill -9) is taken over. A lock from another host is never guessed stale."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.token = uuid.uuid4().hex
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(),
+                     "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "token": self.token}
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written, or damaged: not ours to take
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
+                        and not _alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # its process is gone (killed): stale
+                    continue
+                raise ClipInterpretError(
+                    f"run folder {self.path.parent} is being written by another index process (pid "
+                    f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}); "
+                    f"wait for it to finish, or if it is gone, delete {self.path} and run again") from None
+            except OSError as err:
+                raise ClipInterpretError(f"cannot write to run folder {self.path.parent}: {err.strerror or err}") \
+                    from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.info, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return self
+        raise ClipInterpretError(f"cannot take {self.path}: other processes keep taking it; run again")
+
+    def __exit__(self, *exc) -> None:
+        if (self._holder() or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+
 def piece_layout(layers: list[int], other_layers: list[int], n_layers: int, n_heads: int,
                  pooled: bool = False) -> dict[str, list[int]]:
     """Row ranges [start, stop) of each named piece inside a shard's P axis. ``pooled``: the tower
@@ -92,44 +161,82 @@ class Run:
     the file, what is wrong with it and what to do.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, check_files: bool = True):
+        """``check_files=False`` trusts the files a driver has just checked (a Ray task opening
+        the run): ``images.json`` is then read on first use and shard arrays when mapped."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        images = read_json(self.path / "images.json", REINDEX)
-        problem = _images_problem(images, self.manifest)
-        if problem:
-            raise ClipInterpretError(f"{self.path / 'images.json'} {problem}; {REINDEX}")
-        n_items = len(images["names"])
+        n_items = self.manifest["source"].get("n") if not check_files else None
+        if n_items is None:
+            n_items = len(self._images["names"])
         self.shards: list[ShardInfo] = []
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
             self.shards.append(_shard_info(info_path, n_items))
         self.shards.sort(key=lambda s: s.shard)
-        kept = [i for s in self.shards for i in s.kept]
-        self.source_indices = np.asarray(kept, dtype=np.int64)
-        self.names = [images["names"][i] for i in kept]
-        self.labels = {k: [v[i] for i in kept] for k, v in images.get("labels", {}).items()}
+        self.source_indices = np.asarray([i for s in self.shards for i in s.kept], dtype=np.int64)
         self.failures = [f for s in self.shards for f in s.failures]
-        n_pieces = max(stop for _, stop in self.layout.values())
-        dtype = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
-        self._pieces = [self._map(s, "pieces", (n_pieces, self.dim), dtype) for s in self.shards]
-        self._emb = [self._map(s, "emb", (self.dim,), np.float32) for s in self.shards]
+        if check_files:
+            for shard in self.shards:
+                for kind in ("pieces", "emb"):
+                    self._check_array(shard, kind)
 
-    def _map(self, shard: ShardInfo, kind: str, row_shape: tuple, dtype) -> np.ndarray:
-        """A shard array, memory-mapped, checked against its record (rows) and the manifest (shape, dtype)."""
-        path = self.path / "shards" / f"{shard.shard:05d}.{kind}.npy"
-        fix = _redo_shard(self.path, shard.shard)
+    @functools.cached_property
+    def _images(self) -> dict:
+        """The source's item names and labels, checked (a pass over the shards needs neither)."""
+        images = read_json(self.path / "images.json", REINDEX)
+        problem = _images_problem(images, self.manifest)
+        if problem:
+            raise ClipInterpretError(f"{self.path / 'images.json'} {problem}; {REINDEX}")
+        return images
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        """The item name of each row."""
+        names = self._images["names"]
+        return [names[i] for i in self.source_indices]
+
+    @functools.cached_property
+    def labels(self) -> dict[str, list[str]]:
+        """Label set -> the label of each row."""
+        return {k: [v[i] for i in self.source_indices] for k, v in self._images.get("labels", {}).items()}
+
+    def _array_path(self, shard: int, kind: str) -> Path:
+        return self.path / "shards" / f"{shard:05d}.{kind}.npy"
+
+    def _unreadable(self, shard: int, kind: str, err: Exception) -> ClipInterpretError:
+        path, fix = self._array_path(shard, kind), _redo_shard(self.path, shard)
+        if isinstance(err, FileNotFoundError):
+            return ClipInterpretError(f"{path} is missing; {fix}")
+        return ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); {fix}")
+
+    def _check_array(self, shard: ShardInfo, kind: str) -> None:
+        """A shard array's header and size against its record (rows) and the manifest (shape,
+        dtype), read without mapping the array (a run of many shards holds no maps)."""
+        path = self._array_path(shard.shard, kind)
+        row_shape = (max(stop for _, stop in self.layout.values()), self.dim) if kind == "pieces" else (self.dim,)
+        dtype = np.dtype(np.float16 if kind == "pieces" and self.manifest["dtype"] == "fp16" else np.float32)
         try:
-            array = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise ClipInterpretError(f"{path} is missing; {fix}") from None
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, found = read_header(handle)
+                size = int(np.prod(shape)) * found.itemsize
+                if os.fstat(handle.fileno()).st_size < handle.tell() + size:
+                    raise ValueError(f"the file is shorter than its {size}-byte array")
         except (OSError, ValueError) as err:
-            raise ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); "
-                                     f"{fix}") from None
+            raise self._unreadable(shard.shard, kind, err) from None
         expected = (len(shard.kept), *row_shape)
-        if array.shape != expected or array.dtype != dtype:
-            raise ClipInterpretError(f"{path} holds a {array.dtype} array of shape {list(array.shape)}, the run "
-                                     f"expects {np.dtype(dtype)} {list(expected)}; {fix}")
-        return array
+        if tuple(shape) != expected or found != dtype:
+            raise ClipInterpretError(f"{path} holds a {found} array of shape {list(shape)}, the run expects "
+                                     f"{dtype} {list(expected)}; {_redo_shard(self.path, shard.shard)}")
+
+    def _map(self, shard: int, kind: str) -> np.ndarray:
+        """A shard's array as a memory map (mapped on demand: a run of many shards holds no maps)."""
+        try:
+            return np.load(self._array_path(shard, kind), mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise self._unreadable(shard, kind, err) from None
 
     # --------------------------------------------------------------- facts
     @property
@@ -158,7 +265,7 @@ class Run:
         return self.manifest.get("convention", "centred")
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.source_indices)
 
     def head_names(self) -> list[str]:
         return [f"L{layer}.H{h}" for layer in self.layers for h in range(self.n_heads)]
@@ -179,10 +286,8 @@ class Run:
     # ------------------------------------------------------------ reading
     def _rows(self, start: int, stop: int) -> np.ndarray:
         """Pieces rows [N, stop-start, D] as float32, across shards."""
-        parts = [p[:, start:stop] for p in self._pieces]
-        if not parts:
-            return np.zeros((0, stop - start, self.dim), np.float32)
-        return np.concatenate(parts).astype(np.float32)
+        parts = [pieces[:, start:stop].astype(np.float32) for _, pieces in self.iter_pieces()]
+        return np.concatenate(parts) if parts else np.zeros((0, stop - start, self.dim), np.float32)
 
     def piece(self, name: str) -> np.ndarray:
         """A named piece [N, k, D] (``heads`` is [N, L*H, D])."""
@@ -209,21 +314,22 @@ class Run:
 
     def embeddings(self) -> np.ndarray:
         """Unit image embeddings [N, D] (float32)."""
-        if not self._emb:
-            return np.zeros((0, self.dim), np.float32)
-        return np.concatenate([np.asarray(e) for e in self._emb]).astype(np.float32)
+        parts = [self._map(s.shard, "emb").astype(np.float32) for s in self.shards]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
-    def iter_pieces(self):
-        """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order."""
-        start = 0
-        for pieces in self._pieces:
-            yield start, pieces
-            start += pieces.shape[0]
+    def iter_pieces(self, positions=None):
+        """(first row, pieces [S, P, D] memory map in the storage dtype) for each shard, in order
+        (``positions``: only the shards at these indices into ``shards``). Each shard is mapped
+        afresh and unmapped when the caller lets it go: a pass over a large run does not keep
+        every page it read mapped into the process (its resident memory stays flat)."""
+        starts = np.cumsum([0] + [len(s.kept) for s in self.shards])
+        for k in range(len(self.shards)) if positions is None else positions:
+            yield int(starts[k]), self._map(self.shards[k].shard, "pieces")
 
     def sum_of_pieces(self) -> np.ndarray:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
-        return np.concatenate([np.asarray(p, dtype=np.float32).sum(axis=1) for p in self._pieces]) \
-            if self._pieces else np.zeros((0, self.dim), np.float32)
+        parts = [np.asarray(pieces, dtype=np.float32).sum(axis=1) for _, pieces in self.iter_pieces()]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
 
 REINDEX = "index the images again into a new folder (`clip-interpret index ... --out NEW_FOLDER`)"
