@@ -288,7 +288,7 @@ class HookedViT(nn.Module):
                 pattern = hook(names[5], torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
                 z = pattern @ v
                 cls_pattern = pattern[:, :, :1]
-            elif explicit and by_cls and token_z:  # the CLS query row explicitly: its weights split its result by token
+            elif explicit and by_cls:  # only the CLS query row, explicitly: its weights split the CLS result by token
                 cls_pattern = torch.softmax((q[:, :, :1] * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
                 z_cls = cls_pattern @ v
                 z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
