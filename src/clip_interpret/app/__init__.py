@@ -17,19 +17,10 @@ import threading
 from pathlib import Path
 
 from ..errors import ClipInterpretError
+from ..index.store import pid_alive
 from .core import Registry
 
 TEMP_PREFIX = "clip-interpret-app-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _private_temp_dir() -> str:
@@ -38,7 +29,7 @@ def _private_temp_dir() -> str:
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{TEMP_PREFIX}*"):
         match = re.match(rf"{TEMP_PREFIX}(\d+)-", old.name)
-        if match and old.is_dir() and not _alive(int(match.group(1))):
+        if match and old.is_dir() and not pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
     folder = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)

@@ -69,7 +69,8 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 LOCK_NAME = "writer.lock"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,7 +109,7 @@ class RunLock:
                 if holder is None:
                     continue  # released meanwhile
                 if holder.get("host") == self.info["host"] and isinstance(holder.get("pid"), int) \
-                        and not _alive(holder["pid"]):
+                        and not pid_alive(holder["pid"]):
                     self.path.unlink(missing_ok=True)  # its process is gone (killed): stale
                     continue
                 raise ClipInterpretError(
