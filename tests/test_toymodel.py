@@ -114,3 +114,104 @@ def test_toyworld_eval_cli(tmp_path, capsys):
     assert "zero-shot accuracy on 100 held-out images" in out and "recall@1" in out
     data = json.loads((tmp_path / "e.json").read_text())
     assert len(data["head_effects"]["effects"]) == 6
+
+
+def test_contrast_groups_share_all_but_the_free_property_and_name_it():
+    from clip_interpret.toyworld import PROPERTIES, generate
+    from clip_interpret.toyworld.train import batch_items
+    from clip_interpret.toyworld.world import POSITION_WORDS, SIZE_WORDS
+
+    cfg = TrainConfig(batch_size=24, contrast_group=4, contrast_share=0.5, contrast_free="size,position")
+    items = batch_items(3, cfg)
+    assert [index for index, _, _ in items] == list(range(72, 96))  # the world's images of step 3
+    assert all(not fixed and not named for _, fixed, named in items[12:])  # the rest drawn freely
+    for first in range(0, 12, 4):
+        group = [generate(index, 0, attributes=fixed, mention=named) for index, fixed, named in items[first:first + 4]]
+        (free,) = items[first][2]
+        assert free in ("size", "position")
+        for prop in PROPERTIES:
+            if prop != free:
+                assert len({item.attributes[prop] for item in group}) == 1, (prop, free)
+        words = SIZE_WORDS if free == "size" else POSITION_WORDS
+        for item in group:  # every caption names the free property's value
+            assert any(w in item.caption for w in words[item.attributes[free]]), item.caption
+
+
+def test_naming_a_property_changes_only_the_caption():
+    from clip_interpret.toyworld import generate
+
+    named = 0
+    for i in range(40):
+        plain, forced = generate(i, 5), generate(i, 5, mention=("count",))
+        assert plain.attributes == forced.attributes
+        assert np.array_equal(np.asarray(plain.image), np.asarray(forced.image))
+        named += plain.caption != forced.caption
+    assert 0 < named < 40  # some captions named the count already
+
+
+def test_training_is_the_same_with_image_workers_and_checks_its_options(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=8, warmup=1, contrast_group=4)
+    quiet = {"progress": False, "log": lambda *_: None}
+    here = train(tmp_path / "a", cfg, workers=0, **quiet)
+    there = train(tmp_path / "b", cfg, workers=2, **quiet)
+    assert here["history"] == there["history"]
+    for (name, a), (_, b) in zip(here["model"].state_dict().items(), there["model"].state_dict().items()):
+        assert torch.equal(a, b), name
+    for bad, what in ((dict(contrast_group=1), "--contrast-group"), (dict(contrast_share=1.5), "--contrast-share"),
+                      (dict(contrast_free="shape,height"), "--contrast-free.*height"),
+                      (dict(contrast_group=4, contrast_n_free=3, contrast_free="shape,size"), "--contrast-n-free"),
+                      (dict(precision="fp8"), "--precision")):
+        with pytest.raises(ClipInterpretError, match=what):
+            train(tmp_path / "c", TrainConfig(steps=2, batch_size=8, **bad), **quiet)
+
+
+def test_training_starts_from_given_weights_and_resumes_old_checkpoints(tmp_path):
+    from clip_interpret.toyworld.train import export_weights
+
+    source = build_model(TrainConfig(seed=3))
+    export_weights(source, tmp_path / "w.safetensors")
+    started = build_model(TrainConfig(init=str(tmp_path / "w.safetensors")))
+    for (name, a), (_, b) in zip(source.state_dict().items(), started.state_dict().items()):
+        assert torch.equal(a.half().float(), b), name  # the fp16 weights, exactly
+    assert not torch.equal(build_model(TrainConfig()).visual.conv1.weight, started.visual.conv1.weight)
+    with pytest.raises(ClipInterpretError, match="--init .*nope.*no such file"):
+        build_model(TrainConfig(init=str(tmp_path / "nope.safetensors")))
+    with pytest.raises(ModelLoadError, match="another architecture"):
+        build_model(TrainConfig(model="toy-v2", init=str(tmp_path / "w.safetensors")))
+    # a checkpoint written before the contrast options existed resumes under the defaults
+    cfg = TrainConfig(steps=3, batch_size=8, warmup=1)
+    train(tmp_path / "old", cfg, stop_after=1, progress=False, log=lambda *_: None)
+    state = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    for key in ("contrast_group", "contrast_share", "contrast_free", "contrast_n_free", "init", "precision"):
+        del state["config"][key]
+    torch.save(state, tmp_path / "old" / "checkpoint.pt")
+    messages = []
+    assert train(tmp_path / "old", cfg, progress=False, log=messages.append)["finished"]
+    assert any("resuming from step 1" in m for m in messages)
+
+
+def test_best_threshold_matches_a_brute_force_count():
+    from clip_interpret.toyworld.evaluate import _best_threshold_accuracy
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        values = rng.integers(0, 12, 50).astype(float)  # ties on purpose
+        labels = rng.random(50) < 0.4
+        best = 0.0
+        for t in np.concatenate([[-1.0], np.unique(values)]):
+            above = values > t
+            best = max(best, (above == labels).mean(), (above != labels).mean())
+        assert _best_threshold_accuracy(values, labels) == pytest.approx(best)
+
+
+def test_toyworld_eval_diagnose_cli(tmp_path, capsys):
+    assert main(["toyworld", "eval", "--n", "200", "--diagnose", "400", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "why each property is learned or not" in out and "size from pixel counts alone" in out
+    found = json.loads((tmp_path / "d.json").read_text())["diagnosis"]
+    props = found["properties"]
+    assert props["color"]["verdict"] == "learned" and props["color"]["probe"] > 0.95
+    # the card says shape and position are not learned; the diagnosis says where they are missing
+    for prop in ("shape", "position"):
+        assert props[prop]["verdict"] != "learned" and props[prop]["probe"] < 0.5
+    assert found["size_baselines"]["pixels_per_object"] > found["size_baselines"]["object_pixels_of_image"]

@@ -26,6 +26,7 @@ import torch
 
 from .errors import ClipInterpretError
 from .interventions import MODES, Targets, activations, direct_effect, total_effect
+from .probe import fit_probe
 
 VARIANTS = ("full", "direct", "total")
 
@@ -107,35 +108,6 @@ def variant_embeddings(run, model, targets: Targets, mode: str = "mean", values:
     parts = list(_stream(run, model, compute, batch_size, workers))
     stacked = torch.cat(parts, dim=1).numpy()
     return dict(zip(VARIANTS, stacked))
-
-
-def fit_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, steps: int = 300,
-              weight_decay: float = 1e-4, seed: int = 0):
-    """Multinomial logistic regression (L-BFGS, standardised features); returns a predict function."""
-    x = torch.as_tensor(features, dtype=torch.float64)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
-    x = (x - mean) / std
-    y = torch.as_tensor(labels, dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(x.shape[1], n_classes, generator=gen, dtype=torch.float64) * 0.01).requires_grad_()
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def loss():
-        optimiser.zero_grad()
-        value = torch.nn.functional.cross_entropy(x @ weight + bias, y) + weight_decay * (weight ** 2).sum()
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        optimiser.step(loss)
-    w, b = weight.detach(), bias.detach()
-
-    def predict(features: np.ndarray) -> np.ndarray:
-        z = (torch.as_tensor(features, dtype=torch.float64) - mean) / std
-        return (z @ w + b).argmax(dim=1).numpy()
-
-    return predict
 
 
 def _group_scores(correct: np.ndarray, labels: np.ndarray, groups: list[str], class_names: list[str]) -> dict:

@@ -29,31 +29,43 @@ def cmd_toyworld_spurious(args) -> int:
 
 
 def cmd_toyworld_train(args) -> int:
+    from ..device import resolve_device
+    from ..pipeline import resolve_workers
     from ..toyworld.evaluate import evaluate, format_eval
-    from ..toyworld.train import TrainConfig, export_weights, train
+    from ..toyworld.train import MODELS, TrainConfig, export_weights, train
 
-    if args.steps <= 0 or args.batch_size <= 1:
-        raise ClipInterpretError("--steps must be > 0 and --batch-size > 1")
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      world_seed=args.world_seed)
-    result = train(args.out, cfg, checkpoint_every=args.checkpoint_every)
+    if args.model not in MODELS:
+        raise ClipInterpretError(f"--model {args.model!r}: choose one of {', '.join(MODELS)}")
+    cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      world_seed=args.world_seed, warmup=min(args.warmup, max(1, args.steps // 2)),
+                      contrast_group=args.contrast_group, contrast_share=args.contrast_share,
+                      contrast_free=args.contrast_free, contrast_n_free=args.contrast_n_free,
+                      init=str(Path(args.init).resolve()) if args.init else "", precision=args.precision)
+    cfg.check()
+    device = resolve_device(args.device)
+    # on a CPU the model's threads want the cores; on a GPU the images are the bottleneck
+    workers = resolve_workers(args.workers) if device.type != "cpu" else (args.workers or 0)
+    result = train(args.out, cfg, checkpoint_every=args.checkpoint_every, device=device, workers=workers)
     out = Path(args.out)
-    print(f"trained {result['steps_done']} steps in {result['elapsed_s'] / 60:.1f} min; "
+    print(f"trained {result['steps_done']} steps in {result['elapsed_s'] / 60:.1f} min on {device}; "
           f"final loss {sum(result['history'][-20:]) / min(20, len(result['history'])):.3f}")
     weights = out / "toy.safetensors"
     sha = export_weights(result["model"], weights)
-    model = load(f"open_clip:toy@{weights}", args)
+    model = load(f"open_clip:{cfg.model}@{weights}", args)
     summary = evaluate(model, n=args.eval_n, workers=args.workers)
     print(format_eval(summary))
     (out / "summary.json").write_text(json.dumps({"config": cfg.to_dict(), "elapsed_s": result["elapsed_s"],
-                                                  "sha256": sha, "eval": summary}, indent=1))
-    print(f"\nweights: {weights} (fp16, sha256 {sha[:12]}...); use them as --model open_clip:toy@{weights}")
+                                                  "device": str(device), "sha256": sha, "eval": summary}, indent=1))
+    print(f"\nweights: {weights} (fp16, sha256 {sha[:12]}...); use them as "
+          f"--model open_clip:{cfg.model}@{weights}")
     return 0
 
 
 def cmd_toyworld_eval(args) -> int:
     from ..toyworld.evaluate import (
+        diagnose,
         evaluate,
+        format_diagnosis,
         format_effects,
         format_eval,
         head_property_effects,
@@ -67,6 +79,11 @@ def cmd_toyworld_eval(args) -> int:
         print()
         print(format_effects(effects))
         summary["head_effects"] = {"properties": effects["properties"], "effects": effects["effects"].tolist()}
+    if args.diagnose:
+        diagnosis = diagnose(model, n_train=args.diagnose, n=args.n, seed=args.seed, workers=args.workers)
+        print()
+        print(format_diagnosis(diagnosis))
+        summary["diagnosis"] = diagnosis
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
         print(f"wrote {args.json}")
@@ -103,14 +120,29 @@ def register(sub) -> None:
     p = toy_sub.add_parser("train", help="train the toy CLIP on CPU (resumes from OUT/checkpoint.pt)")
     p.add_argument("--out", default="runs/toy-train", help="run folder (default runs/toy-train)")
     defaults = _train_defaults()
+    p.add_argument("--model", default=defaults.model, help="open_clip config: toy (the bundled v1's) or toy-v2 "
+                                                           "(patch 4, width 192; for a GPU)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps (at most half the steps)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation seed")
     p.add_argument("--world-seed", type=int, default=defaults.world_seed, help="training world seed")
+    p.add_argument("--init", default="", metavar="WEIGHTS",
+                   help="start from these weights (a .safetensors file or a checkpoint.pt) instead of random ones")
+    p.add_argument("--contrast-group", type=int, default=defaults.contrast_group, metavar="K",
+                   help="hard negatives: groups of K images that share every property but one (default 0: none)")
+    p.add_argument("--contrast-share", type=float, default=defaults.contrast_share,
+                   help="share of each batch in contrast groups (default 0.5)")
+    p.add_argument("--contrast-free", default=defaults.contrast_free,
+                   help="properties a contrast group may leave free (default shape,size,count,position)")
+    p.add_argument("--contrast-n-free", type=int, default=defaults.contrast_n_free,
+                   help="free properties per contrast group (default 1)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=1000, help="held-out images for the final evaluation")
-    p.add_argument("--workers", type=int, default=None, help="processes generating the evaluation images")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes generating the training images (default: the cores on a GPU, 0 on a CPU, "
+                        "where the model's threads need them) and the evaluation images")
     add_compute_options(p)
     p.set_defaults(func=cmd_toyworld_train)
     p = toy_sub.add_parser("eval", help="zero-shot accuracy per property and caption retrieval on held-out images")
@@ -118,6 +150,10 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1, help="held-out world seed (default 1)")
     p.add_argument("--heads", action="store_true", help="also list the heads with the largest effect per property")
+    p.add_argument("--diagnose", type=int, nargs="?", const=3000, default=0, metavar="N_TRAIN",
+                   help="also say why each property is or is not learned: a linear probe on the image embeddings "
+                        "(fitted on N_TRAIN training-world images, default 3000), the text tower's separation of "
+                        "its values, and size's pixel-count baselines")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.add_argument("--workers", type=int, default=None, help="processes generating the images (default: the cores)")
     add_compute_options(p)

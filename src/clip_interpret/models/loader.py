@@ -440,7 +440,8 @@ def create_open_clip(spec: str, arch: str, quick_gelu: bool = False, seed: int =
         root.setLevel(level)
 
 
-def _read_state_dict(path: Path, spec: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, spec: str) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file (safetensors, torch or TorchScript), or a clear error naming it."""
     open_clip = registered_open_clip()
     try:
         state = open_clip.factory.load_state_dict(str(path))
@@ -500,7 +501,7 @@ def _load_checkpoint(spec: str, arch: str, path: Path, tok, preprocess_cfg: dict
     if not path.is_file():
         raise ModelLoadError(f"checkpoint file not found: {path} (spec {spec!r})")
     model = create_open_clip(spec, arch)
-    state = _read_state_dict(path, spec)
+    state = read_state_dict(path, spec)
     state = open_clip.factory.convert_state_dict(model, state) if hasattr(open_clip.factory, "convert_state_dict") else state
     check_state_dict(model, state, f"{path} (spec {spec!r})")
     open_clip.factory.resize_pos_embed(state, model)

@@ -179,3 +179,80 @@ def format_effects(result: dict, top: int = 3) -> str:
         order = np.argsort(-flat)[:top]
         lines.append(f"  {prop:<11} " + ", ".join(f"L{i // n_heads}.H{i % n_heads} {flat[i]:+.3f}" for i in order))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- diagnosis
+def _best_threshold_accuracy(values: np.ndarray, labels: np.ndarray) -> float:
+    """The best accuracy of one threshold on ``values`` for a binary ``labels`` (either direction)."""
+    order = np.argsort(values, kind="stable")
+    v, y = values[order], labels[order].astype(bool)
+    # predict "True" above position k: correct = (False at or below k) + (True above k)
+    false_below = np.concatenate([[0], np.cumsum(~y)])
+    true_above = y.sum() - np.concatenate([[0], np.cumsum(y)])
+    cuts = np.concatenate([[True], v[1:] != v[:-1], [True]])  # cut only between distinct values
+    correct = (false_below + true_above)[cuts]
+    return float(max(correct.max(), len(y) - correct.min()) / len(y))
+
+
+def size_baselines(n: int = 1000, seed: int = HELD_OUT_SEED) -> dict[str, float]:
+    """How well size can be told by pixel counts alone: one threshold on the object pixels of the
+    whole image (the amount of object colour, confounded with count and shape) or on one object's
+    pixels (its own extent, what size means)."""
+    total, single, large = [], [], []
+    for i in range(n):
+        item = generate(i, seed)
+        total.append(item.masks.any(axis=0).sum())
+        single.append(item.masks.sum(axis=(1, 2)).mean())
+        large.append(item.attributes["size"] == "large")
+    large = np.asarray(large)
+    return {"object_pixels_of_image": _best_threshold_accuracy(np.asarray(total, float), large),
+            "pixels_per_object": _best_threshold_accuracy(np.asarray(single, float), large), "n": n}
+
+
+def diagnose(model, n_train: int = 3000, n: int = 1000, seed: int = HELD_OUT_SEED,
+             workers: int | None = None) -> dict:
+    """Why a property is or is not learned, per property: zero-shot accuracy; a linear probe's
+    accuracy on the image embeddings (fitted on ``n_train`` images of the training world 0, tested
+    on the ``n`` held-out ones): is the property in the image embedding at all; and the largest
+    cosine between two of its class embeddings: does the text tower tell its values apart.
+    Also the pixel-count baselines of size (``size_baselines``)."""
+    from ..probe import fit_probe
+
+    train_images, train_labels, _ = heldout_embeddings(model, n_train, seed=0, workers=workers)
+    images, labels, _ = heldout_embeddings(model, n, seed=seed, workers=workers)
+    out = {}
+    for prop, values in PROPERTIES.items():
+        classes = class_embeddings(model, prop)
+        zero_shot = float(((images @ classes.T).argmax(dim=1).numpy() == labels[prop]).mean())
+        predict = fit_probe(train_images.numpy(), train_labels[prop], len(values))
+        probe = float((predict(images.numpy()) == labels[prop]).mean())
+        cos = (classes @ classes.T).numpy()
+        off = cos[~np.eye(len(values), dtype=bool)]
+        out[prop] = {"zero_shot": zero_shot, "probe": probe, "text_max_cos": float(off.max()),
+                     "chance": 1.0 / len(values), "verdict": _verdict(zero_shot, probe, float(off.max()))}
+    return {"properties": out, "size_baselines": size_baselines(n, seed), "n_train": n_train, "n": n,
+            "seed": seed}
+
+
+def _verdict(zero_shot: float, probe: float, text_max_cos: float) -> str:
+    if zero_shot >= 0.95:
+        return "learned"
+    notes = []
+    if probe < 0.9:
+        notes.append("not (fully) in the image embedding")
+    if text_max_cos > 0.98:
+        notes.append("the text tower does not tell its values apart")
+    return "; ".join(notes) or "both towers have it, not aligned"
+
+
+def format_diagnosis(result: dict) -> str:
+    lines = [f"why each property is learned or not ({result['n']} held-out images; probe fitted on "
+             f"{result['n_train']} training-world images):",
+             f"  {'property':<11} {'zero-shot':>9} {'probe':>7} {'chance':>7} {'text cos':>9}  verdict"]
+    for prop, r in result["properties"].items():
+        lines.append(f"  {prop:<11} {r['zero_shot']:>8.1%} {r['probe']:>7.1%} {r['chance']:>7.1%} "
+                     f"{r['text_max_cos']:>9.3f}  {r['verdict']}")
+    b = result["size_baselines"]
+    lines.append(f"size from pixel counts alone, one threshold: object pixels of the image {b['object_pixels_of_image']:.1%} "
+                 f"(confounded with count and shape), pixels per object {b['pixels_per_object']:.1%}")
+    return "\n".join(lines)

@@ -1,11 +1,20 @@
-"""Train the toy CLIP on the known-answer world (CPU, minutes).
+"""Train the toy CLIP on the known-answer world (a CPU in minutes to hours, or a GPU).
 
-The model is the open_clip config ``toy`` (models/configs/toy.json): a ViT image
-tower (patch 8, 64 x 64 images, 6 layers x 8 heads) and a small text tower with
-the CLIP BPE tokenizer, trained with the symmetric contrastive loss. Training
-sample ``k`` is image ``k`` of the world with ``world_seed``, so a run is
-reproducible and resumes exactly: a checkpoint holds the model, the optimiser
-and the step, and is written atomically every ``checkpoint_every`` steps.
+The model is an open_clip config (``toy``: models/configs/toy.json, a ViT image
+tower with patch 8, 64 x 64 images, 6 layers x 8 heads; ``toy-v2``: patch 4,
+width 192) and a small text tower with the CLIP BPE tokenizer, trained with the
+symmetric contrastive loss. Training sample ``k`` is image ``k`` of the world
+with ``world_seed`` (its attributes fixed in part for hard-negative groups), so
+the batch of a step depends only on the config and the step: a run is
+reproducible, the same with any number of image workers, and resumes exactly
+(a checkpoint holds the model, the optimiser and the step, written atomically
+every ``checkpoint_every`` steps) on any device.
+
+Contrast groups (``contrast_group``): part of each batch comes in groups of
+images that share every property but ``contrast_n_free`` of ``contrast_free``,
+and whose captions name the free ones; within such a group only the free
+property tells the captions apart, so the loss cannot be met by the properties
+that are easy to see (colour, background, pattern).
 """
 
 from __future__ import annotations
@@ -22,9 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipInterpretError
-from .world import PROPERTIES, generate
+from .world import PROPERTIES, generate, property_name
 
 MODEL_NAME = "toy"
+MODELS = ("toy", "toy-v2")  # open_clip configs in models/configs
 
 
 @dataclass(frozen=True)
@@ -42,17 +52,61 @@ class TrainConfig:
     world_seed: int = 0
     group: int = 0  # hard-negative groups of images sharing properties (see batch_attributes)
     n_shared: int = 3
+    contrast_group: int = 0  # contrast groups (module doc): size, 0 = none
+    contrast_share: float = 0.5  # the share of each batch in contrast groups
+    contrast_free: str = "shape,size,count,position"  # the properties a group may leave free
+    contrast_n_free: int = 1
+    init: str = ""  # weights to start from (safetensors or a checkpoint.pt), "" = random initialisation
+    precision: str = "fp32"  # compute precision: fp32, or bf16 / fp16 autocast (the weights stay fp32)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, naming the option."""
+        problems = []
+        if self.steps <= 0 or self.batch_size <= 1:
+            problems.append("--steps must be > 0 and --batch-size > 1")
+        if self.contrast_group == 1 or self.contrast_group < 0:
+            problems.append("--contrast-group must be 0 (none) or at least 2")
+        if not 0 <= self.contrast_share <= 1:
+            problems.append("--contrast-share must be in [0, 1]")
+        free = [p for p in self.contrast_free.split(",") if p.strip()]
+        try:
+            free = [property_name(p) for p in free]
+        except ClipInterpretError as err:
+            problems.append(f"--contrast-free: {err}")
+        if self.contrast_group and not 1 <= self.contrast_n_free <= len(free):
+            problems.append(f"--contrast-n-free must be between 1 and the {len(free)} properties of --contrast-free")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        if problems:
+            raise ClipInterpretError("; ".join(problems))
+
 
 def build_model(cfg: TrainConfig):
-    from ..models.loader import create_open_clip
+    """The open_clip model of ``cfg.model``, initialised with ``cfg.seed`` or loaded from ``cfg.init``."""
+    from ..models.loader import check_state_dict, create_open_clip, read_state_dict
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return create_open_clip(f"open_clip:{cfg.model}", cfg.model, seed=cfg.seed)
+        model = create_open_clip(f"open_clip:{cfg.model}", cfg.model, seed=cfg.seed)
+    if cfg.init:
+        path = Path(cfg.init)
+        if not path.is_file():
+            raise ClipInterpretError(f"--init {cfg.init}: no such file; give a .safetensors file or a checkpoint.pt "
+                                     "written by `toyworld train`")
+        if path.suffix == ".safetensors":
+            state = read_state_dict(path, f"--init {cfg.init}")
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+            except Exception as err:  # a file that is not a training checkpoint
+                raise ClipInterpretError(f"--init {cfg.init} is not a training checkpoint ({err})") from None
+        state = {k: v.float() for k, v in state.items()}
+        check_state_dict(model, state, f"--init {cfg.init}")
+        model.load_state_dict(state)
+    return model
 
 
 def batch_attributes(start: int, size: int, world_seed: int, group: int, n_shared: int) -> list[dict]:
@@ -71,6 +125,30 @@ def batch_attributes(start: int, size: int, world_seed: int, group: int, n_share
     return out
 
 
+def contrast_groups(step: int, cfg: TrainConfig) -> list[tuple[dict, tuple[str, ...]]]:
+    """The first samples of step ``step``'s batch: (fixed attributes, properties the caption names)
+    for each, in contrast groups (module doc); the rest of the batch is drawn freely."""
+    if cfg.contrast_group < 2 or cfg.contrast_share <= 0:
+        return []
+    free_from = [property_name(p) for p in cfg.contrast_free.split(",") if p.strip()]
+    rng = np.random.default_rng([cfg.world_seed, 104729, step])
+    n_groups = int(round(cfg.batch_size * cfg.contrast_share / cfg.contrast_group))
+    out = []
+    for _ in range(n_groups):
+        free = tuple(free_from[k] for k in sorted(rng.choice(len(free_from), cfg.contrast_n_free, replace=False)))
+        fixed = {p: values[int(rng.integers(len(values)))] for p, values in PROPERTIES.items() if p not in free}
+        out += [(fixed, free)] * cfg.contrast_group
+    return out[:cfg.batch_size]
+
+
+def batch_items(step: int, cfg: TrainConfig) -> list[tuple[int, dict, tuple[str, ...]]]:
+    """(world image index, fixed attributes, always-named properties) of each sample of a step."""
+    start = step * cfg.batch_size
+    grouped = contrast_groups(step, cfg)
+    free = batch_attributes(start, cfg.batch_size, cfg.world_seed, cfg.group, cfg.n_shared)
+    return [(start + k, *(grouped[k] if k < len(grouped) else (free[k], ()))) for k in range(cfg.batch_size)]
+
+
 def batch_tensors(start: int, size: int, world_seed: int, preprocess, tokenizer, context: int,
                   group: int = 0, n_shared: int = 0):
     images, captions = [], []
@@ -81,6 +159,53 @@ def batch_tensors(start: int, size: int, world_seed: int, preprocess, tokenizer,
     return preprocess.batch(images), tokenizer(captions, context_length=context)
 
 
+@dataclass
+class _StepBatch:
+    """Step -> (uint8 crops [B, 3, H, W], token ids [B, context]); picklable, run by the image workers."""
+
+    cfg: TrainConfig
+    preprocess: object
+    tokenizer: object
+    context: int
+
+    def __call__(self, step: int):
+        crops, captions = [], []
+        for index, fixed, mention in batch_items(step, self.cfg):
+            item = generate(index, self.cfg.world_seed, attributes=fixed, mention=mention)
+            crops.append(self.preprocess.crop_uint8(item.image))
+            captions.append(item.caption)
+        return torch.stack(crops), self.tokenizer(captions, context_length=self.context)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def step_batches(make: _StepBatch, steps: range, workers: int):
+    """The batches of ``steps`` in order, made by ``workers`` processes (0: here), a few steps ahead."""
+    if workers <= 0:
+        for step in steps:
+            yield make(step)
+        return
+    import collections
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_worker_init) as pool:
+        pending = collections.deque()
+        todo = iter(steps)
+        for step in todo:
+            pending.append(pool.apply_async(make, (step,)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            batch = pending.popleft().get(timeout=600)
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.apply_async(make, (nxt,)))
+            yield batch
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -89,8 +214,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def contrastive_loss(image_features, text_features, logit_scale) -> torch.Tensor:
-    logits = logit_scale * image_features @ text_features.T
-    labels = torch.arange(logits.shape[0])
+    logits = (logit_scale * image_features @ text_features.T).float()
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
@@ -100,37 +225,60 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _autocast(device: torch.device, precision: str):
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _config_diffs(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Differences between a checkpoint's config and ``cfg`` (keys added since count as their defaults)."""
+    defaults = TrainConfig().to_dict()
+    return [f"{k}: checkpoint {saved.get(k, defaults[k])!r} vs now {v!r}" for k, v in cfg.to_dict().items()
+            if saved.get(k, defaults[k]) != v]
+
+
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_every: int = 100,
-          log=print, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Train (or resume) in ``out_dir``; returns a summary. ``stop_after`` ends early (for tests)."""
+          log=print, progress: bool = True, stop_after: int | None = None, device="cpu",
+          workers: int = 0) -> dict:
+    """Train (or resume) in ``out_dir``; returns a summary. ``stop_after`` ends early (for tests).
+
+    ``device``: where the model trains; ``workers``: processes making the images (0: this one);
+    neither changes the batches, so a run may resume on another device or with other workers."""
     from tqdm import tqdm
 
     from ..models.loader import open_clip_preprocess, registered_open_clip
 
+    cfg.check()
+    device = torch.device(device)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ClipInterpretError(f"cannot create training folder {out}: {err.strerror or err}") from None
     ckpt_path = out / "checkpoint.pt"
-    model = build_model(cfg)
+    state = None
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        diffs = _config_diffs(state.get("config", {}), cfg)
+        if diffs:
+            raise ClipInterpretError(f"{ckpt_path} was trained with a different config ({'; '.join(diffs)}); "
+                                     "resume with the same options or choose another --out folder")
+    model = build_model(cfg if state is None else TrainConfig(**{**cfg.to_dict(), "init": ""}))
     open_clip = registered_open_clip()
     context = model.context_length
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
     preprocess = open_clip_preprocess(model, model.visual.image_size)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start, history, elapsed = 0, [], 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state.get("config") != cfg.to_dict():
-            theirs = state.get("config", {})
-            diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in cfg.to_dict().items()
-                     if theirs.get(k) != v]
-            raise ClipInterpretError(f"{ckpt_path} was trained with a different config ({'; '.join(diffs)}); "
-                                     "resume with the same options or choose another --out folder")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, elapsed = state["step"], state["history"], state.get("elapsed_s", 0.0)
@@ -139,31 +287,38 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     bar = tqdm(total=cfg.steps, initial=start, desc="training toy CLIP", unit="step", disable=not progress)
+    make = _StepBatch(cfg, preprocess, tokenizer, context)
     t0 = time.perf_counter()
-    step = start
-    for step in range(start, end):
+
+    def save(step_done: int) -> None:
+        _atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      "optimizer": optimizer.state_dict(), "step": step_done, "config": cfg.to_dict(),
+                      "history": history, "elapsed_s": elapsed + time.perf_counter() - t0,
+                      "device": str(device)}, ckpt_path)
+
+    batches = step_batches(make, range(start, end), workers)
+    for step, (crops, tokens) in zip(range(start, end), batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        pixels, tokens = batch_tensors(step * cfg.batch_size, cfg.batch_size, cfg.world_seed, preprocess,
-                                       tokenizer, context, cfg.group, cfg.n_shared)
-        image_features, text_features, logit_scale = model(pixels, tokens)[:3]
-        loss = contrastive_loss(image_features, text_features, logit_scale)
+        pixels = preprocess.normalise(crops.to(device, non_blocking=True))
+        with _autocast(device, cfg.precision):
+            image_features, text_features, logit_scale = model(pixels, tokens.to(device, non_blocking=True))[:3]
+            loss = contrastive_loss(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         history.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == end:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                          "config": cfg.to_dict(), "history": history,
-                          "elapsed_s": elapsed + time.perf_counter() - t0}, ckpt_path)
+            save(step + 1)
     bar.close()
     elapsed += time.perf_counter() - t0
     model.eval()
-    return {"model": model, "steps_done": end, "history": history, "elapsed_s": elapsed,
+    return {"model": model.cpu(), "steps_done": end, "history": history, "elapsed_s": elapsed,
             "checkpoint": str(ckpt_path), "finished": end >= cfg.steps}
 
 

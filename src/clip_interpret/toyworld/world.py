@@ -171,12 +171,13 @@ def _place(count: int, diameter: int, position: str, size: int, rng: np.random.G
     r = diameter / 2
     spread = size * 0.3 if count > 1 else size * 0.07
     min_gap = 1.28 * diameter + 2  # every shape fits in a circle of radius 1.28 r; keep a 2-pixel gap
+    low, high = r + 1, size - r - 1  # clip with min/max: the same floats as np.clip, at twice the speed
     for _ in range(2000):
         pts: list[tuple[float, float]] = []
         for _ in range(count):  # one object at a time, each clear of the ones before
             for _ in range(50):
-                x = float(np.clip(cx + rng.uniform(-spread, spread), r + 1, size - r - 1))
-                y = float(np.clip(cy + rng.uniform(-spread, spread), r + 1, size - r - 1))
+                x = float(min(max(cx + rng.uniform(-spread, spread), low), high))
+                y = float(min(max(cy + rng.uniform(-spread, spread), low), high))
                 if all(math.dist((x, y), p) >= min_gap for p in pts):
                     pts.append((x, y))
                     break
@@ -251,14 +252,17 @@ def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(0, len(options)))]
 
 
-def caption_for(attributes: dict[str, str], rng: np.random.Generator) -> str:
-    """A caption naming a random subset of the properties, in varied order and wording."""
+def caption_for(attributes: dict[str, str], rng: np.random.Generator, always=()) -> str:
+    """A caption naming a random subset of the properties, in varied order and wording; the
+    properties in ``always`` are always named (the random draws are the same either way)."""
     while True:
         mention = {p: rng.random() < q for p, q in
                    (("shape", 0.8), ("color", 0.65), ("size", 0.7), ("count", 0.7), ("position", 0.7),
                     ("background", 0.55), ("pattern", 0.7))}
         if any(mention.values()):
             break
+    for prop in always:
+        mention[property_name(prop)] = True
     count = int(attributes["count"])
     noun = _pick(rng, SHAPE_WORDS[attributes["shape"]]) if mention["shape"] else _pick(rng, GENERIC)
     noun = noun if count == 1 else plural(noun)
@@ -304,8 +308,10 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
     return {prop: values[int(rng.integers(0, len(values)))] for prop, values in PROPERTIES.items()}
 
 
-def generate(index: int, seed: int = 0, size: int = IMAGE_SIZE, attributes: dict | None = None) -> ToyImage:
-    """Image ``index`` of the world with ``seed`` (deterministic)."""
+def generate(index: int, seed: int = 0, size: int = IMAGE_SIZE, attributes: dict | None = None,
+             mention=()) -> ToyImage:
+    """Image ``index`` of the world with ``seed`` (deterministic); ``attributes`` fixes some
+    properties, and the caption always names the properties in ``mention``."""
     if index < 0:
         raise ClipInterpretError(f"toy-world image index must be >= 0, got {index}")
     rng = np.random.default_rng([int(seed), int(index)])
@@ -314,7 +320,7 @@ def generate(index: int, seed: int = 0, size: int = IMAGE_SIZE, attributes: dict
         for prop, value in attributes.items():
             drawn[property_name(prop)] = check_value(prop, value)
     image, objects, masks = render(drawn, rng, size)
-    return ToyImage(index, seed, image, drawn, objects, masks, caption_for(drawn, rng))
+    return ToyImage(index, seed, image, drawn, objects, masks, caption_for(drawn, rng, mention))
 
 
 class ToyWorld:
