@@ -14,7 +14,7 @@
 # name both: "three small" against "one large" holds the amount of object colour about equal, the
 # shortcut that docs/toy-model.md finds behind size), the images generated on the fly by worker processes. Writes the fp16 weights, the training
 # summary, and the evaluation with the diagnosis (zero-shot, linear probe, text separation per property)
-# to $OUT (or bench-out/toy-v2).
+# to $OUT (or bench/results/toy-v2).
 set -euo pipefail
 STEPS=${STEPS:-3000}
 BATCH=${BATCH:-1024}
@@ -28,7 +28,7 @@ PRECISION=${PRECISION:-bf16}
 WORKERS=${WORKERS:-$(( $(nproc) - 1 ))}
 EVAL_N=${EVAL_N:-1000}
 DIAGNOSE=${DIAGNOSE:-3000}
-DEST=${OUT:-bench-out/toy-v2}
+DEST=${OUT:-bench/results/toy-v2}
 RUN=${RUN:-/tmp/toy-v2-train}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
