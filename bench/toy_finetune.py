@@ -4,6 +4,7 @@ docs/toy-model.md, "Why a property is not learned"); a scratch tool, not the tra
     PYTHONPATH=src python bench/toy_finetune.py steps=300 hard=0.5 nfree=2 group=16 lr=3e-4
     PYTHONPATH=src python bench/toy_finetune.py steps=400 hard=0.75 nfree=1 group=8 lr=5e-4
     PYTHONPATH=src python bench/toy_finetune.py steps=400 hard=0 pw=1.0 lr=5e-4 every=50
+    PYTHONPATH=src python bench/toy_finetune.py steps=400 init=random hard=0.5 group=8 nfree=1 pw=1 lr=5e-4
 
 key=value options: steps, lr, bs (batch, 128), hard (share of the batch in contrast groups), group,
 nfree (free properties per group, from hardp=shape,size,count,position), pw (weight of a per-property

@@ -177,12 +177,22 @@ class _StepBatch:
         return torch.stack(crops), self.tokenizer(captions, context_length=self.context)
 
 
-def _worker_init() -> None:
+_MAKE: _StepBatch | None = None  # the batch maker of an image worker (set once, by _worker_init)
+
+
+def _worker_init(make: _StepBatch) -> None:
+    global _MAKE
     torch.set_num_threads(1)
+    _MAKE = make
+
+
+def _worker_batch(step: int):
+    return _MAKE(step)
 
 
 def step_batches(make: _StepBatch, steps: range, workers: int):
-    """The batches of ``steps`` in order, made by ``workers`` processes (0: here), a few steps ahead."""
+    """The batches of ``steps`` in order, made by ``workers`` processes (0: here), a few steps ahead.
+    The maker (with its tokenizer, 2 MB pickled) reaches each worker once, not with every step."""
     if workers <= 0:
         for step in steps:
             yield make(step)
@@ -191,18 +201,25 @@ def step_batches(make: _StepBatch, steps: range, workers: int):
     import multiprocessing as mp
 
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_worker_init) as pool:
+    with mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(make,)) as pool:
         pending = collections.deque()
         todo = iter(steps)
         for step in todo:
-            pending.append(pool.apply_async(make, (step,)))
+            pending.append(pool.apply_async(_worker_batch, (step,)))
             if len(pending) >= 2 * workers:
                 break
+        first = steps.start
         while pending:
-            batch = pending.popleft().get(timeout=600)
+            try:
+                batch = pending.popleft().get(timeout=600)
+            except mp.TimeoutError:
+                raise ClipInterpretError(f"an image worker did not deliver a batch within 600 s (killed or stuck) "
+                                         f"after step {first}; rerun the same command to resume from the last "
+                                         "checkpoint") from None
+            first += 1
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.apply_async(make, (nxt,)))
+                pending.append(pool.apply_async(_worker_batch, (nxt,)))
             yield batch
 
 
