@@ -215,3 +215,13 @@ def test_toyworld_eval_diagnose_cli(tmp_path, capsys):
     for prop in ("shape", "position"):
         assert props[prop]["verdict"] != "learned" and props[prop]["probe"] < 0.5
     assert found["size_baselines"]["pixels_per_object"] > found["size_baselines"]["object_pixels_of_image"]
+
+
+def test_images_without_masks_are_the_same_images():
+    from clip_interpret.toyworld import generate
+
+    for i in range(30):
+        full, bare = generate(i, 2), generate(i, 2, masks=False)
+        assert bare.masks is None and full.masks.shape[0] == int(full.attributes["count"])
+        assert np.array_equal(np.asarray(full.image), np.asarray(bare.image))
+        assert (full.caption, full.attributes, full.objects) == (bare.caption, bare.attributes, bare.objects)

@@ -171,7 +171,7 @@ class _StepBatch:
     def __call__(self, step: int):
         crops, captions = [], []
         for index, fixed, mention in batch_items(step, self.cfg):
-            item = generate(index, self.cfg.world_seed, attributes=fixed, mention=mention)
+            item = generate(index, self.cfg.world_seed, attributes=fixed, mention=mention, masks=False)
             crops.append(self.preprocess.crop_uint8(item.image))
             captions.append(item.caption)
         return torch.stack(crops), self.tokenizer(captions, context_length=self.context)

@@ -193,22 +193,24 @@ def region_of(centres, size: int = IMAGE_SIZE) -> str:
     return min(POSITIONS, key=lambda k: (POSITIONS[k][0] * size - mx) ** 2 + (POSITIONS[k][1] * size - my) ** 2)
 
 
-def render(attributes: dict[str, str], rng: np.random.Generator, size: int = IMAGE_SIZE):
-    """Draw an image with the given attributes -> (PIL image, objects, masks [n, H, W])."""
+def render(attributes: dict[str, str], rng: np.random.Generator, size: int = IMAGE_SIZE, masks: bool = True):
+    """Draw an image with the given attributes -> (PIL image, objects, masks [n, H, W] or None
+    without ``masks``: the same image, a quarter faster; the masks draw no random numbers)."""
     canvas = Image.fromarray(_background(attributes["background"], attributes["pattern"], size, rng))
     draw = ImageDraw.Draw(canvas)
     count = int(attributes["count"])
     diameter = round(SIZES[attributes["size"]] * size / IMAGE_SIZE)
     fill = tuple(int(c) for c in _tone(COLORS[attributes["color"]], rng))
     centres = _place(count, diameter, attributes["position"], size, rng)
-    objects, masks = [], []
+    objects, drawn = [], []
     for x, y in centres:
         _draw_shape(draw, attributes["shape"], x, y, diameter, fill)
-        mask = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(mask), attributes["shape"], x, y, diameter, 255)
-        masks.append(np.asarray(mask) > 127)
+        if masks:
+            mask = Image.new("L", (size, size), 0)
+            _draw_shape(ImageDraw.Draw(mask), attributes["shape"], x, y, diameter, 255)
+            drawn.append(np.asarray(mask) > 127)
         objects.append({"x": round(x, 2), "y": round(y, 2), "diameter": diameter})
-    return canvas, objects, np.stack(masks)
+    return canvas, objects, np.stack(drawn) if masks else None
 
 
 # ---------------------------------------------------------------- captions
@@ -309,9 +311,10 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
 
 
 def generate(index: int, seed: int = 0, size: int = IMAGE_SIZE, attributes: dict | None = None,
-             mention=()) -> ToyImage:
+             mention=(), masks: bool = True) -> ToyImage:
     """Image ``index`` of the world with ``seed`` (deterministic); ``attributes`` fixes some
-    properties, and the caption always names the properties in ``mention``."""
+    properties, the caption always names the properties in ``mention``, and ``masks=False``
+    skips the object masks (training needs none)."""
     if index < 0:
         raise ClipInterpretError(f"toy-world image index must be >= 0, got {index}")
     rng = np.random.default_rng([int(seed), int(index)])
@@ -319,8 +322,8 @@ def generate(index: int, seed: int = 0, size: int = IMAGE_SIZE, attributes: dict
     if attributes:
         for prop, value in attributes.items():
             drawn[property_name(prop)] = check_value(prop, value)
-    image, objects, masks = render(drawn, rng, size)
-    return ToyImage(index, seed, image, drawn, objects, masks, caption_for(drawn, rng, mention))
+    image, objects, object_masks = render(drawn, rng, size, masks)
+    return ToyImage(index, seed, image, drawn, objects, object_masks, caption_for(drawn, rng, mention))
 
 
 class ToyWorld:
