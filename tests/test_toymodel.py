@@ -225,3 +225,37 @@ def test_images_without_masks_are_the_same_images():
         assert bare.masks is None and full.masks.shape[0] == int(full.attributes["count"])
         assert np.array_equal(np.asarray(full.image), np.asarray(bare.image))
         assert (full.caption, full.attributes, full.objects) == (bare.caption, bare.attributes, bare.objects)
+
+
+def test_value_phrases_name_their_own_value_and_no_other():
+    from clip_interpret.toyworld import world as W
+
+    vocab = {"shape": W.SHAPE_WORDS, "color": W.COLOR_WORDS, "size": W.SIZE_WORDS, "position": W.POSITION_WORDS,
+             "background": W.BACKGROUND_WORDS, "pattern": W.PATTERN_WORDS,
+             "count": {str(c): words for c, words in W.COUNT_WORDS.items()}}
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        for prop, values in W.PROPERTIES.items():
+            phrases = W.value_phrases(prop, rng)
+            assert len(phrases) == len(values)
+            for value, phrase in zip(values, phrases):
+                words = f" {phrase} ".replace(",", " ")
+                own = [w for w in vocab[prop][value] if f" {w} " in words]
+                assert own, (prop, value, phrase)
+                if prop != "count":  # "a" (one) is inside every phrase; counts are checked by their own word
+                    others = [w for v in values if v != value for w in vocab[prop][v] if f" {w} " in words]
+                    assert not others, (prop, value, phrase, others)
+
+
+def test_training_helps_resume_exactly_and_are_not_exported(tmp_path):
+    cfg = TrainConfig(steps=4, batch_size=8, warmup=1, probe_weight=1.0, prompt_weight=0.5)
+    quiet = {"progress": False, "log": lambda *_: None}
+    straight = train(tmp_path / "a", cfg, **quiet)
+    train(tmp_path / "b", cfg, stop_after=2, **quiet)
+    resumed = train(tmp_path / "b", cfg, **quiet)
+    assert resumed["history"] == straight["history"]  # the probes' weights and moments come back too
+    plain = train(tmp_path / "c", TrainConfig(steps=4, batch_size=8, warmup=1), **quiet)
+    assert plain["history"][0] < straight["history"][0]  # the helps add their losses from the first step
+    assert set(straight["model"].state_dict()) == set(plain["model"].state_dict())  # no probe in the model
+    with pytest.raises(ClipInterpretError, match="--probe-weight"):
+        train(tmp_path / "d", TrainConfig(steps=2, batch_size=8, probe_weight=-1), **quiet)

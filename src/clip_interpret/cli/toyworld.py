@@ -40,7 +40,8 @@ def cmd_toyworld_train(args) -> int:
                       world_seed=args.world_seed, warmup=min(args.warmup, max(1, args.steps // 2)),
                       contrast_group=args.contrast_group, contrast_share=args.contrast_share,
                       contrast_free=args.contrast_free, contrast_n_free=args.contrast_n_free,
-                      init=str(Path(args.init).resolve()) if args.init else "", precision=args.precision)
+                      init=str(Path(args.init).resolve()) if args.init else "", precision=args.precision,
+                      probe_weight=args.probe_weight, prompt_weight=args.prompt_weight)
     cfg.check()
     device = resolve_device(args.device)
     # on a CPU the model's threads want the cores; on a GPU the images are the bottleneck
@@ -120,8 +121,8 @@ def register(sub) -> None:
     p = toy_sub.add_parser("train", help="train the toy CLIP on CPU (resumes from OUT/checkpoint.pt)")
     p.add_argument("--out", default="runs/toy-train", help="run folder (default runs/toy-train)")
     defaults = _train_defaults()
-    p.add_argument("--model", default=defaults.model, help="open_clip config: toy (the bundled v1's) or toy-v2 "
-                                                           "(patch 4, width 192; for a GPU)")
+    p.add_argument("--model", default=defaults.model, help="open_clip config: toy (v1: patch 8) or toy-v2 "
+                                                           "(patch 16, the bundled model's)")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -138,6 +139,12 @@ def register(sub) -> None:
                    help="properties a contrast group may leave free (default shape,size,count,position)")
     p.add_argument("--contrast-n-free", type=int, default=defaults.contrast_n_free,
                    help="free properties per contrast group (default 1)")
+    p.add_argument("--probe-weight", type=float, default=defaults.probe_weight,
+                   help="weight of a per-property linear-probe loss on the image embedding (the probes are "
+                        "dropped at export; default 0: none)")
+    p.add_argument("--prompt-weight", type=float, default=defaults.prompt_weight,
+                   help="weight of a per-property loss of each image against one caption-vocabulary phrase per "
+                        "value, through the text tower (default 0: none)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-n", type=int, default=1000, help="held-out images for the final evaluation")
     p.add_argument("--workers", type=int, default=None,

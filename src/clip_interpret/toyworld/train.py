@@ -15,6 +15,18 @@ images that share every property but ``contrast_n_free`` of ``contrast_free``,
 and whose captions name the free ones; within such a group only the free
 property tells the captions apart, so the loss cannot be met by the properties
 that are easy to see (colour, background, pattern).
+
+Two helps beside the contrastive loss (v2, docs/toy-model.md), both off by default:
+
+* ``probe_weight``: a linear classifier per property on the (unnormalised) image
+  embedding, trained with the model (cross-entropy summed over the seven
+  properties) and thrown away at export: a direct signal for the properties the
+  contrastive loss alone never starts on (shape, position). The exported model
+  has no trace of it but what it taught the image tower.
+* ``prompt_weight``: each image against one phrase per value of every property,
+  worded afresh each step from the world's caption vocabulary
+  (``world.value_phrases``, not the evaluation prompts), through the text tower:
+  the text tower learns to tell every value apart.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipInterpretError
-from .world import PROPERTIES, generate, property_name
+from .world import PROPERTIES, generate, property_name, value_phrases
 
 MODEL_NAME = "toy"
 MODELS = ("toy", "toy-v2")  # open_clip configs in models/configs
@@ -58,6 +70,8 @@ class TrainConfig:
     contrast_n_free: int = 1
     init: str = ""  # weights to start from (safetensors or a checkpoint.pt), "" = random initialisation
     precision: str = "fp32"  # compute precision: fp32, or bf16 / fp16 autocast (the weights stay fp32)
+    probe_weight: float = 0.0  # weight of the per-property linear-probe loss on the image embedding (module doc)
+    prompt_weight: float = 0.0  # weight of the per-property value-phrase loss through the text tower (module doc)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +92,8 @@ class TrainConfig:
             problems.append(f"--contrast-free: {err}")
         if self.contrast_group and not 1 <= self.contrast_n_free <= len(free):
             problems.append(f"--contrast-n-free must be between 1 and the {len(free)} properties of --contrast-free")
+        if self.probe_weight < 0 or self.prompt_weight < 0:
+            problems.append("--probe-weight and --prompt-weight must be >= 0")
         if self.precision not in ("fp32", "bf16", "fp16"):
             problems.append(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
         if problems:
@@ -161,7 +177,8 @@ def batch_tensors(start: int, size: int, world_seed: int, preprocess, tokenizer,
 
 @dataclass
 class _StepBatch:
-    """Step -> (uint8 crops [B, 3, H, W], token ids [B, context]); picklable, run by the image workers."""
+    """Step -> (uint8 crops [B, 3, H, W], token ids [B, context], property labels [B, 7]); picklable,
+    run by the image workers."""
 
     cfg: TrainConfig
     preprocess: object
@@ -169,12 +186,14 @@ class _StepBatch:
     context: int
 
     def __call__(self, step: int):
-        crops, captions = [], []
+        crops, captions, labels = [], [], []
         for index, fixed, mention in batch_items(step, self.cfg):
             item = generate(index, self.cfg.world_seed, attributes=fixed, mention=mention, masks=False)
             crops.append(self.preprocess.crop_uint8(item.image))
             captions.append(item.caption)
-        return torch.stack(crops), self.tokenizer(captions, context_length=self.context)
+            labels.append([values.index(item.attributes[p]) for p, values in PROPERTIES.items()])
+        return (torch.stack(crops), self.tokenizer(captions, context_length=self.context),
+                torch.tensor(labels, dtype=torch.long))
 
 
 _MAKE: _StepBatch | None = None  # the batch maker of an image worker (set once, by _worker_init)
@@ -236,6 +255,38 @@ def contrastive_loss(image_features, text_features, logit_scale) -> torch.Tensor
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+class PropertyProbes(torch.nn.Module):
+    """One linear classifier per property on the image embedding (the ``probe_weight`` help)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sizes = [len(v) for v in PROPERTIES.values()]
+        self.linear = torch.nn.Linear(dim, sum(self.sizes))
+
+    def forward(self, embedding: torch.Tensor, labels: torch.Tensor):
+        """-> (cross-entropy summed over the properties, correct predictions [7])"""
+        logits = self.linear(embedding.float()).split(self.sizes, dim=1)
+        loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
+        correct = torch.stack([(lg.argmax(1) == labels[:, k]).sum() for k, lg in enumerate(logits)])
+        return loss, correct
+
+
+def prompt_loss(image_unit, labels, model, tokenizer, context: int, step: int, cfg: "TrainConfig",
+                device) -> torch.Tensor:
+    """Each image against one phrase per value of every property (the ``prompt_weight`` help),
+    phrases drawn for this step from the caption vocabulary; mean over the properties."""
+    rng = np.random.default_rng([cfg.world_seed, 15485863, step])
+    phrases, sizes = [], []
+    for prop in PROPERTIES:
+        values = value_phrases(prop, rng)
+        phrases += values
+        sizes.append(len(values))
+    text = model.encode_text(tokenizer(phrases, context_length=context).to(device), normalize=True)
+    logits = model.logit_scale.exp() * image_unit @ text.T
+    losses = [F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits.float().split(sizes, dim=1))]
+    return sum(losses) / len(losses)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -288,15 +339,21 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
     context = model.context_length
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
     preprocess = open_clip_preprocess(model, model.visual.image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        probes = PropertyProbes(model.visual.output_dim) if cfg.probe_weight > 0 else None
     model.to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    named = list(model.named_parameters()) + ([] if probes is None else list(probes.to(device).named_parameters()))
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start, history, elapsed = 0, [], 0.0
     if state is not None:
         model.load_state_dict(state["model"])
+        if probes is not None:
+            probes.load_state_dict(state["probes"])
         optimizer.load_state_dict(state["optimizer"])
         start, history, elapsed = state["step"], state["history"], state.get("elapsed_s", 0.0)
         log(f"resuming from step {start} of {cfg.steps} ({ckpt_path})")
@@ -309,18 +366,31 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
 
     def save(step_done: int) -> None:
         _atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      "probes": None if probes is None else {k: v.detach().cpu() for k, v in probes.state_dict().items()},
                       "optimizer": optimizer.state_dict(), "step": step_done, "config": cfg.to_dict(),
                       "history": history, "elapsed_s": elapsed + time.perf_counter() - t0,
                       "device": str(device)}, ckpt_path)
 
     batches = step_batches(make, range(start, end), workers)
-    for step, (crops, tokens) in zip(range(start, end), batches):
+    correct, seen = torch.zeros(len(PROPERTIES)), 0
+    for step, (crops, tokens, labels) in zip(range(start, end), batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         pixels = preprocess.normalise(crops.to(device, non_blocking=True))
+        labels = labels.to(device)
         with _autocast(device, cfg.precision):
-            image_features, text_features, logit_scale = model(pixels, tokens.to(device, non_blocking=True))[:3]
-            loss = contrastive_loss(image_features, text_features, logit_scale)
+            image_raw = model.encode_image(pixels)
+            image_features = F.normalize(image_raw, dim=-1)
+            text_features = model.encode_text(tokens.to(device, non_blocking=True), normalize=True)
+            loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
+            if probes is not None:
+                probe_loss, right = probes(image_raw, labels)
+                loss = loss + cfg.probe_weight * probe_loss
+                correct += right.cpu()
+                seen += len(labels)
+            if cfg.prompt_weight > 0:
+                loss = loss + cfg.prompt_weight * prompt_loss(image_features, labels, model, tokenizer, context,
+                                                              step, cfg, device)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -332,6 +402,11 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
         bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == end:
             save(step + 1)
+            if seen:
+                accuracy = ", ".join(f"{p} {c / seen:.0%}" for p, c in zip(PROPERTIES, correct.tolist()))
+                log(f"step {step + 1}: loss {np.mean(history[-checkpoint_every:]):.3f}; "
+                    f"training-batch probe accuracy since the last checkpoint: {accuracy}")
+                correct, seen = torch.zeros(len(PROPERTIES)), 0
     bar.close()
     elapsed += time.perf_counter() - t0
     model.eval()

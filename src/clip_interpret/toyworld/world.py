@@ -305,6 +305,30 @@ def caption_for(attributes: dict[str, str], rng: np.random.Generator, always=())
     return (_pick(rng, OPENERS) + body).strip()
 
 
+def value_phrases(prop: str, rng: np.random.Generator) -> list[str]:
+    """One short phrase per value of ``prop`` (in PROPERTIES order), worded at random from the
+    caption vocabulary above (synonyms, openers), naming that property alone."""
+    prop = property_name(prop)
+    noun = _pick(rng, GENERIC)
+    opener = _pick(rng, OPENERS)
+    if prop == "shape":
+        body = [f"a {_pick(rng, SHAPE_WORDS[v])}" for v in SHAPES]
+    elif prop == "color":
+        body = [f"a {_pick(rng, COLOR_WORDS[v])} {noun}" for v in COLORS]
+    elif prop == "size":
+        body = [f"a {_pick(rng, SIZE_WORDS[v])} {noun}" for v in SIZES]
+    elif prop == "count":
+        body = [f"{_pick(rng, COUNT_WORDS[c])} {noun if c == 1 else plural(noun)}" for c in COUNTS]
+    elif prop == "position":
+        body = [f"a {noun} {_pick(rng, POSITION_WORDS[v])}" for v in POSITIONS]
+    else:
+        words = BACKGROUND_WORDS if prop == "background" else PATTERN_WORDS
+        lead, tail = _pick(rng, ["on a", "against a", "over a"]), _pick(rng, ["background", "backdrop"])
+        body = [f"{lead} {_pick(rng, words[v])} {tail}" for v in PROPERTIES[prop]]
+        opener = ""
+    return [(opener + b.replace("a a", "an a").replace("a e", "an e").replace("a i", "an i")).strip() for b in body]
+
+
 # ------------------------------------------------------------------ worlds
 def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
     return {prop: values[int(rng.integers(0, len(values)))] for prop, values in PROPERTIES.items()}
