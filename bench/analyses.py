@@ -44,7 +44,7 @@ def _row(name: str, ms: float, target_ms: float | None, note: str = "") -> str:
 
 
 def _run(n: int, model, folder: Path):
-    from clip_interpret.index import index_images, open_run
+    from clip_interpret.runstore import index_images, open_run
 
     if not (folder / "manifest.json").exists() or not json.loads((folder / "manifest.json").read_text()).get("complete"):
         print(f"indexing {n:,} toy-world images into {folder} (once) ...")

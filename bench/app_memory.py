@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
 
     work = Path(tempfile.mkdtemp(prefix="bench-app-memory-"))
     run = work / "toy"

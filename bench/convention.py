@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
     from clip_interpret.pools import load_pool
     from clip_interpret.textspan import textspan_run
 

@@ -102,7 +102,7 @@ def throughput(device, arch: str, batch: int, iters: int) -> list[dict]:
 def index_throughput(device, arch: str, folder: Path, batch: int, workers: int) -> list[dict]:
     from clip_interpret import load_model
     from clip_interpret.device import compute
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
 
     native = _native(arch, device)
     model = load_model(native, device=device, precision="bf16")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 def _peak_child(n: int) -> dict:
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
 
     model = load_model("toy")
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     from clip_interpret import decompose, load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
     from clip_interpret.toyworld import export
 
     model = load_model("toy")

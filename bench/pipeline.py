@@ -33,7 +33,7 @@ CHILD = """
 import json, sys, time, tempfile, torch
 from pathlib import Path
 from clip_interpret import load_model
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 kwargs = json.loads(sys.argv[2])
 model = load_model("toy", **({"device": "cpu"} if kwargs.pop("new", False) else {}))
 with tempfile.TemporaryDirectory() as tmp:

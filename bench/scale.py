@@ -75,7 +75,7 @@ def _steady_rate(run_dir: Path) -> float:
 
 def child_index(spec, images, out, engine, workers, device, batch_size, gpus) -> dict:
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
 
     model = load_model(spec, device=device)
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def child_textspan(run_dir, engine, check) -> dict:
     import warnings
 
     from clip_interpret import load_model
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
     from clip_interpret.pools import load_pool
     from clip_interpret.textspan import textspan_run
 
@@ -131,8 +131,8 @@ def child_textspan(run_dir, engine, check) -> dict:
 
 def _repeat_run(small: Path, big: Path, times: int) -> None:
     """A run of ``times`` x the images of ``small`` whose shards are links to ``small``'s shards."""
-    from clip_interpret.index import open_source
-    from clip_interpret.index.store import atomic_write_json
+    from clip_interpret.runstore import open_source
+    from clip_interpret.runstore.store import atomic_write_json
 
     manifest = json.loads((small / "manifest.json").read_text())
     n_small = manifest["n_indexed"]
@@ -158,7 +158,7 @@ def _repeat_run(small: Path, big: Path, times: int) -> None:
 
 def bench_textspan(args, tmp: Path) -> dict:
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
 
     n = args.textspan
     print("\n2. Streaming TextSpan (toy pool, m=5, rank 80), a fresh process each")
@@ -184,7 +184,7 @@ def _synthetic(folder: Path, rows: int, dim: int, shard: int = 10_000, seed: int
     all zero; zero embeddings). The head's rows: 1,000 cluster centres in a 64-dimensional
     subspace (N(0, 1) coordinates), each row its centre plus N(0, 0.5^2) within the subspace
     plus N(0, 0.05^2) in every dimension (head contributions are low-rank and clustered)."""
-    from clip_interpret.index.store import atomic_save_npy, atomic_write_json, piece_layout
+    from clip_interpret.runstore.store import atomic_save_npy, atomic_write_json, piece_layout
 
     layout = piece_layout([0], [], 1, 1)
     n_pieces = max(stop for _, stop in layout.values())
@@ -221,7 +221,7 @@ def _queries(run, n: int = 100, seed: int = 1) -> np.ndarray:
 
 
 def child_faiss(run_dir, stage) -> dict:
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
     from clip_interpret.search import HeadSet, RunIndex
 
     run = open_run(run_dir)
@@ -268,7 +268,7 @@ def _truth(run, queries: np.ndarray, k: int = 8) -> np.ndarray:
 
 
 def bench_faiss(args, tmp: Path) -> dict:
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
 
     print(f"\n3. FAISS index of one head, synthetic run of {args.rows:,} x {args.dim} (fp16 shards on disk)")
     folder = tmp / "synthetic"
@@ -297,7 +297,7 @@ def bench_disk(index_rows: dict | None, rate: float | None = None) -> dict:
     import open_clip
 
     from clip_interpret.decompose import resolve_layers
-    from clip_interpret.index.store import piece_layout
+    from clip_interpret.runstore.store import piece_layout
     from clip_interpret.models import PAPER_MODELS
 
     print("\n4. Disk per image (fp16 pieces + fp32 embedding; shard records add ~8 bytes), default layers (last 4)")

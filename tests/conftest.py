@@ -106,7 +106,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def toy_textspan_run(tmp_path_factory, toy_model):
     """A 300-image held-out toy-world run of the bundled toy model (all layers) with TextSpan on the toy pool."""
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
     from clip_interpret.study import step_textspan
 
     model = toy_model

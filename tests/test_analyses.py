@@ -10,7 +10,7 @@ from PIL import Image
 from clip_interpret import analyses as A
 from clip_interpret import decompose, load_model
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.toyworld import generate
 
 LABELS = {"labeller": "manual", "heads": {

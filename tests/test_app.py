@@ -20,7 +20,7 @@ import pytest
 from clip_interpret import load_model
 from clip_interpret.app import core
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.toyworld import generate
 
 CHROMIUM = Path(os.environ.get("CLIP_INTERPRET_CHROMIUM", "/usr/bin/chromium"))

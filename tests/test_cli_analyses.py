@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clip_interpret import analyses, cli
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.toyworld import generate
 
 
@@ -51,7 +51,7 @@ def _outputs(out):
 
 
 def test_each_analysis_writes_png_and_json(main, model, run_dir, query, tmp_path, capsys):
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
 
     run = open_run(run_dir)
     out = tmp_path / "p"

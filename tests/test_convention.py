@@ -9,8 +9,8 @@ import torch
 
 from clip_interpret import decompose, load_model
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images, open_run
-from clip_interpret.index.store import check_same_convention
+from clip_interpret.runstore import index_images, open_run
+from clip_interpret.runstore.store import check_same_convention
 
 from .conftest import make_open_clip
 

@@ -8,7 +8,7 @@ from clip_interpret import decompose, load_model
 from clip_interpret.cli import main
 from clip_interpret.device import available_devices, check_precision, out_of_memory_error, resolve_device
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 
 from .conftest import make_open_clip
 
@@ -94,7 +94,7 @@ def test_out_of_memory_says_what_to_try(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.import_module("clip_interpret.decompose"), "decompose_pixels", full)
     with pytest.raises(ClipInterpretError, match="out of memory on cpu .*batch size 8.*--batch-size 4"):
         decompose(model, torch.zeros(8, 3, 32, 32), batch_size=8, spatial=True)
-    monkeypatch.setattr("clip_interpret.index.build.decompose_pixels", full)
+    monkeypatch.setattr("clip_interpret.runstore.build.decompose_pixels", full)
     with pytest.raises(ClipInterpretError, match="while indexing at batch size 16"):
         index_images(model, "toyworld:20:1", tmp_path / "run", batch_size=16, progress=False, workers=0)
     message = str(out_of_memory_error(torch.device("cpu"), 1, per_image_bytes=2**20))

@@ -10,7 +10,7 @@ from clip_interpret import load_model
 from clip_interpret.cli import main
 from clip_interpret.effects import fit_probe, intervention_study, variant_embeddings
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.interventions import Targets
 from clip_interpret.toyworld import generate, spurious
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 from clip_interpret import decompose, load_image, load_model
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images, open_run, open_source
-from clip_interpret.index import store
+from clip_interpret.runstore import index_images, open_run, open_source
+from clip_interpret.runstore import store
 from clip_interpret.toyworld import generate
 
 TINY = "open_clip:test-vit-tiny"
@@ -144,7 +144,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(model, tmp_path):
 
 def test_kill_9_during_indexing_then_resume(model, tmp_path):
     out = tmp_path / "killed"
-    code = ("import sys; from clip_interpret import load_model; from clip_interpret.index import index_images;"
+    code = ("import sys; from clip_interpret import load_model; from clip_interpret.runstore import index_images;"
             f"index_images(load_model('{TINY}'), 'toyworld:3000:3', r'{out}', shard_size=100, progress=False)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)

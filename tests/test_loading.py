@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from clip_interpret import load_model
 from clip_interpret.errors import ClipInterpretError, ModelLoadError
-from clip_interpret.models import loader, parse_spec
+from clip_interpret.models import hub, loader, parse_spec
 
 from .conftest import make_hf_clip, make_open_clip
 
@@ -117,7 +117,7 @@ def test_unreachable_internet_is_detected_without_offline_flags(monkeypatch):
     with socket.socket() as s:  # a local port with nobody listening: refused at once
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(loader, "PROBE_HOST", ("127.0.0.1", port))
+    monkeypatch.setattr(hub, "PROBE_HOST", ("127.0.0.1", port))
     with pytest.raises(ModelLoadError, match="internet is not reachable"):
         load_model("open_clip:ViT-B-16/laion2b_s34b_b88k")
 

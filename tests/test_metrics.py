@@ -148,7 +148,7 @@ def test_shuffled_baseline_of_perfect_labels_is_far_below_them():
 
 def test_head_ablation_drops_match_a_direct_computation(toy_textspan_run):
     from clip_interpret.ablation import zero_shot_tasks
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
 
     path, model = toy_textspan_run
     run = open_run(path, model)

@@ -17,8 +17,8 @@ from PIL import Image
 
 from clip_interpret import decompose, load_model
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images, open_run, open_source
-from clip_interpret.index.sources import ImageSource
+from clip_interpret.runstore import index_images, open_run, open_source
+from clip_interpret.runstore.sources import ImageSource
 from clip_interpret.pipeline import ListSource, pixel_batches, resolve_workers
 from clip_interpret.toyworld import generate
 
@@ -205,7 +205,7 @@ def test_a_worker_killed_from_outside_is_replaced_and_no_image_is_lost(model, tm
 
 def test_resume_after_the_main_process_is_killed_with_workers(model, tmp_path):
     out = tmp_path / "killed"
-    code = ("from clip_interpret import load_model; from clip_interpret.index import index_images;"
+    code = ("from clip_interpret import load_model; from clip_interpret.runstore import index_images;"
             f"index_images(load_model('{TINY}'), 'toyworld:1200:3', r'{out}', shard_size=100, workers=2, "
             "progress=False)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -19,10 +19,10 @@ import ray
 from clip_interpret import load_model
 from clip_interpret.ablation import ablation_study
 from clip_interpret.cli import main
-from clip_interpret.cluster import Engine
+from clip_interpret.engine import Engine
 from clip_interpret.errors import ClipInterpretError
 from clip_interpret.faithfulness import head_ablation_drops
-from clip_interpret.index import ImageSource, build, index_images, open_source, store
+from clip_interpret.runstore import ImageSource, build, index_images, open_source, store
 from clip_interpret.pools import load_pool, text_embeddings
 from clip_interpret.textspan import textspan, textspan_run
 
@@ -161,7 +161,7 @@ def test_a_worker_killed_mid_shard_leaves_every_image_exactly_once(cluster, mode
 def test_a_killed_driver_is_resumed_by_another(cluster, model, reference, tmp_path):
     out = tmp_path / "run"
     code = ("import sys, tests.test_ray as t; from clip_interpret import load_model; "
-            "from clip_interpret.index import index_images; "
+            "from clip_interpret.runstore import index_images; "
             f"index_images(load_model('{TINY}'), t.slow('{SPEC}', 0.01), r'{out}', shard_size={SHARD}, "
             f"progress=False, engine='ray', ray_address='{cluster}', workers=2)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),

@@ -9,7 +9,7 @@ import pytest
 
 from clip_interpret import analyses as A
 from clip_interpret import search
-from clip_interpret.index import index_images, open_run
+from clip_interpret.runstore import index_images, open_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N = 1500

@@ -10,8 +10,8 @@ import pytest
 from clip_interpret import load_model
 from clip_interpret.analyses import run_image
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images, open_source
-from clip_interpret.index.sources import expand_braces
+from clip_interpret.runstore import index_images, open_source
+from clip_interpret.runstore.sources import expand_braces
 from clip_interpret.toyworld import generate
 
 TINY = "open_clip:test-vit-tiny"

@@ -144,7 +144,7 @@ def test_analyze_a_folder_without_classes(tmp_path, capsys):
 
 def test_csv_table_of_labelled_images_gives_one_task_per_property(tmp_path, capsys):
     """Faithfulness on any labelled image collection: a CSV names the images and their properties."""
-    from clip_interpret.index.sources import open_source
+    from clip_interpret.runstore.sources import open_source
     from clip_interpret.toyworld import export
 
     export(tmp_path / "set", 80, seed=1, masks=False)  # writes attributes.csv: image, caption, shape, color, ...
@@ -171,7 +171,7 @@ def test_csv_table_of_labelled_images_gives_one_task_per_property(tmp_path, caps
 
 def test_a_grown_run_a_new_pool_and_new_labels_rerun_exactly_what_depends_on_them(tmp_path):
     from clip_interpret import load_model
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
     from clip_interpret.study import step_ablate, step_faithfulness, step_label, step_metrics, step_textspan
 
     model = load_model("toy", device="cpu")
@@ -214,7 +214,7 @@ def test_an_attention_pooled_tower_goes_through_the_whole_study(tmp_path, capsys
     import numpy as np
 
     from clip_interpret.app import core
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
     from clip_interpret.toyworld import generate
 
     run = tmp_path / "run"
@@ -256,7 +256,7 @@ def test_a_hugging_face_siglip_folder_is_indexed_and_analysed(tmp_path):
     preprocessing recorded in the run), its pieces summing to the stored embeddings, and analysed."""
     import numpy as np
 
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
 
     from .conftest import make_hf_siglip
     from .test_siglip import _tiny_tokenizer

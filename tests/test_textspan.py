@@ -9,7 +9,7 @@ import pytest
 from clip_interpret import load_model
 from clip_interpret.cli import main
 from clip_interpret.errors import ClipInterpretError
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.pools import Pool, load_pool, parse_pool_lines, text_embeddings
 from clip_interpret.textspan import textspan, textspan_run
 
@@ -150,7 +150,7 @@ def tiny_run(tmp_path_factory):
 
 def test_textspan_run_and_reconstruction_check(tiny_run, monkeypatch, tmp_path):
     monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path / "cache"))
-    from clip_interpret.index import open_run
+    from clip_interpret.runstore import open_run
 
     model = load_model("open_clip:test-vit-tiny")
     run = open_run(tiny_run, model)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clip_interpret import load_model
-from clip_interpret.index import index_images
+from clip_interpret.runstore import index_images
 from clip_interpret.pools import load_pool, text_embeddings
 from clip_interpret.textspan import head_statistics, textspan, textspan_from_gram, textspan_run
 

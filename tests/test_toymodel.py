@@ -11,6 +11,7 @@ from clip_interpret import decompose, load_model
 from clip_interpret.cli import main
 from clip_interpret.errors import ClipInterpretError, ModelLoadError
 from clip_interpret.models import loader
+from clip_interpret.models import toy as toy_backend
 from clip_interpret.toyworld.evaluate import evaluate
 from clip_interpret.toyworld.train import TrainConfig, batch_tensors, build_model, contrastive_loss, train
 
@@ -92,7 +93,7 @@ def test_bundled_weights_are_checked(tmp_path, monkeypatch):
     data = bytearray((copy / "toy.safetensors").read_bytes())
     data[-100] ^= 0xFF
     (copy / "toy.safetensors").write_bytes(bytes(data))
-    monkeypatch.setattr(loader, "TOY_WEIGHTS", copy)
+    monkeypatch.setattr(toy_backend, "TOY_WEIGHTS", copy)
     with pytest.raises(ModelLoadError, match="corrupted"):
         load_model("toy")
     (copy / "toy.safetensors").unlink()

@@ -54,14 +54,14 @@ def run_image(run, index: int) -> Image.Image:
     Only the run's own images can be named this way: by position, never by a path.
     """
     name = run.names[check_index(run, index)]
-    if run.manifest["source"].get("kind") == "toyworld":
+    if run.source_kind == "toyworld":
         from .toyworld import generate
 
         match = _TOY_NAME.match(name)
         if not match:
             raise ClipInterpretError(f"run {run.path}: {name!r} is not a toy-world item name")
         return generate(int(match.group(2)), seed=int(match.group(1))).image
-    from .index.sources import read_item
+    from .runstore.sources import read_item
 
     return load_image(read_item(name))
 
@@ -458,9 +458,9 @@ def _title(text: str, width_inches: float) -> str:
 
 
 def _figure(result):
-    from .viz import _pyplot
+    from .viz import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     if isinstance(result, Segmentation):
         n = len(result.maps)
         fig, axes = plt.subplots(1, n + 1, figsize=(3.3 * (n + 1) + 0.6, 3.8), dpi=100, layout="constrained")
@@ -496,12 +496,12 @@ def _figure(result):
 
 def render(result: Neighbours | Segmentation, path: str | Path | None = None) -> Image.Image:
     """Draw a result as a PNG (written to ``path`` when given); returns the image."""
-    from .viz import _pyplot
+    from .viz import pyplot
 
     fig = _figure(result)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     if path is not None:
         Path(path).write_bytes(buffer.getvalue())
     buffer.seek(0)

@@ -53,6 +53,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise ClipInterpretError(f"unknown device {device!r}; expected {DEVICE_HELP}")
 
 
+def compute_device(model, device=None) -> torch.device:
+    """``device`` when given, else the model's own device (the CPU for a model without one)."""
+    return torch.device(device) if device is not None else getattr(model, "device", torch.device("cpu"))
+
+
 def check_precision(precision: str | None) -> str:
     name = (precision or "fp32").strip().lower()
     if name not in PRECISIONS:

@@ -5,7 +5,7 @@ input pipeline and, batch by batch, computes the unmodified embedding, the direc
 effect and the total effect of replacing the targets (``clip_interpret.interventions``),
 then scores each with a classifier per task:
 
-* zero-shot: the run's zero-shot tasks (``ablation.zero_shot_tasks``);
+* zero-shot: the run's zero-shot tasks (``zeroshot.zero_shot_tasks``);
 * a linear probe (``probe=OTHER_RUN``): multinomial logistic regression fitted, for each
   variant, on the other run's embeddings *under the same intervention* (a probe trained
   on biased data is where spurious cues bite hardest; refitting it on the ablated
@@ -33,15 +33,15 @@ VARIANTS = ("full", "direct", "total")
 
 def run_source(run):
     """The run's image source, opened again (its list must hash as when the run was made)."""
-    from .index import open_source
+    from .runstore import open_source
 
-    spec = run.manifest["source"]["spec"]
+    spec = run.source_spec
     try:
         source = open_source(spec)
     except ClipInterpretError as err:
         raise ClipInterpretError(f"run {run.path}: its images ({spec}) cannot be opened again: {err}. Total "
                                  "effects re-run the model on the images; run from where the run was made") from None
-    if source.list_hash() != run.manifest["source"]["hash"]:
+    if source.list_hash() != run.source_hash:
         raise ClipInterpretError(f"run {run.path}: the images at {spec} are no longer the ones it was made from "
                                  "(the list changed); index them again")
     return source
@@ -127,7 +127,7 @@ def intervention_study(run, model, targets: Targets, mode: str = "mean", groups:
     """Accuracy per task (and per group) of the unmodified model and of the direct and total
     effects of the intervention (see the module doc). ``probe``: a run (same model) to fit
     linear probes on; default: zero-shot classification."""
-    from .ablation import zero_shot_tasks
+    from .zeroshot import zero_shot_tasks
 
     run.check_model(model)
     if groups is not None and groups not in run.labels:

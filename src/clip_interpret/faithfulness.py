@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cluster import map_shards, one_session
+from .engine import map_shards, one_session
 from .errors import ClipInterpretError
 from .labels.store import normalise_property
 
@@ -46,11 +46,10 @@ def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _head_sums(run, positions, device):
     """Sum of every analysed head's contributions [HH, D] (float64) over the shards at ``positions``."""
-    from .ablation import iter_rows
 
     start_h, stop_h = run.layout["heads"]
     total = torch.zeros((stop_h - start_h, run.dim), dtype=torch.float64, device=device)
-    for _, rows in iter_rows(run, device, positions):
+    for _, rows in run.iter_rows(device, positions):
         total += rows[:, start_h:stop_h].sum(dim=0)
     return total.cpu().numpy()
 
@@ -58,7 +57,7 @@ def _head_sums(run, positions, device):
 def _drops_partial(run, positions, device, tasks, mean):
     """Sums over the shards at ``positions``: correct predictions (full, and per head ablated),
     margin drops per (head, task), and the full model's margins and their squares."""
-    from .ablation import iter_rows, task_tensors
+    from .zeroshot import task_tensors
 
     on_device = [task_tensors(t, device) for t in tasks]
     mean = torch.as_tensor(mean, dtype=torch.float32, device=device)  # [HH, D]
@@ -69,7 +68,7 @@ def _drops_partial(run, positions, device, tasks, mean):
     ablated_correct = torch.zeros((n_heads, n_tasks), **f64)
     margin_drop_sum = torch.zeros((n_heads, n_tasks), **f64)
     margin_sum, margin_sq = torch.zeros(n_tasks, **f64), torch.zeros(n_tasks, **f64)
-    for start, rows in iter_rows(run, device, positions):
+    for start, rows in run.iter_rows(device, positions):
         stop = start + rows.shape[0]
         emb = rows.sum(dim=1)  # the exact reconstruction [S, D]
         heads = rows[:, start_h:stop_h]  # [S, HH, D]
@@ -91,9 +90,10 @@ def _drops_partial(run, positions, device, tasks, mean):
 def head_ablation_drops(run, model, device=None, engine=None) -> dict:
     """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
     Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
-    (or a ``cluster.Engine``), by Ray tasks over groups of shards."""
-    from .ablation import _device, zero_shot_tasks
-    device = _device(model, device)
+    (or a ``engine.Engine``), by Ray tasks over groups of shards."""
+    from .device import compute_device
+    from .zeroshot import zero_shot_tasks
+    device = compute_device(model, device)
     tasks = zero_shot_tasks(run, model)
     names = run.head_names()
     n = len(run)
@@ -111,8 +111,7 @@ def head_ablation_drops(run, model, device=None, engine=None) -> dict:
             "drops": {name: dict(zip(task_names, map(float, margin_drop[i]))) for i, name in enumerate(names)},
             "accuracy_drops": {name: dict(zip(task_names, map(float, accuracy_drop[i])))
                                for i, name in enumerate(names)},
-            "stamp": {"fingerprint": run.manifest["model"]["fingerprint"],
-                      "source_hash": run.manifest["source"]["hash"]}}
+            "stamp": run.stamp()}
 
 
 def _verdicts(labels: dict[str, str | None], drops: dict) -> dict:

@@ -138,9 +138,9 @@ def format_comparison(rows: dict[str, dict]) -> str:
 def bar_chart(rows: dict[str, dict], path: str | Path, title: str = "Interpretability scores") -> Path:
     """Grouped bars per model: association, entanglement (its floor marked) and the confirmed share
     (its shuffled-label chance mean and 95th percentile marked). PNG."""
-    from .viz import _pyplot
+    from .viz import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(names) + 2), 4.6))
     width = 0.27

@@ -60,18 +60,17 @@ def _table(header: list[str], rows: list[list[str]], numeric_from: int = 1, nume
 
 
 def _model_card(run, model) -> str:
-    man = run.manifest
-    rows = [["model spec", _esc(man["model"]["spec"])], ["weights fingerprint", _esc(man["model"]["fingerprint"])],
-            ["image source", _esc(f"{man['source']['spec']} ({man['source']['kind']}, {len(run)} images)")],
+    rows = [["model spec", _esc(run.model_spec)], ["weights fingerprint", _esc(run.fingerprint)],
+            ["image source", _esc(f"{run.source_spec} ({run.source_kind}, {len(run)} images)")],
             ["analysed layers", _esc(", ".join(map(str, run.layers)))],
             ["heads per layer", str(run.n_heads)], ["embedding dimension", str(run.dim)],
-            ["storage", _esc(man["dtype"])]]
+            ["storage", _esc(run.storage)]]
     if model is not None:
         rows.append(["note", _esc(model.note or "")])
         if model.random_weights:
             rows.append(["WARNING", "<b>random weights: the figures show the mechanics, not meaning</b>"])
-    if man["model"]["spec"] == "toy":
-        from .models.loader import TOY_WEIGHTS
+    if run.model_spec == "toy":
+        from .models.toy import TOY_WEIGHTS
 
         card = _read(TOY_WEIGHTS / "toy.json")
         if card and "eval" in card:
@@ -197,7 +196,7 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
         return "<p class=muted>Heat maps need the model and TextSpan results.</p>"
     from .decompose import decompose
     from .images import load_image
-    from .index.sources import open_source
+    from .runstore.sources import open_source
     from .viz import save_heatmap
 
     heads_of: dict[str, list[str]] = {}
@@ -212,7 +211,7 @@ def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: 
     if not candidates:
         candidates = [(t, None, None) for t in sorted({t for h in textspan["heads"].values() for t in h["texts"]})[:24]]
     try:
-        source = open_source(run.manifest["source"]["spec"])
+        source = open_source(run.source_spec)
     except ClipInterpretError as err:
         return f"<p class=muted>Sample images unavailable: {_esc(err)}</p>"
     picks = np.linspace(0, len(run) - 1, num=min(n_images, len(run))).astype(int)
@@ -260,14 +259,14 @@ def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -
         if chart_path.is_file() else None
     faith = (metrics or {}).get("faithfulness")
     notes = []
-    if run.manifest["model"].get("random_weights"):
+    if run.random_weights:
         notes.append("This run's model has random weights.")
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",
-        f"<title>clip-interpret report: {_esc(run.manifest['model']['spec'])}</title>",
+        f"<title>clip-interpret report: {_esc(run.model_spec)}</title>",
         f"<style>{CSS}</style></head><body>",
-        f"<h1>clip-interpret report</h1><p>{_esc(run.manifest['model']['spec'])} on "
-        f"{_esc(run.manifest['source']['spec'])} ({len(run)} images). Run folder: <code>{_esc(root)}</code></p>",
+        f"<h1>clip-interpret report</h1><p>{_esc(run.model_spec)} on "
+        f"{_esc(run.source_spec)} ({len(run)} images). Run folder: <code>{_esc(root)}</code></p>",
         "".join(f"<div class=note>{_esc(n)}</div>" for n in notes),
         "<h2>Model card</h2>", _model_card(run, model),
         "<h2>Mean-ablation study</h2>", _ablation(_read(root / "ablation.json"), textspan),
@@ -279,7 +278,7 @@ def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -
         "docs/study.md.</p></body></html>",
     ]
     path = Path(out) if out else root / "report.html"
-    from .index.store import atomic_write_bytes
+    from .runstore.store import atomic_write_bytes
 
     payload = "\n".join(parts).encode()
     atomic_write_bytes(path, lambda handle: handle.write(payload))

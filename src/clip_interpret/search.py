@@ -153,8 +153,7 @@ class RunIndex:
         self.path = Path(run.path) / "search" / f"{key}.faiss"
         shards = hashlib.sha256(json.dumps([[s.shard, len(s.kept)] for s in run.shards]).encode()).hexdigest()[:16]
         self.stamp = {"version": INDEX_VERSION, **ident, "kind": self.kind, "rows": len(run),
-                      "fingerprint": run.manifest["model"]["fingerprint"],
-                      "source_hash": run.manifest["source"]["hash"], "shards": shards}
+                      **run.stamp(), "shards": shards}
         self.index = self._load() or self._build()
         nlist = self.faiss.extract_index_ivf(self.index).nlist
         self.index.nprobe = nprobe or min(nlist, max(8, nlist // 16))
@@ -170,7 +169,7 @@ class RunIndex:
         return index if index.ntotal == len(self.heads.run) else None
 
     def _build(self):
-        from .index.store import atomic_write_json
+        from .runstore.store import atomic_write_json
 
         faiss, run = self.faiss, self.heads.run
         n, dim = len(run), run.dim

@@ -304,9 +304,9 @@ def class_texts(model, dataset) -> list[torch.Tensor]:
         return [class_embeddings(model, t).float().cpu() for t in dataset.tasks]
     from open_clip import zero_shot_metadata as meta
 
-    from .ablation import _class_embeddings
+    from .zeroshot import class_embeddings
 
-    return [torch.from_numpy(_class_embeddings(model, list(meta.IMAGENET_CLASSNAMES), meta.OPENAI_IMAGENET_TEMPLATES))]
+    return [torch.from_numpy(class_embeddings(model, list(meta.IMAGENET_CLASSNAMES), meta.OPENAI_IMAGENET_TEMPLATES))]
 
 
 def segbench(model, dataset_spec: str, layers="all", per_head: bool | None = None, batch_size: int = 32,

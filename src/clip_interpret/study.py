@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import ClipInterpretError
-from .index.store import atomic_write_json, read_manifest
+from .runstore.store import atomic_write_json, read_run_manifest
 
 STEPS = ("index", "ablate", "textspan", "label", "faithfulness", "metrics", "report")
 
@@ -41,7 +41,7 @@ def _hash_files(paths) -> str:
 def run_state(run) -> dict:
     """What a step reads of a run: the weights, the image list, how many images are indexed, and
     the shard records (which items each shard holds)."""
-    return {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"],
+    return {**run.stamp(),
             "n_images": len(run), "shards": _hash_files(sorted((run.path / "shards").glob("[0-9]*.json")))}
 
 
@@ -181,9 +181,9 @@ def run_metrics(run_dir: Path, published: bool = True, model=None, llm=None,
     from .metrics import published_scores, scores
 
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    spec = manifest["model"]["spec"]
-    n_heads = len(manifest["layers"]) * manifest["n_heads"]
+    manifest = read_run_manifest(run_dir)
+    spec = manifest.model_spec
+    n_heads = len(manifest.layers) * manifest.n_heads
     stamp = metrics_stamp(run_dir, published, model, llm)
     drops = _read(run_dir / "faithfulness.json")
     rows, faith, judged = {}, {}, {}
@@ -195,7 +195,7 @@ def run_metrics(run_dir: Path, published: bool = True, model=None, llm=None,
             verdict = {"judge": None, "detail": f"its TextSpan result {data.get('textspan')} is missing",
                        "judgements": {}}
         else:
-            verdict = judge_labels(data, textspan, toy=manifest["source"]["kind"] == "toyworld", model=model, llm=llm)
+            verdict = judge_labels(data, textspan, toy=manifest.source_kind == "toyworld", model=model, llm=llm)
         judged[labeller] = verdict
         row = scores(data["heads"], n_heads=n_heads, judgements=verdict["judgements"], judge=verdict["detail"],
                      n_candidates=_candidates(data))
@@ -217,7 +217,7 @@ def step_metrics(run, published: bool = True, force: bool = False, model=None, l
         return old, False
     result = run_metrics(run.path, published=published, model=model, llm=llm)
     atomic_write_json(run.path / "metrics.json", result)
-    bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.manifest['model']['spec']})")
+    bar_chart(result["rows"], run.path / "metrics.png", title=f"Interpretability scores ({run.model_spec})")
     return result, True
 
 
@@ -248,12 +248,12 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
     ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
     the input pipeline of the index step; ``convention``: of the pieces (default: an existing
     run's, else ``centred``); ``tokenizer``: replaces the model's (``load_model``).
-    ``engine="ray"`` (or a ``cluster.Engine``): index, ablation, TextSpan and faithfulness run on
+    ``engine="ray"`` (or a ``engine.Engine``): index, ablation, TextSpan and faithfulness run on
     one Ray session (``workers``: Ray workers)."""
     from contextlib import nullcontext
 
-    from .cluster import ray_session, resolve_engine
-    from .index import index_images, open_run
+    from .engine import ray_session, resolve_engine
+    from .runstore import index_images, open_run
     from .models import load_model
 
     engine = resolve_engine(engine, workers=workers if engine == "ray" else None)

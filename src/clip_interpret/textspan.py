@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cluster import map_shards, one_session
+from .engine import map_shards, one_session
 from .errors import ClipInterpretError
 
 
@@ -146,12 +146,11 @@ def _gram_partial(run, positions, device, first: int, last: int):
     first..last-1 over the shards at ``positions``."""
     import torch
 
-    from .ablation import iter_rows
 
     start_h, d = run.layout["heads"][0], run.dim
     grams = torch.zeros((last - first, d, d), dtype=torch.float64, device=device)
     sums = torch.zeros((last - first, d), dtype=torch.float64, device=device)
-    for _, rows in iter_rows(run, device, positions):
+    for _, rows in run.iter_rows(device, positions):
         h = rows[:, start_h + first:start_h + last].double().transpose(0, 1)  # [G, S, D]
         grams += h.transpose(1, 2) @ h
         sums += h.sum(dim=1)
@@ -162,7 +161,7 @@ def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool 
     """Per analysed head, the Gram matrix ``C^T C`` [D, D] and the sum of its contributions [D]
     (float64), accumulated shard by shard on ``device``: memory stays at the statistics' size
     (heads are taken in groups of at most ``max_bytes`` of Gram matrices, one pass per group),
-    whatever the number of images. With ``engine="ray"`` (or a ``cluster.Engine``) each pass is
+    whatever the number of images. With ``engine="ray"`` (or a ``engine.Engine``) each pass is
     a map over groups of shards on Ray and a reduce (the sum). Yields (head index, gram, sum)."""
     from tqdm import tqdm
 
@@ -193,12 +192,12 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
     """
     from tqdm import tqdm
 
-    from .ablation import _device
+    from .device import compute_device
     from .pools import text_embeddings
 
     if len(pool) < m:
         raise ClipInterpretError(f"pool {pool.name} has {len(pool)} descriptions, fewer than m={m}")
-    device = _device(model, device)
+    device = compute_device(model, device)
     texts_emb = text_embeddings(model, pool)
     check_ms = sorted(set(check_ms)) if check_ms else []
     depth = max([m, *check_ms])
@@ -227,7 +226,7 @@ def textspan_run(run, model, pool, m: int = 5, rank: int = 80, check_ms=(1, 3, 5
     out = {
         "pool": {"name": pool.name, "hash": pool.content_hash(), "size": len(pool)},
         "m": m, "rank": rank,
-        "run": {"fingerprint": run.manifest["model"]["fingerprint"], "source_hash": run.manifest["source"]["hash"],
+        "run": {**run.stamp(),
                 "n_images": n, "layers": run.layers},
         "heads": heads,
     }
@@ -242,7 +241,7 @@ def _reconstruction_partial(run, positions, device, tasks, fixed_mean, means, pr
     reconstruction, then the heads rebuilt from their first k texts for each k in ``ks``."""
     import torch
 
-    from .ablation import iter_rows, layer_parts, task_tensors
+    from .zeroshot import task_tensors
 
     on_device = [task_tensors(t, device) for t in tasks]
     f32 = dict(dtype=torch.float32, device=device)
@@ -250,8 +249,8 @@ def _reconstruction_partial(run, positions, device, tasks, fixed_mean, means, pr
     projections, directions = torch.as_tensor(projections, **f32), torch.as_tensor(directions, **f32)
     correct = torch.zeros((1 + len(ks), len(tasks)), dtype=torch.float64, device=device)
     start_h, stop_h = run.layout["heads"]
-    for start, rows in iter_rows(run, device, positions):
-        attn, mlps, _, rest = layer_parts(rows, run)
+    for start, rows in run.iter_rows(device, positions):
+        attn, mlps, _, rest = run.layer_parts(rows)
         stop = start + rows.shape[0]
         bias = rows[:, slice(*run.layout["attn_bias"])].sum(dim=1)
         coefficients = torch.einsum("shd,hdm->shm", rows[:, start_h:stop_h] - means, projections)  # [S, HH, depth]
@@ -268,14 +267,16 @@ def _reconstruction_partial(run, positions, device, tasks, fixed_mean, means, pr
 def reconstruction_check(run, model, results: list[TextSpanResult], check_ms, device=None, engine=None) -> dict | None:
     """Zero-shot accuracy with the analysed heads replaced by TextSpan reconstructions from their
     first m texts (``results`` in the run's head order), other layers and MLPs mean-ablated."""
-    from .ablation import _device, piece_means, zero_shot_tasks
+    from .ablation import piece_means
+    from .device import compute_device
+    from .zeroshot import zero_shot_tasks
     try:
         tasks = zero_shot_tasks(run, model)
     except ClipInterpretError as err:
         return {"skipped": str(err)}
-    device = _device(model, device)
+    device = compute_device(model, device)
     attn_mean, mlp_mean = piece_means(run, device, engine)
-    other = run.manifest["other_layers"]
+    other = run.other_layers
     fixed_mean = mlp_mean.sum(dim=0) + (attn_mean[other].sum(dim=0) if other else 0)
     depth = max(check_ms)
 

@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -24,7 +25,7 @@ def save_heatmap(path: str | Path, image: Image.Image, heat: np.ndarray, title: 
     ``heat`` is [H, W] at the image's size; the colour scale is symmetric around
     zero (red: the region raises the similarity, blue: it lowers it).
     """
-    plt = _pyplot()
+    plt = pyplot()
     heat = np.asarray(heat, dtype=np.float32)
     limit = float(vmax if vmax is not None else max(np.abs(heat).max(), 1e-12))
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.8), dpi=100)

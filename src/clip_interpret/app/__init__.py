@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from ..index.store import pid_alive
+from ..runstore.store import pid_alive
 from .core import Registry
 
 TEMP_PREFIX = "clip-interpret-app-"
@@ -81,7 +81,7 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
     registry = Registry(runs, model=model, loader=loader)
     for entry in registry.entries.values():
         if entry.usable:
-            print(f"run {entry.key}: {len(entry.run):,} images, model {entry.run.manifest['model']['spec']}"
+            print(f"run {entry.key}: {len(entry.run):,} images, model {entry.run.model_spec}"
                   + (f" ({entry.labels_note})" if entry.labels_note else f", {len(entry.labels)} labelled heads"))
         else:
             print(f"run {entry.key} ({entry.path}) is unavailable: {entry.error}", file=sys.stderr)

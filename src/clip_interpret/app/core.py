@@ -53,7 +53,7 @@ class RunEntry:
             return f"**{self.key}** cannot be used: {self.error}"
         run = self.run
         layers = run.layers
-        text = (f"**{self.key}**: {len(run):,} images, model `{run.manifest['model']['spec']}`, "
+        text = (f"**{self.key}**: {len(run):,} images, model `{run.model_spec}`, "
                 f"layers {layers[0]}-{layers[-1]} x {run.n_heads} heads. ")
         return text + (self.labels_note or f"{len(self.labels)} heads labelled ({LABELS_FILE}).")
 
@@ -119,7 +119,7 @@ class Registry:
     """The runs of one app process. Models are loaded once (at start) and shared by spec."""
 
     def __init__(self, paths, model: str | None = None, loader=None, cache_bytes: int = 2 << 30):
-        from ..index import open_run
+        from ..runstore import open_run
         from ..models import load_model
 
         self._loader = loader or load_model
@@ -134,7 +134,7 @@ class Registry:
             entry = RunEntry(key, path)
             try:
                 entry.run = open_run(path)
-                spec = model or entry.run.manifest["model"]["spec"]
+                spec = model or entry.run.model_spec
                 entry.model = self._model(spec)
                 entry.run.check_model(entry.model)
                 entry.store = analyses.ContributionStore(entry.run, max_bytes=cache_bytes)

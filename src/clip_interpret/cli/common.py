@@ -66,8 +66,8 @@ def add_engine_options(p, workers: bool = False) -> None:
 
 
 def engine(args):
-    """The ``cluster.Engine`` the engine options name (checked: Ray installed, sane counts)."""
-    from ..cluster import resolve_engine
+    """The ``engine.Engine`` the engine options name (checked: Ray installed, sane counts)."""
+    from ..engine import resolve_engine
 
     return resolve_engine(args.engine, args.ray_address, args.workers if args.engine == "ray" else None,
                           args.gpus_per_worker, args.cpus_per_worker)
@@ -102,11 +102,11 @@ def run_and_model(path: str, args, check=None):
     """Open a run and load its model (the manifest's spec unless --model is given) on --device in
     --precision, checked against the run. ``check(run)`` validates the other arguments first: a
     mistake is reported before the model loads."""
-    from ..index import open_run
+    from ..runstore import open_run
 
     run = open_run(path)
     if check is not None:
         check(run)
-    model = load(args.model or run.manifest["model"]["spec"], args)
+    model = load(args.model or run.model_spec, args)
     run.check_model(model)
     return run, model

@@ -11,7 +11,7 @@ from .common import add_compute_options, add_convention_option, ensure_dir, load
 
 def cmd_models(args) -> int:
     from ..models import PAPER_MODELS, open_clip_architectures
-    from ..models.loader import registered_open_clip
+    from ..models.openclip import registered_open_clip
 
     open_clip = registered_open_clip()
     print("The paper's six models (arXiv 2409.06579), as specs:")

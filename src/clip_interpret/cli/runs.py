@@ -10,7 +10,7 @@ from .common import (IMAGES_HELP, add_compute_options, add_convention_option, ad
 
 
 def cmd_index(args) -> int:
-    from ..index import index_images
+    from ..runstore import index_images
 
     where = engine(args)
     model = load(args.model, args)
@@ -18,8 +18,8 @@ def cmd_index(args) -> int:
                        storage=args.storage, shard_size=args.shard_size, convention=args.convention, engine=where,
                        **pipeline_options(args))
     print(f"indexed {len(run)} images into {args.out} (layers {run.layers}, {run.convention} convention, computed in "
-          f"{run.manifest['precision']} {'on Ray' if where.kind == 'ray' else f'on {model.device}'}, "
-          f"stored as {run.manifest['dtype']})")
+          f"{run.precision} {'on Ray' if where.kind == 'ray' else f'on {model.device}'}, "
+          f"stored as {run.storage})")
     for failure in run.failures[:20]:
         print(f"  skipped {failure['source']}: {failure['reason']}")
     if len(run.failures) > 20:
@@ -49,8 +49,8 @@ def cmd_ablate(args) -> int:
 def _ablate_targets(args) -> int:
     """Direct and total effects of ablating chosen heads / MLPs / attention layers (interventions)."""
     from ..effects import format_study, intervention_study
-    from ..index import open_run
-    from ..index.store import atomic_write_json
+    from ..runstore import open_run
+    from ..runstore.store import atomic_write_json
     from ..interventions import Targets
     from ..labels import head_labels, heads_with_property
 
@@ -66,7 +66,7 @@ def _ablate_targets(args) -> int:
                                      f"{args.labels or run.path / 'labels.json'}")
         spec = ",".join([p for p in (spec, ",".join(chosen)) if p])
     probe = open_run(args.probe) if args.probe else None
-    targets = Targets.parse(spec, _vit_config(run))
+    targets = Targets.parse(spec, run.vit_config())
     run, model = run_and_model(args.run, args)
     result = intervention_study(run, model, targets, args.mode, groups=args.groups, probe=probe,
                                 batch_size=args.batch_size, workers=args.workers, mean_images=args.mean_images)
@@ -75,15 +75,6 @@ def _ablate_targets(args) -> int:
     atomic_write_json(name, result)
     print(f"\nwrote {name}")
     return 0
-
-
-def _vit_config(run):
-    """The run's image-tower configuration (to check targets before loading the model)."""
-    from ..models.hooked_vit import ViTConfig
-
-    cfg = dict(run.manifest["model"]["vit"])
-    cfg["image_size"], cfg["patch_size"] = tuple(cfg["image_size"]), tuple(cfg["patch_size"])
-    return ViTConfig(**cfg)
 
 
 def cmd_textspan(args) -> int:

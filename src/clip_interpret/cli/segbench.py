@@ -10,7 +10,7 @@ from .common import add_compute_options, ensure_dir, load, pipeline_options, slu
 
 
 def cmd_segbench(args) -> int:
-    from ..index.store import atomic_write_json
+    from ..runstore.store import atomic_write_json
     from ..segbench import format_segbench, open_dataset, segbench
 
     if args.batch_size < 1:

@@ -127,7 +127,7 @@ def cmd_faithfulness(args) -> int:
 
 def cmd_metrics(args) -> int:
     from ..faithfulness import format_share
-    from ..index.store import atomic_write_json, check_same_convention
+    from ..runstore.store import atomic_write_json, check_same_convention
     from ..metrics import bar_chart, format_comparison, published_scores
     from ..study import run_metrics
 

@@ -52,9 +52,9 @@ def _encoder(model):
 
 
 def _vocabulary(toy: bool, properties):
-    from .labellers import _vocabulary as make, toy_vocabulary
+    from .labellers import make_vocabulary, toy_vocabulary
 
-    vocab = toy_vocabulary() if toy else make("property names", [])
+    vocab = toy_vocabulary() if toy else make_vocabulary("property names", [])
     for prop in sorted(set(properties)):
         if prop not in vocab.properties:
             vocab.properties.append(prop)

@@ -73,7 +73,8 @@ class Vocabulary:
     owner: list[int]  # index into properties, per exemplar
 
 
-def _vocabulary(name: str, entries: list[tuple[str, str]]) -> Vocabulary:
+def make_vocabulary(name: str, entries: list[tuple[str, str]]) -> Vocabulary:
+    """A vocabulary named ``name`` from (property, exemplar phrase) pairs."""
     props: list[str] = []
     exemplars, owner = [], []
     for prop, phrase in entries:
@@ -101,7 +102,7 @@ def toy_vocabulary() -> Vocabulary:
             if prop == "count":
                 word = {"1": "one", "2": "two", "3": "three"}[value]
             entries.append((prop, f"{word} {prop}" if prop in ("background", "pattern") else word))
-    return _vocabulary("toy", entries)
+    return make_vocabulary("toy", entries)
 
 
 def load_vocabulary(spec: str) -> Vocabulary:
@@ -113,7 +114,7 @@ def load_vocabulary(spec: str) -> Vocabulary:
         from ..pools import load_pool
 
         pool = load_pool("general")
-        return _vocabulary("general", list(zip(pool.categories, pool.texts)))
+        return make_vocabulary("general", list(zip(pool.categories, pool.texts)))
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ClipInterpretError(f"property vocabulary not found: {spec!r}; use toy, general, or a text file of "
@@ -126,7 +127,7 @@ def load_vocabulary(spec: str) -> Vocabulary:
         entries.append((prop.strip(), phrase.strip()))
     if not entries:
         raise ClipInterpretError(f"property vocabulary {path} names no property")
-    return _vocabulary(str(path), entries)
+    return make_vocabulary(str(path), entries)
 
 
 def minilm_encoder():

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from ..index.store import read_manifest
+from ..runstore.store import read_run_manifest
 from .store import LABELS_FILE
 
 LABELLERS = ("taxonomy", "embedding", "llm")
@@ -51,12 +51,12 @@ def label_run(run_dir: str | Path, labeller: str = "taxonomy", textspan: str | N
     run_dir = Path(run_dir)
     path = find_textspan(run_dir, textspan)
     result = json.loads(path.read_text())
-    manifest = read_manifest(run_dir)
+    manifest = read_run_manifest(run_dir)
     options: dict = {}
     if labeller == "taxonomy":
         heads = labellers.taxonomy_labels(result)
     elif labeller == "embedding":
-        vocabulary = vocabulary or ("toy" if manifest["source"]["kind"] == "toyworld" else "general")
+        vocabulary = vocabulary or ("toy" if manifest.source_kind == "toyworld" else "general")
         vocab = labellers.load_vocabulary(vocabulary)
         heads = labellers.embedding_labels(result, vocab, labellers.text_encoder(encoder, model))
         options = {"encoder": encoder, "vocabulary": vocabulary, "properties": vocab.properties}
@@ -80,7 +80,7 @@ def label_run(run_dir: str | Path, labeller: str = "taxonomy", textspan: str | N
            "pool": result["pool"], "heads": heads,
            "failed": {h: e["error"] for h, e in heads.items() if e.get("error")}}
     if write:
-        from ..index.store import atomic_write_json
+        from ..runstore.store import atomic_write_json
 
         atomic_write_json(run_dir / f"labels-{labeller}.json", out)
         atomic_write_json(run_dir / LABELS_FILE, out)

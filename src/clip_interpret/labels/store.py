@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from ..errors import ClipInterpretError
-from ..index.store import read_json
+from ..runstore.store import read_json
 
 LABELS_FILE = "labels.json"
 

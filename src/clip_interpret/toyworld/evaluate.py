@@ -85,7 +85,7 @@ class _Forward:
 
 def toy_pixel_batches(model, n: int, seed: int, batch_size: int = 256, workers: int | None = None, compute=None):
     """The source ``toyworld:n:seed`` and its batches on the model's device (images made by the workers)."""
-    from ..index import open_source
+    from ..runstore import open_source
     from ..pipeline import pixel_batches
 
     source = open_source(f"toyworld:{n}:{seed}")

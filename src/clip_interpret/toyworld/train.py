@@ -102,7 +102,8 @@ class TrainConfig:
 
 def build_model(cfg: TrainConfig):
     """The open_clip model of ``cfg.model``, initialised with ``cfg.seed`` or loaded from ``cfg.init``."""
-    from ..models.loader import check_state_dict, create_open_clip, read_state_dict
+    from ..models.files import check_state_dict, read_state_dict
+    from ..models.openclip import create_open_clip
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -308,8 +309,12 @@ def _config_diffs(saved: dict, cfg: TrainConfig) -> list[str]:
             if saved.get(k, defaults[k]) != v]
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)  # a log redirected to a file shows each checkpoint as it is written
+
+
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_every: int = 100,
-          log=print, progress: bool = True, stop_after: int | None = None, device="cpu",
+          log=_say, progress: bool = True, stop_after: int | None = None, device="cpu",
           workers: int = 0) -> dict:
     """Train (or resume) in ``out_dir``; returns a summary. ``stop_after`` ends early (for tests).
 
@@ -317,7 +322,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
     neither changes the batches, so a run may resume on another device or with other workers."""
     from tqdm import tqdm
 
-    from ..models.loader import open_clip_preprocess, registered_open_clip
+    from ..models.openclip import open_clip_preprocess, registered_open_clip
 
     cfg.check()
     device = torch.device(device)
@@ -424,7 +429,7 @@ def export_weights(model, path: str | Path) -> str:
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)
-    from ..models.loader import sha256_file
+    from ..models.files import sha256_file
 
     return sha256_file(path)
 

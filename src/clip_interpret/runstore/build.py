@@ -21,7 +21,7 @@ import torch
 
 from ..decompose import check_convention, decompose_pixels, resolve_layers
 from ..device import check_precision, is_out_of_memory, out_of_memory_error
-from ..cluster import Engine, resolve_engine
+from ..engine import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source

@@ -12,8 +12,10 @@
   (the members sharing a key) is one image, named ``SHARD.tar/KEY.EXT``; its text
   members (``.cls``, ...) and the fields of its ``.json`` become label sets when
   their values repeat, as a table's columns do;
-* ``toyworld:N[:seed]``: N images of the known-answer world, labelled with every
-  toy property (``shape``, ``color``, ...).
+* a registered prefix (``register_source``): e.g. ``toyworld:N[:seed]``, N images
+  of the known-answer world labelled with every toy property, which the toy world
+  registers (``clip_interpret.toyworld.source``): the run store does not import
+  the sources that generate their images.
 
 Order and indices are deterministic (sorted folder walk, file or table order,
 tar files in pattern order and samples in tar order), so runs resume and compare.
@@ -46,22 +48,22 @@ class ImageSource:
     names: list[str]
     labels: dict[str, list[str]] = field(default_factory=dict)  # label set -> one label per item
     kind: str = "files"
-    _toy: object = None
+    generated: object = None  # generated images: an indexable whose item i has the PIL image as ``.image``
     _tar: "TarMembers | None" = None
 
     def __len__(self) -> int:
         return len(self.names)
 
     def load(self, i: int):
-        if self._toy is not None:
-            return self._toy[i].image
+        if self.generated is not None:
+            return self.generated[i].image
         if self._tar is not None:
             return self._tar.read(i)
         return self.names[i]
 
     def location(self) -> str | None:
         """A file every reader of this source must see (None for generated images)."""
-        if self._toy is not None:
+        if self.generated is not None:
             return None
         return self._tar.paths[0] if self._tar is not None else self.names[0]
 
@@ -276,19 +278,12 @@ def read_item(name: str):
     return name
 
 
-def _toyworld(spec: str) -> ImageSource:
-    from ..toyworld import PROPERTIES, ToyWorld
-    from ..toyworld.world import sample_attributes
+SOURCE_PREFIXES: dict = {}  # spec prefix -> opener(spec) -> ImageSource (register_source)
 
-    world = ToyWorld.from_source(spec)
-    names = [f"toyworld:{world.seed}:{world.offset + i}" for i in range(len(world))]
-    labels = {prop: [] for prop in PROPERTIES}
-    for i in range(len(world)):
-        # the attributes are the first draws of the image's generator: no need to render it
-        attributes = sample_attributes(np.random.default_rng([world.seed, world.offset + i]))
-        for prop in PROPERTIES:
-            labels[prop].append(attributes[prop])
-    return ImageSource(spec, names, labels, kind="toyworld", _toy=world)
+
+def register_source(prefix: str, opener) -> None:
+    """Make ``open_source`` hand specs starting with ``prefix`` (e.g. ``"toyworld:"``) to ``opener``."""
+    SOURCE_PREFIXES[prefix] = opener
 
 
 def open_source(spec: str) -> ImageSource:
@@ -297,8 +292,9 @@ def open_source(spec: str) -> ImageSource:
     if not isinstance(spec, str) or not spec.strip():
         raise ClipInterpretError("no image source given; pass a folder, a text file of paths, a table, "
                                  "tars:PATTERN or toyworld:N[:seed]")
-    if spec.startswith("toyworld:"):
-        return _toyworld(spec)
+    for prefix, opener in SOURCE_PREFIXES.items():
+        if spec.startswith(prefix):
+            return opener(spec)
     if spec.startswith("tars:"):
         return _tars(spec)
     path = Path(spec).expanduser()

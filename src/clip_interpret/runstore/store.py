@@ -154,7 +154,99 @@ class ShardInfo:
     decoder: str = ""  # how its images were decoded (pil, torch or device; "" before it was recorded)
 
 
-class Run:
+class ManifestFacts:
+    """Typed reads of a run manifest (``self.manifest``, checked by ``read_manifest``): what the
+    rest of the package asks of a run, so that nothing outside the run store indexes the raw JSON."""
+
+    manifest: dict
+
+    @property
+    def layers(self) -> list[int]:
+        """The analysed layers (their heads are stored one by one)."""
+        return list(self.manifest["layers"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.manifest["n_layers"])
+
+    @property
+    def other_layers(self) -> list[int]:
+        """The layers whose attention is stored as one piece per layer."""
+        return list(self.manifest["other_layers"])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.manifest["n_heads"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def layout(self) -> dict[str, list[int]]:
+        return self.manifest["layout"]
+
+    @property
+    def convention(self) -> str:
+        """How the pieces were split (``centred`` or ``published``; see ``clip_interpret.decompose``)."""
+        return self.manifest.get("convention", "centred")
+
+    @property
+    def precision(self) -> str:
+        """The compute precision the run was made in."""
+        return self.manifest.get("precision", "fp32")
+
+    @property
+    def storage(self) -> str:
+        """The dtype its shards are stored in."""
+        return self.manifest["dtype"]
+
+    @property
+    def model_spec(self) -> str:
+        return self.manifest["model"]["spec"]
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the model's weights."""
+        return self.manifest["model"]["fingerprint"]
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.manifest["model"].get("random_weights"))
+
+    @property
+    def source_spec(self) -> str:
+        return self.manifest["source"]["spec"]
+
+    @property
+    def source_kind(self) -> str:
+        return self.manifest["source"]["kind"]
+
+    @property
+    def source_hash(self) -> str:
+        return self.manifest["source"]["hash"]
+
+    def stamp(self) -> dict:
+        """What a result made from this run is stamped with: the weights and the image list."""
+        return {"fingerprint": self.fingerprint, "source_hash": self.source_hash}
+
+    def vit_config(self):
+        """The image tower's configuration (``ViTConfig``), without loading the model."""
+        from ..models.hooked_vit import ViTConfig
+
+        cfg = dict(self.manifest["model"]["vit"])
+        cfg["image_size"], cfg["patch_size"] = tuple(cfg["image_size"]), tuple(cfg["patch_size"])
+        return ViTConfig(**cfg)
+
+
+class RunManifest(ManifestFacts):
+    """A run's checked manifest, read without opening its shards (``read_run_manifest``)."""
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+
+
+class Run(ManifestFacts):
     """Read access to a finished (or partly finished) run directory.
 
     Every file is checked as it is opened: a missing, empty, truncated or malformed file
@@ -244,27 +336,6 @@ class Run:
     def complete(self) -> bool:
         return bool(self.manifest.get("complete"))
 
-    @property
-    def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.manifest["n_heads"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def layout(self) -> dict[str, list[int]]:
-        return self.manifest["layout"]
-
-    @property
-    def convention(self) -> str:
-        """How the pieces were split (``centred`` or ``published``; see ``clip_interpret.decompose``)."""
-        return self.manifest.get("convention", "centred")
-
     def __len__(self) -> int:
         return len(self.source_indices)
 
@@ -327,6 +398,32 @@ class Run:
         for k in range(len(self.shards)) if positions is None else positions:
             yield int(starts[k]), self._map(self.shards[k].shard, "pieces")
 
+    def iter_rows(self, device="cpu", positions=None):
+        """(first row, pieces [S, P, D] as a float32 tensor on ``device``) per shard: ``iter_pieces``
+        for torch passes (one shard in memory at a time)."""
+        import torch
+
+        for start, pieces in self.iter_pieces(positions):
+            yield start, torch.from_numpy(np.ascontiguousarray(pieces)).to(device).float()
+
+    def layer_parts(self, rows):
+        """Shard rows [S, P, D] (a tensor) -> (attention per layer [S, L, D], MLP per layer [S, L, D],
+        analysed heads [S, La, H, D], the rest [S, D]: token embedding + pooling MLP (attention-pooled
+        towers) + constant)."""
+        layout = self.layout
+        s, _, d = rows.shape
+        n_layers = self.n_layers
+        heads = rows[:, slice(*layout["heads"])].reshape(s, len(self.layers), self.n_heads, d)
+        attn = rows.new_zeros((s, n_layers, d))
+        attn[:, self.layers] = heads.sum(dim=2) + rows[:, slice(*layout["attn_bias"])]
+        other = self.other_layers
+        if other:
+            attn[:, other] = rows[:, slice(*layout["other_attn"])]
+        mlps = rows[:, slice(*layout["mlps"])]
+        rest = sum(rows[:, slice(*layout[name])].sum(dim=1) for name in ("cls_embed", "pool_mlp", "constant")
+                   if name in layout)
+        return attn, mlps, heads, rest
+
     def sum_of_pieces(self) -> np.ndarray:
         """The sum of every stored piece [N, D]; equals ``embeddings()`` up to the storage dtype."""
         parts = [np.asarray(pieces, dtype=np.float32).sum(axis=1) for _, pieces in self.iter_pieces()]
@@ -375,6 +472,11 @@ def manifest_pooled(manifest: dict) -> bool:
     """Whether a run's tower pools by attention (its manifest records the HookedViT config)."""
     vit = manifest["model"].get("vit")
     return isinstance(vit, dict) and vit.get("pool") == "map"
+
+
+def read_run_manifest(run_dir: str | Path) -> RunManifest:
+    """A run's checked manifest as typed facts (``ManifestFacts``)."""
+    return RunManifest(read_manifest(run_dir))
 
 
 def read_manifest(run_dir: str | Path) -> dict:

@@ -87,7 +87,7 @@ def index_on_ray(job, model, shards: list[int], engine, token: str, write_shards
     """Write the shards numbered ``shards`` of ``job`` on Ray (see the module doc).
     ``token``: the driver's lock token; ``write_shards``: the shard function (``build.write_shards``); ``on_shard(n)``: called with each finished shard's
     number of items; ``stop_after``: hand out no more groups once that many shards are written."""
-    from ..cluster import raise_cause, ray_session, worker_count
+    from ..engine import raise_cause, ray_session, worker_count
 
     if not shards:
         return
