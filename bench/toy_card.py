@@ -1,11 +1,12 @@
 """Figures for the toy model card (docs/toy-model.md), printed as Markdown.
 
 Evaluates the bundled toy model (or --model SPEC): zero-shot accuracy per property
-and retrieval on held-out images, the heads x properties table of direct effects,
+and retrieval on held-out images, the diagnosis (linear probe and text separation per
+property, `toyworld eval --diagnose`), the heads x properties table of direct effects,
 then indexes held-out images and runs the mean-ablation study and TextSpan with the
 toy pool (with the reconstruction check).
 
-    python bench/toy_card.py [--model toy] [--n 1000] [--index 2000]
+    python bench/toy_card.py [--model toy] [--n 1000] [--index 2000] [--diagnose 3000]
 """
 
 from __future__ import annotations
@@ -22,18 +23,27 @@ def main() -> None:
     parser.add_argument("--model", default="toy")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--index", type=int, default=2000)
+    parser.add_argument("--diagnose", type=int, default=3000, help="training-world images for the linear probe")
     args = parser.parse_args()
 
     from clip_interpret import load_model
     from clip_interpret.ablation import ablation_study, format_table
-    from clip_interpret.index import index_images
+    from clip_interpret.runstore import index_images
     from clip_interpret.pools import load_pool
     from clip_interpret.textspan import textspan_run
-    from clip_interpret.toyworld.evaluate import evaluate, format_eval, head_property_effects
+    from clip_interpret.toyworld.evaluate import (
+        diagnose,
+        evaluate,
+        format_diagnosis,
+        format_eval,
+        head_property_effects,
+    )
 
     model = load_model(args.model)
     print("## Zero-shot accuracy and retrieval\n\n```")
     print(format_eval(evaluate(model, n=args.n)))
+    print("```\n\n## Diagnosis: linear probe and text separation per property\n\n```")
+    print(format_diagnosis(diagnose(model, n_train=args.diagnose, n=args.n)))
     print("```\n\n## Heads x properties: direct effect on the zero-shot margin\n")
     effects = head_property_effects(model, n=min(500, args.n))
     props = effects["properties"]
