@@ -156,7 +156,7 @@ class RunIndex:
                       **run.stamp(), "shards": shards}
         self.index = self._load() or self._build()
         nlist = self.faiss.extract_index_ivf(self.index).nlist
-        self.index.nprobe = nprobe or min(nlist, max(8, nlist // 16))
+        self.index.nprobe = nprobe or min(nlist, max(16, nlist // 16))  # small indexes: probe 16 lists at least
 
     def _load(self):
         try:
