@@ -1,10 +1,13 @@
-"""Fine-tune the bundled toy CLIP v1 on the CPU and watch every property (the experiments of
+"""Fine-tune the toy CLIP v1 on the CPU and watch every property (the experiments of
 docs/toy-model.md, "Why a property is not learned"); a scratch tool, not the training recipe.
 
     PYTHONPATH=src python bench/toy_finetune.py steps=300 hard=0.5 nfree=2 group=16 lr=3e-4
     PYTHONPATH=src python bench/toy_finetune.py steps=400 hard=0.75 nfree=1 group=8 lr=5e-4
     PYTHONPATH=src python bench/toy_finetune.py steps=400 hard=0 pw=1.0 lr=5e-4 every=50
     PYTHONPATH=src python bench/toy_finetune.py steps=400 init=random hard=0.5 group=8 nfree=1 pw=1 lr=5e-4
+
+v1 is no longer the bundled model (v2 is, since 2026-12-06): init=v1 reads v1's weights from git history
+(`git show 0786aa2:src/clip_interpret/toyworld/weights/toy.safetensors > /tmp/v1.safetensors`), path v1=FILE.
 
 key=value options: steps, lr, bs (batch, 128), hard (share of the batch in contrast groups), group,
 nfree (free properties per group, from hardp=shape,size,count,position), pw (weight of a per-property
@@ -33,8 +36,7 @@ hard = float(args.get("hard", 1.0)); init = args.get("init", "v1"); bs = int(arg
 cfg = T.TrainConfig()
 model = T.build_model(cfg)
 if init == "v1":
-    from clip_interpret.models.loader import TOY_WEIGHTS
-    sd = load_file(str(TOY_WEIGHTS / "toy.safetensors"))
+    sd = load_file(args.get("v1", "/tmp/v1.safetensors"))
     model.load_state_dict({k: v.float() for k, v in sd.items()})
 oc = registered_open_clip()
 ctx = model.context_length

@@ -8,12 +8,14 @@ for a fixed wall time with one linear classifier per property on its embedding, 
     python bench/toy_recipe.py patch=4 width=64 hw=16   # finer patches, narrower to keep the cost
     python bench/toy_recipe.py lr=2e-3                  # another learning rate
     python bench/toy_recipe.py patch=16 dense=1         # + a per-patch shape loss on the last tokens
-    python bench/toy_recipe.py init=v1                  # start from the bundled v1's image tower
+    git show 0786aa2:src/clip_interpret/toyworld/weights/toy.safetensors > /tmp/v1.safetensors
+    python bench/toy_recipe.py init=/tmp/v1.safetensors # start from v1's image tower (v1 is no longer bundled)
 
 key=value options: patch, width, layers, hw (head width), lr (1e-3), bs (128), min (wall minutes, 5),
 every (minutes between evaluations, 1), pool (training images, generated once with their masks and
 cached in /tmp; 60,000), dense (weight of the per-patch shape loss: each patch token classified as
-background or the shape of the object covering >= 25% of it), init (random or v1).
+background or the shape of the object covering >= 25% of it), init (random, or a .safetensors file of a
+toy CLIP whose tower has the same shape).
 """
 import json
 import os
@@ -73,11 +75,10 @@ def main():
     torch.manual_seed(0)
     tower = _build_vision_tower(128, CLIPVisionCfg(image_size=64, layers=layers, width=width, head_width=hw,
                                                    patch_size=patch))
-    if a.get("init", "random") == "v1":
+    if a.get("init", "random") != "random":
         from safetensors.torch import load_file
 
-        from clip_interpret.models.loader import TOY_WEIGHTS
-        state = load_file(str(TOY_WEIGHTS / "toy.safetensors"))
+        state = load_file(a["init"])
         tower.load_state_dict({k[7:]: v.float() for k, v in state.items() if k.startswith("visual.")})
     tower.output_tokens = dense > 0
     sizes = [len(PROPERTIES[p]) for p in PROPS]
