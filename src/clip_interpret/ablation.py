@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .engine import map_shards, one_session
 from .device import compute_device
+from .engine import map_shards, one_session
 from .errors import ClipInterpretError
 from .zeroshot import Task, task_tensors, zero_shot_tasks  # noqa: F401  (their home before zeroshot.py)
 
@@ -78,7 +78,7 @@ def _ablation_partial(run, positions, device, tasks, attn_mean, mlp_mean):
 def ablation_study(run, model, device=None, engine=None) -> dict:
     """Accuracy per task for the full reconstruction and each mean-ablation (see the module doc).
     Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
-    (or a ``engine.Engine``), by Ray tasks over groups of shards."""
+    (or an ``engine.Engine``), by Ray tasks over groups of shards."""
     device = compute_device(model, device)
     tasks = zero_shot_tasks(run, model)
     attn_mean, mlp_mean = piece_means(run, device, engine)

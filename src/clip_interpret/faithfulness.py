@@ -90,7 +90,7 @@ def _drops_partial(run, positions, device, tasks, mean):
 def head_ablation_drops(run, model, device=None, engine=None) -> dict:
     """Accuracy and margin drops per (head, task) when each analysed head alone is mean-ablated.
     Computed on ``device`` (default: the model's), one shard at a time; with ``engine="ray"``
-    (or a ``engine.Engine``), by Ray tasks over groups of shards."""
+    (or an ``engine.Engine``), by Ray tasks over groups of shards."""
     from .device import compute_device
     from .zeroshot import zero_shot_tasks
     device = compute_device(model, device)

@@ -248,7 +248,7 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
     ``device``/``precision``: where and how the model computes; ``workers``/``decode``/``draft``:
     the input pipeline of the index step; ``convention``: of the pieces (default: an existing
     run's, else ``centred``); ``tokenizer``: replaces the model's (``load_model``).
-    ``engine="ray"`` (or a ``engine.Engine``): index, ablation, TextSpan and faithfulness run on
+    ``engine="ray"`` (or an ``engine.Engine``): index, ablation, TextSpan and faithfulness run on
     one Ray session (``workers``: Ray workers)."""
     from contextlib import nullcontext
 

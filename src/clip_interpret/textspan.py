@@ -161,7 +161,7 @@ def head_statistics(run, device="cpu", max_bytes: int = 1 << 30, progress: bool 
     """Per analysed head, the Gram matrix ``C^T C`` [D, D] and the sum of its contributions [D]
     (float64), accumulated shard by shard on ``device``: memory stays at the statistics' size
     (heads are taken in groups of at most ``max_bytes`` of Gram matrices, one pass per group),
-    whatever the number of images. With ``engine="ray"`` (or a ``engine.Engine``) each pass is
+    whatever the number of images. With ``engine="ray"`` (or an ``engine.Engine``) each pass is
     a map over groups of shards on Ray and a reduce (the sum). Yields (head index, gram, sum)."""
     from tqdm import tqdm
 

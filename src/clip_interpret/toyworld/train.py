@@ -377,7 +377,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
                       "device": str(device)}, ckpt_path)
 
     batches = step_batches(make, range(start, end), workers)
-    correct, seen = torch.zeros(len(PROPERTIES)), 0
+    correct, seen = torch.zeros(len(PROPERTIES), device=device), 0  # summed on the device: no sync a step
     for step, (crops, tokens, labels) in zip(range(start, end), batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -391,7 +391,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
             if probes is not None:
                 probe_loss, right = probes(image_raw, labels)
                 loss = loss + cfg.probe_weight * probe_loss
-                correct += right.cpu()
+                correct += right
                 seen += len(labels)
             if cfg.prompt_weight > 0:
                 loss = loss + cfg.prompt_weight * prompt_loss(image_features, labels, model, tokenizer, context,
@@ -411,7 +411,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
                 accuracy = ", ".join(f"{p} {c / seen:.0%}" for p, c in zip(PROPERTIES, correct.tolist()))
                 log(f"step {step + 1}: loss {np.mean(history[-checkpoint_every:]):.3f}; "
                     f"training-batch probe accuracy since the last checkpoint: {accuracy}")
-                correct, seen = torch.zeros(len(PROPERTIES)), 0
+                correct, seen = torch.zeros(len(PROPERTIES), device=device), 0
     bar.close()
     elapsed += time.perf_counter() - t0
     model.eval()
