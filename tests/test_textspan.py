@@ -175,7 +175,15 @@ def test_ablate_and_textspan_commands(tiny_run, capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert "MLPs mean-ablated" in out and "attention 0-2 mean-ablated" in out
     saved = json.loads((tiny_run / "ablation.json").read_text())
-    assert saved["n_images"] == 120 and saved["accuracy"]["full"]["color"] >= 0
+    assert saved["n_images"] == 120
+    # the "full" row against the model's own forward on the same 120 images (toyworld's evaluation,
+    # not the run's stored pieces; fp16 storage may flip a near-tie)
+    from clip_interpret.toyworld.evaluate import heldout_embeddings, zero_shot
+    model = load_model("open_clip:test-vit-tiny")
+    embs, labels, _ = heldout_embeddings(model, n=120, seed=1, workers=0)
+    direct = zero_shot(model, embs, labels)
+    for prop, row in direct.items():
+        assert abs(saved["accuracy"]["full"][prop] - row["accuracy"]) <= 2 / 120, prop
     assert main(["textspan", str(tiny_run), "--pool", "toy", "--m", "2", "--rank", "8"]) == 0
     assert (tiny_run / "textspan-toy.json").is_file()
     assert main(["textspan", str(tiny_run), "--pool", "toy", "--m", "500"]) == 2

@@ -46,15 +46,42 @@ def test_streamed_textspan_picks_and_figures_equal_the_in_memory_ones(run_and_mo
         assert np.allclose(head["explained"], expected.explained, rtol=1e-6)
 
 
-def test_reconstruction_from_statistics_equals_the_in_memory_reconstruction(run_and_model):
+def _published_textspan(data, texts, m, rank):
+    """The published loop, written out on the data itself (no Gram matrix, no subspace coordinates):
+    texts projected onto the top-``rank`` right singular vectors of the uncentred data, the data
+    centred, then m times: the text with the largest projection variance is picked, its component
+    is moved from the data into the reconstruction, and the other texts are orthogonalised to it."""
+    data = np.asarray(data, np.float64)
+    _, _, vh = np.linalg.svd(data, full_matrices=False)
+    texts = np.asarray(texts, np.float64) @ vh[:rank].T @ vh[:rank]
+    mean = data.mean(axis=0)
+    rest = data - mean
+    rebuilt = [np.repeat(mean[None], len(data), axis=0)]
+    picks = []
+    for _ in range(m):
+        top = int(np.argmax((rest @ texts.T).var(axis=0)))
+        a = texts[top]
+        part = np.outer(rest @ a, a) / (a @ a)
+        rest = rest - part
+        rebuilt.append(rebuilt[-1] + part)
+        texts = texts - np.outer(texts @ a, a) / (a @ a)
+        picks.append(top)
+    return picks, rebuilt
+
+
+def test_textspan_and_its_reconstructions_equal_the_published_loop_on_the_data(run_and_model):
     run, model = run_and_model
     pool = load_pool("toy")
-    data = run.heads(2, 1)
     texts = text_embeddings(model, pool)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = textspan(data, texts, pool.texts, m=5, rank=20, keep_reconstruction=True)
+    for layer, head in ((2, 1), (0, 3)):
+        data = run.heads(layer, head)
+        rank = run.dim  # the full rank: a cut inside the noise floor would make the subspace arbitrary
+        picks, rebuilt = _published_textspan(data, texts, m=5, rank=rank)
+        full = textspan(data, texts, pool.texts, m=5, rank=rank, keep_reconstruction=True)
         c = data.astype(np.float64)
-        stats = textspan_from_gram(c.T @ c, c.mean(axis=0), len(c), texts, pool.texts, m=5, rank=20)
-    for m in (0, 1, 3, 5):
-        assert np.allclose(stats.reconstruct(m, data=data), full.reconstruct(m), atol=1e-6)
+        stats = textspan_from_gram(c.T @ c, c.mean(axis=0), len(c), texts, pool.texts, m=5, rank=rank)
+        assert full.indices == picks and stats.indices == picks
+        scale = np.abs(c).max()
+        for m in (0, 1, 3, 5):
+            assert np.allclose(full.reconstruct(m), rebuilt[m], atol=1e-6 * scale)
+            assert np.allclose(stats.reconstruct(m, data=data), rebuilt[m], atol=1e-6 * scale)
