@@ -651,10 +651,11 @@ def empty_run_error(run: "Run") -> ClipInterpretError:
     """Why a run without a single image row is of no use, and what to do."""
     n = run.manifest["source"].get("n", "?")
     if run.complete or (run.shards and len(run.failures) >= (n if isinstance(n, int) else 1)):
+        first = f"{run.failures[0].get('source')}: {run.failures[0].get('reason')}; " if run.failures else ""
         return ClipInterpretError(
             f"run {run.path} holds no image: none of the {n} images of its source {run.source_spec!r} could be read "
-            f"(the reason for each is listed under \"failures\" in {run.path / 'shards'}/*.json); fix the images "
-            "and index them into a new folder")
+            f"({first}the reason for each is listed under \"failures\" in {run.path / 'shards'}/*.json); fix the "
+            "images and index them into a new folder")
     return ClipInterpretError(f"run {run.path} holds no image yet: its indexing stopped before any image was stored; "
                               f"{repair_hint(run.path, run.manifest)}")
 
