@@ -7,8 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from clip_interpret import analyses, cli, load_model
 from clip_interpret.errors import ClipInterpretError
 from clip_interpret.runstore import index_images, open_run, open_source
@@ -97,7 +95,8 @@ def test_a_struct_without_bytes_is_refused(tmp_path):
 def test_tables_without_an_image_column_name_every_accepted_name(tmp_path):
     (tmp_path / "t.csv").write_text("url,color\na.png,red\n")
     with pytest.raises(ClipInterpretError, match=r"t\.csv needs an image column named 'image', 'file', 'path' or "
-                                                 r"'filename' \(image paths relative to the table\); it has url, color"):
+                                                 r"'filename' \(image paths relative to the table\); it has url, "
+                                                 r"color"):
         open_source(str(tmp_path / "t.csv"))
     table = _parquet(tmp_path / "t.parquet", {"url": ["a.png"]})
     with pytest.raises(ClipInterpretError, match=r"'image', 'file', 'path' or 'filename' \(image paths relative to "

@@ -274,7 +274,6 @@ def _table_images(path: Path, parquet, column: str, struct: bool) -> TableImages
 
 def _open_parquet(path: Path):
     try:
-        import pyarrow  # noqa: F401
         import pyarrow.parquet as pq
     except ImportError:
         raise ClipInterpretError(f"reading the Parquet table {path} needs pyarrow: pip install "

@@ -441,8 +441,14 @@ class Run(ManifestFacts):
 REINDEX = "index the images again into a new folder (`clip-interpret index ... --out NEW_FOLDER`)"
 
 
-def read_json(path: Path, fix: str):
-    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``."""
+def read_json(path: Path, fix):
+    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``
+    (a string, or a function that makes it: called only when there is an error)."""
+    if callable(fix):
+        try:
+            return read_json(path, "")
+        except ClipInterpretError as err:
+            raise ClipInterpretError(f"{err}{fix()}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -559,7 +565,9 @@ def _shard_info(path: Path, n_items: int, shard_size=None, manifest: dict | None
         number = int(path.name.split(".")[0])
     except ValueError:
         number = None
-    fix = _redo_shard(path.parent.parent, number, manifest) if number is not None else f"delete {path}"
+    def fix() -> str:  # made only for an error: a run of many shards opens quickly
+        return _redo_shard(path.parent.parent, number, manifest) if number is not None else f"delete {path}"
+
     data = read_json(path, fix)
     ok = (isinstance(data, dict) and data.get("shard") == number and _int_list([data.get("start"), data.get("stop")])
           and 0 <= data["start"] <= data["stop"] <= n_items and _int_list(data.get("kept"))
@@ -568,7 +576,7 @@ def _shard_info(path: Path, n_items: int, shard_size=None, manifest: dict | None
         ok = data["start"] == number * shard_size and data["stop"] == min(n_items, (number + 1) * shard_size)
     if not ok:
         raise ClipInterpretError(f"{path} is not a valid shard record (shard {number}: items start..stop of the "
-                                 f"run's {n_items}, the kept ones, the failures); {fix}")
+                                 f"run's {n_items}, the kept ones, the failures); {fix()}")
     return ShardInfo(number, data["start"], data["stop"], data["kept"], data["failures"], str(data.get("decoder", "")))
 
 
