@@ -242,6 +242,17 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _cut_short(run, shard):
+    """A shard rewritten, consistently, with its last row gone (its record and both arrays)."""
+    stem = run / "shards" / f"{shard:05d}"
+    record = json.loads(stem.with_suffix(".json").read_text())
+    record["kept"] = record["kept"][:-1]
+    stem.with_suffix(".json").write_text(json.dumps(record))
+    for kind in ("pieces", "emb"):
+        path = stem.with_name(f"{stem.name}.{kind}.npy")
+        np.save(path, np.load(path)[:-1])
+
+
 def _edit_json(name, change):
     def edit(run):
         data = json.loads((run / name).read_text())
@@ -270,13 +281,26 @@ CORRUPTIONS = {
                      r"00000\.json is not a valid shard record"),
     "array shape": (lambda r: np.save(r / "shards" / "00000.pieces.npy", np.zeros((25, 3, 8), np.float16)),
                     r"00000\.pieces\.npy holds a float16 array of shape \[25, 3, 8\], the run expects float16 "
-                    r"\[25, \d+, \d+\]; delete .*00000\.json and run the same `clip-interpret index`"),
+                    r"\[25, \d+, \d+\]; to redo that shard, run the index command again, `clip-interpret index --model "
+                    r"open_clip:test-vit-tiny --images toyworld:40:1 --out \S+/run --shard-size 25`: it resumes"),
     "array dtype": (lambda r: np.save(r / "shards" / "00001.emb.npy",
                                       np.load(r / "shards" / "00001.emb.npy").astype(np.float64)),
                     r"00001\.emb\.npy holds a float64 array"),
     "array truncated": (lambda r: _truncate(r / "shards" / "00001.pieces.npy"),
                         r"00001\.pieces\.npy is not a readable \.npy array"),
     "array missing": (lambda r: (r / "shards" / "00000.emb.npy").unlink(), r"00000\.emb\.npy is missing"),
+    "shard deleted": (lambda r: [p.unlink() for p in (r / "shards").glob("00001.*")],
+                      r"run \S+ is missing shard 00001 \(of 2\): source items 25-39 \(15 of 40\) have no shard, "
+                      r"although its manifest says the run is complete; run the index command again, `clip-interpret "
+                      r"index --model open_clip:test-vit-tiny --images toyworld:40:1 --out \S+ --shard-size 25`"),
+    "first shard deleted": (lambda r: [p.unlink() for p in (r / "shards").glob("00000.*")],
+                            r"missing shard 00000 \(of 2\): source items 0-24 \(25 of 40\)"),
+    "shard cut short": (lambda r: _cut_short(r, 1), r"00001\.json lists 14 images, the manifest recorded 15 for that "
+                                                   r"shard when the run was completed; to redo that shard, run"),
+    "array bytes": (lambda r: (r / "shards" / "00001.emb.npy").open("ab").write(b"\0" * 64),
+                    r"00001\.emb\.npy is \d+ bytes, the manifest recorded \d+ when the run was completed"),
+    "record moved": (_edit_json("shards/00001.json", lambda d: {**d, "start": 20}),
+                     r"00001\.json is not a valid shard record"),
 }
 
 
@@ -293,6 +317,44 @@ def test_a_damaged_run_is_a_one_line_error_naming_the_file(good_run, tmp_path, c
     assert main(["text-nn", str(run), "--text", "a red circle", "--heads", "L2.H1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+SHARD_DAMAGE = ["record truncated", "record fields", "record items", "array shape", "array dtype", "array truncated",
+                "array missing", "shard deleted", "first shard deleted", "shard cut short", "array bytes",
+                "record moved"]
+
+
+@pytest.mark.parametrize("case", SHARD_DAMAGE)
+def test_the_index_command_repairs_a_damaged_or_missing_shard(good_run, tmp_path, case, capsys):
+    """The repair the errors name: the same index command checks every shard and redoes the bad ones,
+    whatever the manifest says; the run is then the same as before the damage."""
+    from clip_interpret.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    CORRUPTIONS[case][0](run)
+    with pytest.raises(ClipInterpretError):
+        open_run(run)
+    argv = ["index", "--model", TINY, "--images", "toyworld:40:1", "--out", str(run), "--shard-size", "25",
+            "--workers", "0"]
+    assert main(argv) == 0
+    assert "indexed 40 images" in capsys.readouterr().out
+    repaired, good = open_run(run), open_run(good_run)
+    assert repaired.complete and repaired.manifest["n_indexed"] == 40
+    assert repaired.manifest["shard_files"] == good.manifest["shard_files"]
+    _same_runs(repaired, good)
+
+
+def test_a_repair_interrupted_leaves_the_run_incomplete(model, good_run, tmp_path):
+    """While a missing shard is redone the manifest no longer says complete: a repair stopped
+    half-way is a run in progress, not a complete run with a hole."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    for path in (run / "shards").glob("0000[01].*"):
+        path.unlink()
+    partial = index_images(model, "toyworld:40:1", run, shard_size=25, progress=False, stop_after_shards=1)
+    assert not partial.complete and len(partial) == 25
+    assert "shard_files" not in json.loads((run / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("labels, message", [

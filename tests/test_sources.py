@@ -145,5 +145,6 @@ def test_a_parquet_table_without_an_image_column_is_refused(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"url": ["a", "b"]}), tmp_path / "t.parquet")
-    with pytest.raises(ClipInterpretError, match="needs an 'image' column.*url"):
+    with pytest.raises(ClipInterpretError, match="needs an image column named 'image', 'file', 'path' or "
+                                                 "'filename'.*it has url"):
         open_source(str(tmp_path / "t.parquet"))

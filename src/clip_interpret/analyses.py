@@ -61,8 +61,10 @@ def run_image(run, index: int) -> Image.Image:
         if not match:
             raise ClipInterpretError(f"run {run.path}: {name!r} is not a toy-world item name")
         return generate(int(match.group(2)), seed=int(match.group(1))).image
-    from .runstore.sources import read_item
+    from .runstore.sources import read_item, table_image
 
+    if run.source_kind == "table-bytes":  # the image's bytes are in the table, its name is only a name
+        return load_image(table_image(run.source_spec, int(run.source_indices[index])))
     return load_image(read_item(name))
 
 
@@ -101,6 +103,9 @@ def check_k(k, n: int | None = None) -> int:
         value = int(k)
     except (TypeError, ValueError):
         raise ClipInterpretError(f"k must be a whole number, got {k!r}") from None
+    if n == 0:
+        raise ClipInterpretError("the run holds no image, so there is nothing to search; index a source with "
+                                 "readable images (`clip-interpret index`)")
     if value < 1:
         raise ClipInterpretError(f"k must be at least 1, got {k}")
     limit = MAX_K if n is None else min(MAX_K, n)

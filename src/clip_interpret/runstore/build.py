@@ -25,7 +25,8 @@ from ..engine import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
-from .store import MANIFEST_VERSION, Run, RunLock, atomic_save_npy, atomic_write_json, piece_layout, read_manifest
+from .store import (MANIFEST_VERSION, Run, RunLock, _shard_info, atomic_save_npy, atomic_write_json,
+                    check_recorded_shard, check_shard_array, empty_run_error, piece_layout, read_manifest)
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 SHARD_SIZE = 1024
@@ -187,6 +188,30 @@ class ShardJob:
         """Numbers of the shards whose record is written (whoever wrote them)."""
         return {int(p.name.split(".")[0]) for p in (self.out / "shards").glob("[0-9]*.json")}
 
+    def intact(self, manifest: dict) -> set[int]:
+        """The finished shards whose files check out (``verify_shard``); the record of a damaged one
+        is deleted, so that it counts as unfinished and is written again."""
+        good = set()
+        for shard in sorted(self.finished()):
+            if shard < self.n_shards and verify_shard(self.out, manifest, shard, len(self.source)):
+                good.add(shard)
+            else:
+                (self.out / "shards" / f"{shard:05d}.json").unlink(missing_ok=True)
+        return good
+
+
+def verify_shard(out: Path, manifest: dict, shard: int, n_items: int) -> bool:
+    """Whether a written shard is whole: a valid record for its item range, and both arrays with the
+    header and byte size its rows call for (what ``Run`` checks when it opens a run; no hashing)."""
+    try:
+        info = _shard_info(out / "shards" / f"{shard:05d}.json", n_items, manifest.get("shard_size"), manifest)
+        for kind in ("pieces", "emb"):
+            check_shard_array(out, manifest, info, kind)
+        check_recorded_shard(out, manifest, info)
+    except (ClipInterpretError, OSError):
+        return False
+    return True
+
 
 def write_shards(job: ShardJob, vit, preprocess, shards, workers: int | None = None, on_batch=None,
                  stop_after: int | None = None) -> int:
@@ -316,12 +341,19 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
                    precision, decode, draft, timeout, convention)
     with RunLock(out) as lock:
         if manifest_path.exists():
-            _check_resume(read_manifest(out), manifest, out)
+            existing = read_manifest(out)
+            _check_resume(existing, manifest, out)
         else:
             atomic_write_json(out / "images.json", {"names": src.names, "labels": src.labels})
             atomic_write_json(manifest_path, manifest)
-        done = job.finished()
+            existing = manifest
+        done = job.intact(existing)  # a missing or damaged shard is redone, whatever the manifest says
         todo = [s for s in range(job.n_shards) if s not in done]
+        if todo and existing.get("complete"):  # repairing a run: it is not complete until its shards are
+            existing = {k: v for k, v in existing.items() if k not in ("completed_at", "n_indexed", "n_failed",
+                                                                       "shard_files")}
+            existing["complete"] = False
+            atomic_write_json(manifest_path, existing)
         already = sum(min(shard_size, len(src) - s * shard_size) for s in done)
         bar = tqdm(total=len(src), initial=already, desc="indexing", unit="img", disable=not progress, smoothing=0.1)
         try:
@@ -337,11 +369,16 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
         for stale in (out / "shards").glob(".*.tmp"):  # left by an interrupted write (no writer is left now)
             stale.unlink()
         if len(job.finished()) == job.n_shards:
+            run = Run(out)
+            if not len(run):  # not a run any command can use: not marked complete
+                raise empty_run_error(run)
             final = read_manifest(out)
             final["complete"] = True
             final["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            run = Run(out)
             final["n_indexed"] = len(run)
             final["n_failed"] = len(run.failures)
+            final["shard_files"] = {f"{s.shard:05d}": {"rows": len(s.kept), **{
+                f"{kind}_bytes": (out / "shards" / f"{s.shard:05d}.{kind}.npy").stat().st_size
+                for kind in ("pieces", "emb")}} for s in run.shards}
             atomic_write_json(manifest_path, final)
     return Run(out)

@@ -5,8 +5,11 @@
   sub-folder names become labels under the label set ``class``;
 * a text file: one image path per line (relative paths are relative to the file;
   blank lines and ``#`` comments are ignored);
-* a CSV or Parquet table: an ``image`` column of paths (relative to the table),
-  every other column whose values repeat a label set (one zero-shot task each);
+* a CSV or Parquet table: an image column (``image``, ``file``, ``path`` or
+  ``filename``) of paths (relative to the table), every other column whose values
+  repeat a label set (one zero-shot task each); in a Parquet table the image
+  column may instead hold the images' bytes (binary, or the ``{bytes, path}``
+  structs that Hugging Face datasets write), read in place from the table;
 * ``tars:PATTERN``: WebDataset tar shards, e.g. ``tars:data/{00000..00099}.tar``
   (brace ranges and ``{a,b}`` lists; a plain ``.tar`` path works too): each sample
   (the members sharing a key) is one image, named ``SHARD.tar/KEY.EXT``; its text
@@ -25,10 +28,12 @@ the run manifest so that a resumed or re-read run is checked against it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,9 @@ from PIL import Image
 from ..errors import ClipInterpretError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+IMAGE_COLUMNS = ("image", "file", "path", "filename")  # a table's image column: the first of these it has
 
 
 @dataclass
@@ -50,6 +58,7 @@ class ImageSource:
     kind: str = "files"
     generated: object = None  # generated images: an indexable whose item i has the PIL image as ``.image``
     _tar: "TarMembers | None" = None
+    _table: "TableImages | None" = None  # images whose bytes a Parquet table holds
 
     def __len__(self) -> int:
         return len(self.names)
@@ -59,12 +68,16 @@ class ImageSource:
             return self.generated[i].image
         if self._tar is not None:
             return self._tar.read(i)
+        if self._table is not None:
+            return self._table.read(i)
         return self.names[i]
 
     def location(self) -> str | None:
         """A file every reader of this source must see (None for generated images)."""
         if self.generated is not None:
             return None
+        if self._table is not None:
+            return self._table.path
         return self._tar.paths[0] if self._tar is not None else self.names[0]
 
     def name(self, i: int) -> str:
@@ -125,19 +138,31 @@ def _label_sets(columns: dict[str, list], skip: str) -> dict[str, list[str]]:
     return labels
 
 
+def _image_column(path: Path, names, parquet: bool = False) -> str:
+    """The table's image column (the first of ``IMAGE_COLUMNS`` it has), or one error naming them all."""
+    column = next((c for c in IMAGE_COLUMNS if c in names), None)
+    if column is None:
+        holds = "image paths relative to the table, or the images' bytes" if parquet \
+            else "image paths relative to the table"
+        accepted = f"{', '.join(map(repr, IMAGE_COLUMNS[:-1]))} or {IMAGE_COLUMNS[-1]!r}"
+        raise ClipInterpretError(f"image table {path} needs an image column named {accepted} ({holds}); it has "
+                                 f"{', '.join(map(str, names)) or 'no columns'}")
+    return column
+
+
+def _resolve(path: Path, value) -> str:
+    """An image path from a table, relative to the table's folder."""
+    candidate = Path(str(value or "").strip()).expanduser()
+    return str(candidate if candidate.is_absolute() else (path.parent / candidate))
+
+
 def _table(path: Path, spec: str, columns: dict[str, list]) -> ImageSource:
-    """A table whose ``image`` (or ``file``/``path``/``filename``) column lists images (relative
-    to the table's folder) and whose other columns label them (``_label_sets``)."""
+    """A table whose image column (``IMAGE_COLUMNS``) lists images (relative to the table's folder)
+    and whose other columns label them (``_label_sets``)."""
     if not columns or not len(next(iter(columns.values()))):
         raise ClipInterpretError(f"image table {path} has no rows")
-    column = next((c for c in ("image", "file", "path", "filename") if c in columns), None)
-    if column is None:
-        raise ClipInterpretError(f"image table {path} needs an 'image' column (image paths, relative to the file); "
-                                 f"it has {', '.join(map(str, columns))}")
-    names = []
-    for value in columns[column]:
-        candidate = Path(str(value or "").strip()).expanduser()
-        names.append(str(candidate if candidate.is_absolute() else (path.parent / candidate)))
+    column = _image_column(path, list(columns))
+    names = [_resolve(path, value) for value in columns[column]]
     return ImageSource(spec, names, _label_sets(columns, column), kind="table")
 
 
@@ -153,17 +178,160 @@ def _csv_file(path: Path, spec: str) -> ImageSource:
     return _table(path, spec, columns)
 
 
-def _parquet_file(path: Path, spec: str) -> ImageSource:
+def _image_column_type(path: Path, column: str, kind) -> str:
+    """What a Parquet image column holds: ``paths`` (strings), ``bytes`` (binary) or ``struct``
+    (``{bytes, path}`` as Hugging Face datasets write images); anything else is one error."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or getattr(pa.types, "is_string_view",
+                                                                            lambda _: False)(kind):
+        return "paths"
+    if _is_binary(kind):
+        return "bytes"
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 \
+            and _is_binary(kind.field("bytes").type):
+        path_field = kind.get_field_index("path")
+        if path_field < 0 or pa.types.is_string(kind.field("path").type) \
+                or pa.types.is_large_string(kind.field("path").type):
+            return "struct"
+    raise ClipInterpretError(f"image table {path}: column {column!r} holds {kind} values; an image column holds "
+                             "image paths (strings), image bytes (binary), or {bytes, path} structs as Hugging Face "
+                             "datasets write them")
+
+
+def _is_binary(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) \
+        or getattr(pa.types, "is_binary_view", lambda _: False)(kind)
+
+
+def _scalar(kind) -> bool:
+    """Whether a column's values can label images (not bytes, lists or structs)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return not (_is_binary(kind) or pa.types.is_nested(kind) or pa.types.is_null(kind))
+
+
+@dataclass
+class TableImages:
+    """Images whose bytes a Parquet table holds (column ``column``; ``struct``: ``{bytes, path}``
+    structs): read in place, one row group at a time (the last one read is kept)."""
+
+    path: str
+    column: str
+    struct: bool
+    starts: list[int]  # first row of each row group, then the number of rows
+    _group: tuple | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_group": None}  # a worker reads its own row groups
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, i: int):
+        """Row ``i``'s image bytes (or, for a struct without bytes, the file its ``path`` names)."""
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        from ..errors import ImageLoadError
+
+        group = bisect.bisect_right(self.starts, i) - 1
+        if self._group is None or self._group[0] != group:
+            try:
+                column = pq.ParquetFile(self.path).read_row_group(group, columns=[self.column]).column(0)
+            except Exception as err:  # noqa: BLE001 - the table changed or vanished since it was opened
+                raise ImageLoadError(f"{self.path}#{i}", f"cannot read its table ({err})") from None
+            column = column.combine_chunks()
+            if self.struct:
+                names = [f.name for f in column.type]
+                paths = column.field("path").to_pylist() if "path" in names else None
+                self._group = (group, column.field("bytes").to_pylist(), paths)
+            else:
+                self._group = (group, column.to_pylist(), None)
+        _, data, paths = self._group
+        row = i - self.starts[group]
+        if data[row] is not None:
+            return bytes(data[row])
+        if paths is not None and paths[row]:
+            return _resolve(Path(self.path), paths[row])  # Hugging Face: an image left in its file
+        return b""  # no image in this row: load_image names it empty
+
+
+def _table_images(path: Path, parquet, column: str, struct: bool) -> TableImages:
+    meta = parquet.metadata
+    starts = [0]
+    for g in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(g).num_rows)
+    return TableImages(str(path), column, struct, starts)
+
+
+def _open_parquet(path: Path):
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ClipInterpretError(f"reading the Parquet table {path} needs pyarrow: pip install "
                                  "'clip-interpret[ray]' (or pyarrow)") from None
     try:
-        columns = pq.read_table(path).to_pydict()
-    except (OSError, ValueError) as err:
+        return pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for a file that is not Parquet
         raise ClipInterpretError(f"cannot read image table {path}: {err}") from None
-    return _table(path, spec, columns)
+
+
+def _parquet_file(path: Path, spec: str) -> ImageSource:
+    """A Parquet table: type-checked before anything is read, the image column's paths or bytes,
+    the scalar columns as label sets. Embedded images are named by their struct's ``path`` where it
+    is given (and no other row has the same), else ``TABLE#ROW``."""
+    parquet = _open_parquet(path)
+    schema = parquet.schema_arrow
+    if not parquet.metadata.num_rows:
+        raise ClipInterpretError(f"image table {path} has no rows")
+    column = _image_column(path, schema.names, parquet=True)
+    holds = _image_column_type(path, column, schema.field(column).type)
+    others = [f.name for f in schema if f.name != column and _scalar(f.type)]
+    try:
+        labels = _label_sets(parquet.read(columns=others).to_pydict(), column) if others else {}
+        if holds == "paths":
+            names = [_resolve(path, v) for v in parquet.read(columns=[column]).column(0).to_pylist()]
+            return ImageSource(spec, names, labels, kind="table")
+        given = [None] * parquet.metadata.num_rows
+        if holds == "struct" and schema.field(column).type.get_field_index("path") >= 0:
+            given = parquet.read(columns=[f"{column}.path"]).column(0).combine_chunks().field("path").to_pylist()
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as any of pyarrow's errors
+        raise ClipInterpretError(f"cannot read image table {path}: {err}") from None
+    given = [str(g).strip() if g is not None else "" for g in given]
+    counts = Counter(given)
+    names = [name if name and counts[name] == 1 else f"{path}#{row}" for row, name in enumerate(given)]
+    return ImageSource(spec, names, labels, kind="table-bytes",
+                       _table=_table_images(path, parquet, column, holds == "struct"))
+
+
+def table_image(spec: str, index: int):
+    """Item ``index`` of a Parquet table holding its images' bytes (a ``table-bytes`` run's source),
+    as ``load_image`` takes it: what shows a run's image, without reading the table's other rows."""
+    path = Path(spec).expanduser()
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise ClipInterpretError(f"the run's image table {spec} cannot be read ({err.strerror or err}); its images "
+                                 "are stored in it") from None
+    return _table_reader(str(path), stat.st_mtime_ns, stat.st_size).read(index)
+
+
+@functools.lru_cache(maxsize=4)
+def _table_reader(path: str, mtime_ns: int, size: int) -> TableImages:
+    parquet = _open_parquet(Path(path))
+    column = _image_column(Path(path), parquet.schema_arrow.names, parquet=True)
+    holds = _image_column_type(Path(path), column, parquet.schema_arrow.field(column).type)
+    if holds == "paths":
+        raise ClipInterpretError(f"image table {path} now lists image paths, not the images' bytes; index it again")
+    return _table_images(Path(path), parquet, column, holds == "struct")
 
 
 # ----------------------------------------------------------- WebDataset tars

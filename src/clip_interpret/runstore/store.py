@@ -263,15 +263,48 @@ class Run(ManifestFacts):
         if n_items is None:
             n_items = len(self._images["names"])
         self.shards: list[ShardInfo] = []
+        shard_size = self.manifest.get("shard_size")
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
-            self.shards.append(_shard_info(info_path, n_items))
+            self.shards.append(_shard_info(info_path, n_items, shard_size, self.manifest))
         self.shards.sort(key=lambda s: s.shard)
+        if self.complete:
+            self._check_all_shards(n_items)
         self.source_indices = np.asarray([i for s in self.shards for i in s.kept], dtype=np.int64)
         self.failures = [f for s in self.shards for f in s.failures]
         if check_files:
             for shard in self.shards:
                 for kind in ("pieces", "emb"):
                     self._check_array(shard, kind)
+            self._check_recorded_sizes()
+
+    def _check_all_shards(self, n_items: int) -> None:
+        """A complete run's shard records cover its source's items, each once: a missing shard
+        (its files deleted) would shift every later row number and go unnoticed."""
+        missing, covered = [], 0
+        for shard in self.shards:
+            if shard.start > covered:
+                missing.append((covered, shard.start))
+            covered = max(covered, shard.stop)
+        if covered < n_items:
+            missing.append((covered, n_items))
+        if not missing:
+            return
+        size = self.manifest.get("shard_size")
+        if isinstance(size, int) and size > 0:
+            numbers = [n for start, stop in missing for n in range(start // size, (stop + size - 1) // size)]
+            what = (f"shard{'s' * (len(numbers) > 1)} {', '.join(f'{n:05d}' for n in numbers[:10])}"
+                    f"{' ...' if len(numbers) > 10 else ''} (of {(n_items + size - 1) // size})")
+        else:
+            what = "shards"
+        lost = sum(stop - start for start, stop in missing)
+        spans = ", ".join(f"{start}-{stop - 1}" for start, stop in missing[:5])
+        raise ClipInterpretError(f"run {self.path} is missing {what}: source items {spans} ({lost} of {n_items}) "
+                                 f"have no shard, although its manifest says the run is complete; "
+                                 f"{repair_hint(self.path, self.manifest)}")
+
+    def _check_recorded_sizes(self) -> None:
+        for shard in self.shards:
+            check_recorded_shard(self.path, self.manifest, shard)
 
     @functools.cached_property
     def _images(self) -> dict:
@@ -294,42 +327,17 @@ class Run(ManifestFacts):
         return {k: [v[i] for i in self.source_indices] for k, v in self._images.get("labels", {}).items()}
 
     def _array_path(self, shard: int, kind: str) -> Path:
-        return self.path / "shards" / f"{shard:05d}.{kind}.npy"
-
-    def _unreadable(self, shard: int, kind: str, err: Exception) -> ClipInterpretError:
-        path, fix = self._array_path(shard, kind), _redo_shard(self.path, shard)
-        if isinstance(err, FileNotFoundError):
-            return ClipInterpretError(f"{path} is missing; {fix}")
-        return ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); {fix}")
+        return shard_array_path(self.path, shard, kind)
 
     def _check_array(self, shard: ShardInfo, kind: str) -> None:
-        """A shard array's header and size against its record (rows) and the manifest (shape,
-        dtype), read without mapping the array (a run of many shards holds no maps)."""
-        path = self._array_path(shard.shard, kind)
-        row_shape = (max(stop for _, stop in self.layout.values()), self.dim) if kind == "pieces" else (self.dim,)
-        dtype = np.dtype(np.float16 if kind == "pieces" and self.manifest["dtype"] == "fp16" else np.float32)
-        try:
-            with open(path, "rb") as handle:
-                version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                    else np.lib.format.read_array_header_2_0
-                shape, _, found = read_header(handle)
-                size = int(np.prod(shape)) * found.itemsize
-                if os.fstat(handle.fileno()).st_size < handle.tell() + size:
-                    raise ValueError(f"the file is shorter than its {size}-byte array")
-        except (OSError, ValueError) as err:
-            raise self._unreadable(shard.shard, kind, err) from None
-        expected = (len(shard.kept), *row_shape)
-        if tuple(shape) != expected or found != dtype:
-            raise ClipInterpretError(f"{path} holds a {found} array of shape {list(shape)}, the run expects "
-                                     f"{dtype} {list(expected)}; {_redo_shard(self.path, shard.shard)}")
+        check_shard_array(self.path, self.manifest, shard, kind)
 
     def _map(self, shard: int, kind: str) -> np.ndarray:
         """A shard's array as a memory map (mapped on demand: a run of many shards holds no maps)."""
         try:
             return np.load(self._array_path(shard, kind), mmap_mode="r")
         except (OSError, ValueError) as err:
-            raise self._unreadable(shard, kind, err) from None
+            raise _unreadable(self.path, self.manifest, shard, kind, err) from None
 
     # --------------------------------------------------------------- facts
     @property
@@ -433,8 +441,14 @@ class Run(ManifestFacts):
 REINDEX = "index the images again into a new folder (`clip-interpret index ... --out NEW_FOLDER`)"
 
 
-def read_json(path: Path, fix: str):
-    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``."""
+def read_json(path: Path, fix):
+    """A run file's JSON; a missing, unreadable, empty or truncated file is an error naming it, ending with ``fix``
+    (a string, or a function that makes it: called only when there is an error)."""
+    if callable(fix):
+        try:
+            return read_json(path, "")
+        except ClipInterpretError as err:
+            raise ClipInterpretError(f"{err}{fix()}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -516,26 +530,110 @@ def _images_problem(images, manifest: dict) -> str | None:
     return None
 
 
-def _redo_shard(run_dir: Path, shard: int) -> str:
-    return (f"delete {run_dir / 'shards' / f'{shard:05d}.json'} and run the same `clip-interpret index` command "
-            "again to redo that shard")
+def index_command(run_dir: Path, manifest: dict) -> str:
+    """The ``clip-interpret index`` command that made (and so resumes or repairs) a run, from its manifest."""
+    import shlex
+
+    from ..decompose import resolve_layers
+
+    words = ["clip-interpret", "index", "--model", manifest["model"]["spec"], "--images",
+             str(manifest["source"].get("spec", "?")), "--out", str(run_dir)]
+    if manifest["layers"] != resolve_layers(None, manifest["n_layers"]):
+        words += ["--layers", ",".join(map(str, manifest["layers"]))]
+    for option, key, default in (("--storage", "dtype", "fp16"), ("--shard-size", "shard_size", 1024),
+                                 ("--precision", "precision", "fp32"), ("--convention", "convention", "centred")):
+        value = manifest.get(key, default)
+        if value != default and value is not None:
+            words += [option, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
-def _shard_info(path: Path, n_items: int) -> ShardInfo:
-    """A shard record, checked: its number, its item range and the items it kept."""
+def repair_hint(run_dir: Path, manifest: dict | None) -> str:
+    """What repairs a run whose shards are missing or damaged: its own index command, which resumes."""
+    command = f"`{index_command(run_dir, manifest)}`" if manifest else "the same `clip-interpret index` command"
+    return f"run the index command again, {command}: it resumes, and redoes every missing or damaged shard"
+
+
+def _redo_shard(run_dir: Path, shard: int, manifest: dict | None = None) -> str:
+    return f"to redo that shard, {repair_hint(run_dir, manifest)}"
+
+
+def _shard_info(path: Path, n_items: int, shard_size=None, manifest: dict | None = None) -> ShardInfo:
+    """A shard record, checked: its number, its item range (that of its number, when the run's
+    shard size is known) and the items it kept."""
     try:
         number = int(path.name.split(".")[0])
     except ValueError:
         number = None
-    fix = _redo_shard(path.parent.parent, number) if number is not None else f"delete {path}"
+    def fix() -> str:  # made only for an error: a run of many shards opens quickly
+        return _redo_shard(path.parent.parent, number, manifest) if number is not None else f"delete {path}"
+
     data = read_json(path, fix)
     ok = (isinstance(data, dict) and data.get("shard") == number and _int_list([data.get("start"), data.get("stop")])
           and 0 <= data["start"] <= data["stop"] <= n_items and _int_list(data.get("kept"))
           and all(data["start"] <= i < data["stop"] for i in data["kept"]) and isinstance(data.get("failures"), list))
+    if ok and isinstance(shard_size, int) and shard_size > 0:
+        ok = data["start"] == number * shard_size and data["stop"] == min(n_items, (number + 1) * shard_size)
     if not ok:
         raise ClipInterpretError(f"{path} is not a valid shard record (shard {number}: items start..stop of the "
-                                 f"run's {n_items}, the kept ones, the failures); {fix}")
+                                 f"run's {n_items}, the kept ones, the failures); {fix()}")
     return ShardInfo(number, data["start"], data["stop"], data["kept"], data["failures"], str(data.get("decoder", "")))
+
+
+def shard_array_path(run_dir: Path, shard: int, kind: str) -> Path:
+    return Path(run_dir) / "shards" / f"{shard:05d}.{kind}.npy"
+
+
+def _unreadable(run_dir: Path, manifest: dict, shard: int, kind: str, err: Exception) -> ClipInterpretError:
+    path, fix = shard_array_path(run_dir, shard, kind), _redo_shard(run_dir, shard, manifest)
+    if isinstance(err, FileNotFoundError):
+        return ClipInterpretError(f"{path} is missing; {fix}")
+    return ClipInterpretError(f"{path} is not a readable .npy array (truncated or corrupt: {err}); {fix}")
+
+
+def check_shard_array(run_dir: Path, manifest: dict, shard: ShardInfo, kind: str) -> None:
+    """A shard array's header and size against its record (rows) and the manifest (shape,
+    dtype), read without mapping the array (a run of many shards holds no maps)."""
+    path = shard_array_path(run_dir, shard.shard, kind)
+    dim = int(manifest["dim"])
+    row_shape = (max(stop for _, stop in manifest["layout"].values()), dim) if kind == "pieces" else (dim,)
+    dtype = np.dtype(np.float16 if kind == "pieces" and manifest["dtype"] == "fp16" else np.float32)
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, found = read_header(handle)
+            size = int(np.prod(shape)) * found.itemsize
+            if os.fstat(handle.fileno()).st_size < handle.tell() + size:
+                raise ValueError(f"the file is shorter than its {size}-byte array")
+    except (OSError, ValueError) as err:
+        raise _unreadable(run_dir, manifest, shard.shard, kind, err) from None
+    expected = (len(shard.kept), *row_shape)
+    if tuple(shape) != expected or found != dtype:
+        raise ClipInterpretError(f"{path} holds a {found} array of shape {list(shape)}, the run expects "
+                                 f"{dtype} {list(expected)}; {_redo_shard(run_dir, shard.shard, manifest)}")
+
+
+def check_recorded_shard(run_dir: Path, manifest: dict, shard: ShardInfo) -> None:
+    """A shard against what a complete run's manifest recorded when the run was completed: its rows
+    and its files' byte sizes (a shard replaced, cut short or truncated since). A run in progress,
+    or one completed before sizes were recorded, has nothing to check against."""
+    recorded = manifest.get("shard_files") if manifest.get("complete") else None
+    entry = recorded.get(f"{shard.shard:05d}") if isinstance(recorded, dict) else None
+    if not isinstance(entry, dict):
+        return
+    fix = _redo_shard(run_dir, shard.shard, manifest)
+    if entry.get("rows") != len(shard.kept):
+        raise ClipInterpretError(f"{Path(run_dir) / 'shards' / f'{shard.shard:05d}.json'} lists {len(shard.kept)} "
+                                 f"images, the manifest recorded {entry.get('rows')} for that shard when the run was "
+                                 f"completed; {fix}")
+    for kind in ("pieces", "emb"):
+        path = shard_array_path(run_dir, shard.shard, kind)
+        found, expected = path.stat().st_size, entry.get(f"{kind}_bytes")
+        if isinstance(expected, int) and found != expected:
+            raise ClipInterpretError(f"{path} is {found} bytes, the manifest recorded {expected} when the run was "
+                                     f"completed (truncated or replaced); {fix}")
 
 
 def _preprocess_from_json(data: dict) -> dict:
@@ -557,9 +655,25 @@ def check_same_convention(runs) -> None:
                                  "again with one --convention")
 
 
+def empty_run_error(run: "Run") -> ClipInterpretError:
+    """Why a run without a single image row is of no use, and what to do."""
+    n = run.manifest["source"].get("n", "?")
+    if run.complete or (run.shards and len(run.failures) >= (n if isinstance(n, int) else 1)):
+        first = f"{run.failures[0].get('source')}: {run.failures[0].get('reason')}; " if run.failures else ""
+        return ClipInterpretError(
+            f"run {run.path} holds no image: none of the {n} images of its source {run.source_spec!r} could be read "
+            f"({first}the reason for each is listed under \"failures\" in {run.path / 'shards'}/*.json); fix the "
+            "images and index them into a new folder")
+    return ClipInterpretError(f"run {run.path} holds no image yet: its indexing stopped before any image was stored; "
+                              f"{repair_hint(run.path, run.manifest)}")
+
+
 def open_run(path: str | Path, model=None) -> Run:
-    """Open a run directory; with ``model``, check that it was made with that model."""
+    """Open a run directory; with ``model``, check that it was made with that model. A run that
+    holds no image (none could be read, or its indexing stopped before the first shard) is refused."""
     run = Run(path)
+    if not len(run):
+        raise empty_run_error(run)
     if model is not None:
         run.check_model(model)
     return run
