@@ -494,6 +494,20 @@ def test_small_max_pixels_refuses_bigger_images(tmp_path, limit):
     assert_names(err, path)
 
 
+@pytest.mark.parametrize("limit", [64 * 48 - 1, 1000, 10])  # Pillow's warning zone, its error zone (> 2x), far
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_bomb_error_quotes_the_one_limit_enforced_and_the_size(tmp_path, limit, as_pil):
+    import re
+
+    path = write(tmp_path, "big.png", encode(noise(64, 48), "PNG"))
+    with pytest.raises(ImageLoadError) as err:
+        load_image(Image.open(path) if as_pil else path, max_pixels=limit)
+    message = str(err.value)
+    assert f"{limit:,}" in message and "64x48" in message and "3,072" in message
+    numbers = {int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", message.replace(str(tmp_path), ""))}
+    assert numbers == {64, 48, 3072, limit}  # no other limit (Pillow's error quotes twice ours)
+
+
 def test_image_exactly_at_max_pixels_is_accepted(tmp_path):
     path = write(tmp_path, "fits.png", encode(noise(64, 48), "PNG"))
     assert load_image(path, max_pixels=64 * 48).size == (64, 48)

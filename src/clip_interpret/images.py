@@ -61,8 +61,16 @@ def _open_bytes(data: bytes, name: str, max_pixels: int, draft: int | None = Non
             if draft and image.format == "JPEG":
                 image.draft(None, (draft, draft))  # DCT-domain downscale by 2, 4 or 8 while keeping >= draft
             image.load()  # decode now, so truncation and corruption surface here
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(name, f"too many pixels (decompression bomb guard, limit {max_pixels:,}): {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own text quotes twice our limit beyond 2x (its error zone): say the size and our limit only
+        Image.MAX_IMAGE_PIXELS = None  # the header again, to name the size (nothing is decoded)
+        try:
+            w, h = Image.open(io.BytesIO(data)).size
+            size = f"{w}x{h} = {w * h:,}"
+        except Exception:  # noqa: BLE001 - the size is a courtesy
+            size = "more than the limit"
+        raise ImageLoadError(name, f"too many pixels ({size}; the limit is {max_pixels:,} pixels, a guard against "
+                                   "decompression bombs)") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image file, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -143,7 +151,9 @@ def load_image(source: Any, max_pixels: int = MAX_PIXELS, draft: int | None = No
     elif isinstance(source, Image.Image):
         image = source
         if image.size[0] * image.size[1] > max_pixels:
-            raise ImageLoadError(name, f"too many pixels ({image.size[0]}x{image.size[1]}, limit {max_pixels:,})")
+            w, h = image.size
+            raise ImageLoadError(name, f"too many pixels ({w}x{h} = {w * h:,}; the limit is {max_pixels:,} pixels, a "
+                                       "guard against decompression bombs)")
     elif isinstance(source, np.ndarray):
         image = _from_array(source, name)
     else:
