@@ -109,6 +109,33 @@ def test_torch_decoder_applies_exif_orientation_and_refuses_truncated_files(mode
     assert failures[0]["index"] == 1 and "truncated" in failures[0]["reason"]
 
 
+@pytest.mark.parametrize("decoder", ["device", "torch"])
+def test_torchvision_paths_turn_jpegs_by_their_exif_tag_even_when_the_decoder_ignores_it(model, tmp_path,
+                                                                                         monkeypatch, decoder):
+    """torchvision's CUDA decoder has no EXIF option; on the CPU, make its decoder ignore the option the
+    same way: the orientation must come from the header (all 8), and the crops match Pillow's."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+
+    def like_cuda(data, *args, apply_exif_orientation=False, **kwargs):
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", like_cuda)
+    image = photo(6, size=(120, 80))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(tmp_path / f"o{orientation}.jpg", quality=95, exif=exif)
+    source = ListSource([str(tmp_path / f"o{o}.jpg") for o in range(1, 9)])
+    ref_indices, ref, _ = crops(source, model.preprocess, workers=0, decode="pil")
+    indices, pixels, failures = crops(source, model.preprocess, workers=0, decode=decoder)
+    assert indices == ref_indices == list(range(8)) and not failures
+    diff = grey_levels(pixels, ref, model.preprocess)
+    assert diff.amax(dim=(1, 2, 3)).max() <= 2.0
+    assert all(grey_levels(ref[k:k + 1], ref[:1], model.preprocess).mean() > 5 for k in range(1, 8))  # all differ
+
+
 def test_draft_mode_decodes_big_jpegs_smaller_within_a_documented_error(model, tmp_path):
     big = photo(4, size=(640, 480))
     big.save(tmp_path / "big.jpg", quality=92)

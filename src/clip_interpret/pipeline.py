@@ -21,7 +21,9 @@
   batches (nvJPEG on a GPU), resizing on the device too. Other formats, and any
   JPEG that torchvision refuses or warns about, take the Pillow path. ``"auto"``:
   ``device`` on a GPU, ``torch`` on the CPU. The paths agree within a few grey
-  levels (resampling differs slightly; docs/pipeline.md).
+  levels (resampling differs slightly; docs/pipeline.md). EXIF orientation: Pillow
+  applies it; for torchvision's decoders (whose CUDA decoder has none) it is read
+  from the JPEG header on the host and applied to the decoded tensor where it lies.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import torch
 
 from .device import cores
 from .errors import ClipInterpretError, ImageLoadError
-from .images import MAX_PIXELS, describe, load_image
+from .images import MAX_PIXELS, apply_orientation, describe, jpeg_orientation, load_image
 
 DECODERS = ("auto", "pil", "torch", "device")
 DEFAULT_TIMEOUT_S = 120.0
@@ -92,14 +94,17 @@ def resolve_decoder(decode: str, device: torch.device, preprocess) -> str:
 
 
 def _decode_jpeg(data, device="cpu"):
-    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on a GPU): RGB, EXIF orientation applied.
-    A warning (corrupt or truncated data) counts as a failure: the caller falls back to Pillow."""
+    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on a GPU): RGB, as stored. Its CUDA
+    decoder has no EXIF orientation, so no path asks it for one: the callers read the orientation
+    from the header (``jpeg_orientation``) and turn the decoded tensor (``apply_orientation``), on
+    the CPU and on the GPU alike. A warning (corrupt or truncated data) counts as a failure: the
+    caller falls back to Pillow."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at torchcodec
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 # ------------------------------------------------------------------ reading
@@ -129,9 +134,9 @@ def _jpeg_bytes(raw) -> bytes | None:
 def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], decoder: str,
                draft: bool, mark: Callable[[int], None] | None = None) -> dict:
     """Read the items ``indices`` of ``source``: uint8 crops, raw JPEG bytes (for the ``device``
-    decoder), and failures (index, source, reason); items in ``bad`` are failures unread.
-    ``decoder``: ``pil``, ``torch`` (JPEGs decoded here by torchvision) or ``device``."""
-    crops, crop_idx, jpegs, jpeg_idx, failures = [], [], [], [], []
+    decoder) with their EXIF orientations, and failures (index, source, reason); items in ``bad``
+    are failures unread. ``decoder``: ``pil``, ``torch`` (JPEGs decoded here by torchvision) or ``device``."""
+    crops, crop_idx, jpegs, jpeg_idx, orientations, failures = [], [], [], [], [], []
     for i in indices:
         if i in bad:
             failures.append({"index": i, "source": source.name(i), "reason": bad[i]})
@@ -144,11 +149,13 @@ def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], 
             if data is not None and decoder == "device":
                 jpegs.append(np.frombuffer(data, np.uint8))
                 jpeg_idx.append(i)
+                orientations.append(jpeg_orientation(data))  # the header, read here on the host
                 continue
             crop = None
             if data is not None:
                 try:
-                    crop = preprocess.crop_tensor(_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                    image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    crop = preprocess.crop_tensor(apply_orientation(image, jpeg_orientation(data)))
                 except Exception:  # noqa: BLE001 - Pillow decides below, and names the problem
                     crop = None
             if crop is None:
@@ -164,6 +171,7 @@ def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], 
         "jpeg": torch.from_numpy(np.concatenate(jpegs)) if jpegs else torch.zeros(0, dtype=torch.uint8),
         "jpeg_len": [len(j) for j in jpegs],
         "jpeg_idx": jpeg_idx,
+        "jpeg_orientation": orientations,
         "failures": failures,
     }
 
@@ -338,7 +346,8 @@ class DecodePool:
 
 # ------------------------------------------------------------------- device
 def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """JPEG bytes of a batch -> uint8 crops on ``device`` by index; indices the device could not decode."""
+    """JPEG bytes of a batch -> uint8 crops on ``device`` by index, each turned upright for its EXIF
+    orientation on the device; indices the device could not decode."""
     if not payload["jpeg_idx"]:
         return {}, []
     data = torch.split(payload["jpeg"], payload["jpeg_len"])
@@ -352,11 +361,11 @@ def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[d
             except Exception:  # noqa: BLE001
                 images.append(None)
     crops, failed = {}, []
-    for i, image in zip(payload["jpeg_idx"], images):
+    for i, image, orientation in zip(payload["jpeg_idx"], images, payload["jpeg_orientation"]):
         if image is None:
             failed.append(i)
         else:
-            crops[i] = preprocess.crop_tensor(image)
+            crops[i] = preprocess.crop_tensor(apply_orientation(image, orientation))
     return crops, failed
 
 
