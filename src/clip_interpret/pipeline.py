@@ -7,7 +7,9 @@
 * **Workers** (``workers=N``) are processes of our own pool, each reading whole
   batches; several batches per worker are in flight, and batches are handed on
   in order, so a run is the same image for image whatever the number of workers
-  (``workers=0`` reads in this process). Failures keep their item indices.
+  (``workers=0`` reads in this process). Failures keep their item indices. They are
+  forked while CUDA is not initialised here, else started by a fork server, so that
+  they never inherit CUDA state (``reader_start_method``).
 * A worker that **dies** (killed, or crashed by a hostile file) is replaced and
   its batches are read again; an item that was being read when workers died
   twice is left out as a failure naming the file. An item that takes longer than
@@ -49,6 +51,7 @@ DECODERS = ("auto", "pil", "torch", "device")
 DEFAULT_TIMEOUT_S = 120.0
 PREFETCH = 2  # batches in flight per worker
 MAX_RESTARTS = 20  # worker replacements per call before giving up
+STARTED = -0.5  # a worker's batch number in the pool's status until its first batch
 
 
 class ListSource:
@@ -177,8 +180,38 @@ def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], 
 
 
 # --------------------------------------------------------------------- pool
+def reader_start_method(cuda_initialised: bool | None = None) -> str:
+    """How the pool starts its worker processes (``cuda_initialised``: by default, whether CUDA is
+    initialised in this process, ``torch.cuda.is_initialized()``).
+
+    ``fork`` while CUDA is not initialised: quickest, nothing to import or pickle. Once it is (a
+    model on a GPU), a forked child would inherit the CUDA context and the CUDA runtime's threads'
+    locks, which a child must never use: then ``forkserver`` (the workers are forked from a clean
+    server process that has imported torch and this module once, so each starts in milliseconds),
+    or ``spawn`` where there is no forkserver.
+    """
+    import torch.multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    if cuda_initialised is None:
+        cuda_initialised = torch.cuda.is_initialized()
+    if not cuda_initialised and "fork" in methods:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _parent_alive(parent: int) -> bool:
+    """Whether the process that made the pool still runs (a forkserver's workers are its children,
+    not the pool's: ask the multiprocessing parent, whatever the start method)."""
+    import multiprocessing
+
+    process = multiprocessing.parent_process()
+    return process.is_alive() if process is not None else os.getppid() == parent
+
+
 def _worker_main(slot: int, tasks, results, status, reader, parent: int) -> None:
     """One pool worker: read the batches it is given, report which item it is on."""
+    status[3 * slot] = STARTED  # it got this far: its arguments reached it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
 
@@ -190,7 +223,7 @@ def _worker_main(slot: int, tasks, results, status, reader, parent: int) -> None
         try:
             task = tasks.get(timeout=5.0)
         except queue.Empty:
-            if os.getppid() != parent:
+            if not _parent_alive(parent):
                 return  # the main process is gone
             continue
         if task is None:
@@ -208,24 +241,32 @@ class _Worker:
     tasks: Any
     results: Any  # its own queue: a worker killed while answering cannot garble the others' answers
     outstanding: deque
+    method: str = "fork"  # how it was started
 
 
 class DecodePool:
     """Worker processes reading batches of items; results come back in batch order.
 
-    ``reader(indices, bad, mark)`` runs in the workers (it must not touch a GPU).
+    ``reader(indices, bad, mark)`` runs in the workers (it must not touch a GPU). The workers are
+    started by ``start_method`` (default: ``reader_start_method()``); with ``forkserver`` or
+    ``spawn`` the reader is pickled to them, and a reader that cannot be (or that a new process
+    cannot unpickle: a class defined in a notebook) makes the pool fork its workers instead, with
+    a warning, as it did before (safe as long as the readers never touch the GPU).
     """
 
     def __init__(self, reader: Callable, workers: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 describe_item: Callable[[int], str] = str):
+                 describe_item: Callable[[int], str] = str, start_method: str | None = None):
         import torch.multiprocessing as mp
 
         self.reader = reader
         self.n = workers
         self.timeout = timeout
         self.describe_item = describe_item
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        self.ctx = mp.get_context(method)
+        self.method = start_method or reader_start_method()
+        self.ctx = mp.get_context(self.method)
+        if self.method == "forkserver":
+            # the server imports these once (no CUDA: importing torch does not initialise it)
+            self.ctx.set_forkserver_preload(["__main__", __name__])
         self.status = self.ctx.Array("d", [-1.0] * (3 * workers), lock=False)  # per slot: batch, item, start
         self.workers: list[_Worker | None] = [None] * workers
         self.bad: dict[int, str] = {}
@@ -241,8 +282,26 @@ class DecodePool:
             self.status[3 * slot + j] = -1.0
         process = self.ctx.Process(target=_worker_main, daemon=True, name=f"clip-interpret-reader-{slot}",
                                    args=(slot, tasks, results, self.status, self.reader, os.getpid()))
-        process.start()
-        self.workers[slot] = _Worker(process, tasks, results, deque())
+        try:
+            process.start()
+        except Exception as err:  # noqa: BLE001 - the reader does not pickle (spawn, forkserver)
+            if not self._fall_back_to_fork(f"{type(err).__name__}: {err}"):
+                raise
+            return self._start(slot)
+        self.workers[slot] = _Worker(process, tasks, results, deque(), self.method)
+
+    def _fall_back_to_fork(self, why: str) -> bool:
+        """Fork the workers from now on, if they were not forked and can be; whether it switched."""
+        import torch.multiprocessing as mp
+
+        if self.method == "fork" or "fork" not in mp.get_all_start_methods():
+            return False
+        warnings.warn(f"image reading workers cannot be started with {self.method!r} (the image source, or the "
+                      f"computation run in the workers, does not pickle, or a new process cannot unpickle it: {why}); "
+                      "forking them instead", RuntimeWarning, stacklevel=2)
+        self.method = "fork"
+        self.ctx = mp.get_context("fork")
+        return True
 
     def close(self) -> None:
         for worker in self.workers:
@@ -272,6 +331,15 @@ class DecodePool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join()
+        if why == "died" and self.status[3 * slot] == -1.0 and worker.method != "fork":
+            # it died before its first line ran: its arguments did not unpickle in a new process
+            self._fall_back_to_fork(f"a worker exited with code {worker.process.exitcode} before it started")
+        if why == "died" and self.status[3 * slot] == -1.0 and worker.method != self.method:
+            pending = list(worker.outstanding)  # nothing was read: no item to blame, no restart to count
+            self._start(slot)
+            for task in pending:
+                self._send(slot, task)
+            return
         self.restarts += 1
         if item >= 0:
             if why == "stuck":
