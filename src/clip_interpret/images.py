@@ -271,7 +271,7 @@ def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
     if orientation == 4:  # mirrored top-bottom
         return image.flip(-2)
     if orientation == 5:  # mirrored along the main diagonal
-        return image.transpose(-2, -1)
+        return image.transpose(-2, -1).contiguous()  # a copy, as the other turns make
     if orientation == 6:  # shown turned 90 degrees clockwise
         return image.transpose(-2, -1).flip(-1)
     if orientation == 7:  # mirrored along the other diagonal
