@@ -1,7 +1,13 @@
 """GPU check: exactness, throughput and memory on a CUDA machine, in one go (< 5 minutes on one H200).
 
-    python bench/gpu.py [--quick] [--out results.json]
+    python bench/gpu.py [--quick] [--exif-only] [--out results.json]
 
+0. EXIF orientation with JPEGs decoded on the device: a photo saved with each of the 8 EXIF
+   orientations, read by the device path (tag read from the header on the host, nvJPEG on the
+   GPU, apply_orientation there) against Pillow on the CPU (exif_transpose): same shape, grey
+   levels apart at full size; then the pipeline's crops, decode=device with 2 reader workers
+   started after CUDA is initialised (a fork server) against decode=pil with none. The script
+   exits with status 1 if a check fails (after printing and writing its figures).
 1. Exactness on the device: total() of a decomposition against open_clip's own fp32
    encode_image (relative error), in fp32, bf16 and fp16 compute precision (ViT-B-16).
 2. Throughput, batch 256, random weights: decompose (last 4 layers) vs native
@@ -160,6 +166,52 @@ def spatial(device, arch: str, counts, iters: int) -> list[dict]:
     return rows
 
 
+def exif_orientation(device, folder: Path) -> list[dict]:
+    """Step 0 (see the module doc): one row per orientation, with ``ok``."""
+    import numpy as np
+    from PIL import Image
+
+    from clip_interpret.images import Preprocess, apply_orientation, jpeg_orientation, load_image
+    from clip_interpret.pipeline import ListSource, _decode_jpeg, pixel_batches, reader_start_method
+
+    torch.zeros(1, device=device)  # CUDA initialised, as once a model is on the GPU
+    make_photos(folder / "base", 1)
+    stored = Image.open(next((folder / "base").glob("*.jpg"))).convert("RGB")  # 500x375: turns show
+    paths = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(folder / f"orientation{orientation}.jpg")
+        stored.save(paths[-1], quality=90, exif=exif)
+    preprocess = Preprocess((224, 224))
+    source = ListSource([str(p) for p in paths])
+    method = reader_start_method()
+    reference = next(pixel_batches(source, preprocess, [list(range(8))], "cpu", workers=0, decode="pil"))
+    ours = next(pixel_batches(source, preprocess, [list(range(8))], device, workers=2, decode="device"))
+    std = torch.tensor(preprocess.std).view(3, 1, 1) * 255
+    rows = []
+    for k, path in enumerate(paths):
+        data = path.read_bytes()
+        expected = torch.from_numpy(np.array(load_image(data))).permute(2, 0, 1)
+        decoded = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device)
+        turned = apply_orientation(decoded, jpeg_orientation(data)).cpu()
+        same_shape = turned.shape == expected.shape
+        diff = (turned.int() - expected.int()).abs().float() if same_shape else None
+        crop_diff = ((ours.pixels[ours.indices.index(k)].cpu() - reference.pixels[k]).abs() * std
+                     if k in ours.indices else None)
+        row = {"orientation": k + 1, "tag_read": jpeg_orientation(data), "shape": "x".join(map(str, turned.shape)),
+               "same_shape": same_shape, "full_max": diff.max().item() if diff is not None else None,
+               "full_mean": diff.mean().item() if diff is not None else None,
+               "crop_max": crop_diff.max().item() if crop_diff is not None else None,
+               "crop_mean": crop_diff.mean().item() if crop_diff is not None else None, "readers": method}
+        # a missed turn or flip moves whole regions: tens of grey levels on average; two JPEG decoders
+        # (nvJPEG, libjpeg-turbo) and two resamplers differ by about one at most on average
+        row["ok"] = (row["tag_read"] == k + 1 and same_shape and row["full_mean"] < 2.0
+                     and crop_diff is not None and row["crop_mean"] < 2.0)
+        rows.append(row)
+    return rows
+
+
 def _table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     if not rows:
@@ -176,6 +228,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (implied without a GPU)")
     parser.add_argument("--out", default=None, help="JSON file for the figures (default $OUT/gpu.json if $OUT is set)")
     parser.add_argument("--photos", type=int, default=3000)
+    parser.add_argument("--exif-only", action="store_true", help="step 0 only (EXIF orientation on the device)")
     args = parser.parse_args()
 
     from clip_interpret.device import cores, resolve_device
@@ -188,6 +241,14 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     figures = {"device": name, "torch": torch.__version__, "cores": cores(), "quick": quick}
     started = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures["exif"] = exif_orientation(device, Path(tmp))
+    _table("0. EXIF orientation, JPEGs decoded on the device vs Pillow (grey levels)", figures["exif"])
+    failed = [row["orientation"] for row in figures["exif"] if not row["ok"]]
+    if args.exif_only:
+        _finish(figures, started, args.out, failed)
+        return
 
     big = [] if quick else ["ViT-L-14"]
     base = "test-vit-tiny" if quick else "ViT-B-16"
@@ -205,12 +266,19 @@ def main() -> None:
     _table(f"3. index of {n} JPEG photos (500x375), bf16, {cores()} workers", figures["index"])
     figures["spatial"] = spatial(device, "test-vit-tiny" if quick else "ViT-L-14", (1, 16), 2 if quick else 5)
     _table("4. spatial decomposition of all layers vs one native forward", figures["spatial"])
+    _finish(figures, started, args.out, failed)
+
+
+def _finish(figures: dict, started: float, out: str | None, failed: list[int]) -> None:
     figures["seconds"] = time.perf_counter() - started
     print(f"\ndone in {figures['seconds']:.0f} s")
-    out = args.out or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
+    out = out or (os.path.join(os.environ["OUT"], "gpu.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).write_text(json.dumps(figures, indent=1))
         print(f"wrote {out}")
+    if failed:
+        print(f"FAILED: EXIF orientation on the device differs from Pillow for orientation(s) {failed} (step 0)")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from clip_interpret.errors import ClipInterpretError, ImageLoadError
 from clip_interpret.images import (
@@ -24,6 +24,8 @@ from clip_interpret.images import (
     OPENAI_STD,
     LoadFailure,
     Preprocess,
+    apply_orientation,
+    jpeg_orientation,
     load_image,
     load_images,
 )
@@ -180,6 +182,157 @@ def test_broken_exif_block_does_not_lose_the_image():
     image = load_image(data)
     assert image.size == (40, 20)
     assert _red_corner(image) == "top-left"
+
+
+# ------------------------------------- EXIF orientation without Pillow (for the GPU JPEG decoder)
+# torchvision's CUDA decoder has no EXIF option: jpeg_orientation reads the tag from the header and
+# apply_orientation turns the decoded tensor. Both are checked against Pillow (ImageOps.exif_transpose,
+# what load_image does), never against themselves.
+
+def _tiff(order: bytes, entries, count=None, ifd=8, magic=42) -> bytes:
+    """An Exif block: TIFF header in byte order ``order`` (b"II" little-, b"MM" big-endian), one IFD of
+    ``entries`` (tag, type, count, value: bytes, an int stored as that type, or ("at", offset)) claiming
+    ``count`` entries."""
+    e = "<" if order == b"II" else ">"
+    block = order + struct.pack(e + "HI", magic, ifd) + struct.pack(e + "H", len(entries) if count is None else count)
+    for tag, kind, n, value in entries:
+        if isinstance(value, int):
+            value = struct.pack(e + {1: "B", 3: "H", 4: "I"}[kind], value)
+        elif isinstance(value, tuple):  # ("at", offset): the values are stored elsewhere
+            value = struct.pack(e + "I", value[1])
+        block += struct.pack(e + "HHI", tag, kind, n) + value.ljust(4, b"\x00")
+    return b"Exif\x00\x00" + block + struct.pack(e + "I", 0)
+
+
+def _stored() -> Image.Image:
+    """A non-square photo-like image (a width/height swap and any flip show)."""
+    return Image.fromarray(np.clip(np.asarray(gradient(48, 32)).astype(int) + np.asarray(noise(48, 32)) // 8, 0, 255)
+                           .astype(np.uint8))
+
+
+def _jpeg(exif: bytes | None = None, **kwargs) -> bytes:
+    return encode(_stored(), "JPEG", quality=95, **({"exif": exif} if exif is not None else {}), **kwargs)
+
+
+def _gpu_like(data: bytes) -> torch.Tensor:
+    """What the device path makes of a JPEG: torchvision's decoder without EXIF (as on CUDA), then our turn."""
+    from torchvision.io import decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at torchcodec
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return apply_orientation(decoded, jpeg_orientation(data))
+
+
+def _assert_agrees_with_pillow(data: bytes) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about some of the hostile blocks
+        expected = torch.from_numpy(np.array(load_image(data))).permute(2, 0, 1)
+    ours = _gpu_like(data)
+    assert ours.shape == expected.shape
+    assert (ours.int() - expected.int()).abs().max() <= 2  # two JPEG decoders (measured: 0 on these files)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_turns_a_tensor_as_pillow_turns_the_image(orientation):
+    stored = noise(7, 5, seed=orientation)
+    pil = stored.copy()
+    pil.getexif()[ORIENTATION] = orientation
+    expected = torch.from_numpy(np.array(ImageOps.exif_transpose(pil))).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.asarray(stored).copy()).permute(2, 0, 1)
+    assert torch.equal(apply_orientation(tensor, orientation), expected)
+    batch = torch.stack([tensor, tensor.flip(0)])  # [N, 3, H, W] too
+    assert torch.equal(apply_orientation(batch, orientation), torch.stack([expected, expected.flip(0)]))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoded_jpeg_turned_by_its_header_tag_matches_the_cpu_loader(orientation):
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    data = _jpeg(exif.tobytes())
+    assert jpeg_orientation(data) == orientation
+    assert jpeg_orientation(np.frombuffer(data, np.uint8)) == orientation  # the pipeline's buffers
+    assert jpeg_orientation(torch.frombuffer(bytearray(data), dtype=torch.uint8)) == orientation
+    expected_size = (48, 32) if orientation <= 4 else (32, 48)
+    assert load_image(data).size == expected_size
+    _assert_agrees_with_pillow(data)
+
+
+def test_orientation_without_exif_and_from_xmp_as_pillow_reads_it():
+    assert jpeg_orientation(_jpeg()) == 1
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    data = _jpeg(xmp=xmp)
+    assert jpeg_orientation(data) == 8 and load_image(data).size == (32, 48)
+    _assert_agrees_with_pillow(data)
+    exif = Image.Exif()
+    exif[ORIENTATION] = 3  # an Exif tag wins over XMP
+    data = _jpeg(exif.tobytes(), xmp=xmp)
+    assert jpeg_orientation(data) == 3
+    _assert_agrees_with_pillow(data)
+
+
+TAG = ORIENTATION
+HOSTILE_EXIF = {  # name: (block builder for a byte order, the orientation Pillow applies)
+    "plain SHORT": (lambda o: _tiff(o, [(TAG, 3, 1, 6)]), 6),
+    "LONG": (lambda o: _tiff(o, [(TAG, 4, 1, 8)]), 8),
+    "among other tags": (lambda o: _tiff(o, [(0x010F, 2, 4, b"Cam\x00"), (TAG, 3, 1, 5), (0x0131, 2, 1, b"x")]), 5),
+    "two values inline: the first": (lambda o: _tiff(o, [(TAG, 3, 2, struct.pack("<HH" if o == b"II" else ">HH",
+                                                                                 7, 2))]), 7),
+    "huge IFD count, one real entry": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], count=0xFFFF), 6),
+    "IFD offset beyond the block": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], ifd=0xFFFFFFF0), 1),
+    "IFD offset into the header": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], ifd=0), 1),
+    "values at an offset beyond the block": (lambda o: _tiff(o, [(TAG, 3, 3, ("at", 0x7FFFFFF0))]), 1),
+    "truncated inside the entry": (lambda o: _tiff(o, [(TAG, 3, 1, 6)])[:6 + 14], 1),
+    "truncated after the header": (lambda o: _tiff(o, [(TAG, 3, 1, 6)])[:6 + 8], 1),
+    "half a header": (lambda o: _tiff(o, [(TAG, 3, 1, 6)])[:6 + 5], 1),
+    "wrong TIFF magic": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], magic=0x2B2B), 1),
+    "42 in the other byte order": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], magic=0x2A00), 6),
+    "BigTIFF's 43": (lambda o: _tiff(o, [(TAG, 3, 1, 6)], magic=43), {b"II": 1, b"MM": 6}),  # as Pillow reads it
+    "value 0": (lambda o: _tiff(o, [(TAG, 3, 1, 0)]), 1),
+    "value 9": (lambda o: _tiff(o, [(TAG, 3, 1, 9)]), 1),
+    "value 65535": (lambda o: _tiff(o, [(TAG, 3, 1, 0xFFFF)]), 1),
+    "ASCII type": (lambda o: _tiff(o, [(TAG, 2, 2, b"6\x00")]), 1),
+    "zero values": (lambda o: _tiff(o, [(TAG, 3, 0, 6)]), 1),
+    "empty Exif block": (lambda o: b"Exif\x00\x00", 1),
+    "not TIFF at all": (lambda o: b"Exif\x00\x00this is not a TIFF header at all", 1),
+}
+
+
+@pytest.mark.parametrize("order", [b"II", b"MM"], ids=["little-endian", "big-endian"])
+@pytest.mark.parametrize("case", list(HOSTILE_EXIF))
+def test_header_parser_on_hostile_exif_never_fails_and_agrees_with_pillow(case, order):
+    build, expected = HOSTILE_EXIF[case]
+    data = _jpeg(build(order))
+    assert jpeg_orientation(data) == (expected[order] if isinstance(expected, dict) else expected)
+    _assert_agrees_with_pillow(data)
+
+
+def test_header_parser_on_hostile_jpeg_structure_returns_upright():
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    data = _jpeg(exif.tobytes())
+    app1 = data.index(b"\xff\xe1")
+    for cut in range(len(data)):  # every truncation of the file: the tag, or upright
+        assert jpeg_orientation(data[:cut]) in ((6,) if cut >= app1 + 4 + 40 else (1, 6))
+    head = data[:app1]
+    for hostile in [
+        b"", b"\xff", b"\xff\xd8", b"not a jpeg", encode(noise(4, 4), "PNG"),
+        head + b"\xff\xe1\x00\x00" + data[app1 + 4:],  # a segment length under 2
+        head + b"\xff\xe1\x00\x01" + data[app1 + 4:],
+        head + b"\xff\xe1\xff\xff" + data[app1 + 4:app1 + 60],  # a length beyond the file
+        head + b"\xff\xda" + data[app1:],  # the scan starts before the Exif segment: not a header any more
+        b"\xff\xd8" + b"\xff" * 100_000,  # fill bytes only
+        b"\xff\xd8" + b"\xff\xfe\x00\x02" * 20_000 + data[app1:],  # 20,000 empty comments, then the tag
+    ]:
+        assert jpeg_orientation(hostile) in (1, 6)
+    assert jpeg_orientation(head + b"\xff\xda" + data[app1:]) == 1
+    assert jpeg_orientation(b"\xff\xd8" + b"\xff\xfe\x00\x02" * 20_000 + data[app1:]) == 6
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # random damage in the header: always a valid orientation
+        damaged = bytearray(data)
+        for at in rng.integers(2, app1 + 120, size=3):
+            damaged[at] = rng.integers(0, 256)
+        assert jpeg_orientation(bytes(damaged)) in range(1, 9)
 
 
 # ---------------------------------------------------------------- mode conversion
@@ -492,6 +645,20 @@ def test_small_max_pixels_refuses_bigger_images(tmp_path, limit):
     with pytest.raises(ImageLoadError, match="decompression bomb") as err:
         load_image(path, max_pixels=limit)
     assert_names(err, path)
+
+
+@pytest.mark.parametrize("limit", [64 * 48 - 1, 1000, 10])  # Pillow's warning zone, its error zone (> 2x), far
+@pytest.mark.parametrize("as_pil", [False, True])
+def test_bomb_error_quotes_the_one_limit_enforced_and_the_size(tmp_path, limit, as_pil):
+    import re
+
+    path = write(tmp_path, "big.png", encode(noise(64, 48), "PNG"))
+    with pytest.raises(ImageLoadError) as err:
+        load_image(Image.open(path) if as_pil else path, max_pixels=limit)
+    message = str(err.value)
+    assert f"{limit:,}" in message and "64x48" in message and "3,072" in message
+    numbers = {int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", message.replace(str(tmp_path), ""))}
+    assert numbers == {64, 48, 3072, limit}  # no other limit (Pillow's error quotes twice ours)
 
 
 def test_image_exactly_at_max_pixels_is_accepted(tmp_path):

@@ -19,7 +19,8 @@ from clip_interpret import decompose, load_model
 from clip_interpret.errors import ClipInterpretError
 from clip_interpret.runstore import index_images, open_run, open_source
 from clip_interpret.runstore.sources import ImageSource
-from clip_interpret.pipeline import ListSource, pixel_batches, resolve_workers
+from clip_interpret import pipeline
+from clip_interpret.pipeline import ListSource, pixel_batches, reader_start_method, resolve_workers
 from clip_interpret.toyworld import generate
 
 TINY = "open_clip:test-vit-tiny"
@@ -109,6 +110,33 @@ def test_torch_decoder_applies_exif_orientation_and_refuses_truncated_files(mode
     assert failures[0]["index"] == 1 and "truncated" in failures[0]["reason"]
 
 
+@pytest.mark.parametrize("decoder", ["device", "torch"])
+def test_torchvision_paths_turn_jpegs_by_their_exif_tag_even_when_the_decoder_ignores_it(model, tmp_path,
+                                                                                         monkeypatch, decoder):
+    """torchvision's CUDA decoder has no EXIF option; on the CPU, make its decoder ignore the option the
+    same way: the orientation must come from the header (all 8), and the crops match Pillow's."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+
+    def like_cuda(data, *args, apply_exif_orientation=False, **kwargs):
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", like_cuda)
+    image = photo(6, size=(120, 80))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(tmp_path / f"o{orientation}.jpg", quality=95, exif=exif)
+    source = ListSource([str(tmp_path / f"o{o}.jpg") for o in range(1, 9)])
+    ref_indices, ref, _ = crops(source, model.preprocess, workers=0, decode="pil")
+    indices, pixels, failures = crops(source, model.preprocess, workers=0, decode=decoder)
+    assert indices == ref_indices == list(range(8)) and not failures
+    diff = grey_levels(pixels, ref, model.preprocess)
+    assert diff.amax(dim=(1, 2, 3)).max() <= 2.0
+    assert all(grey_levels(ref[k:k + 1], ref[:1], model.preprocess).mean() > 5 for k in range(1, 8))  # all differ
+
+
 def test_draft_mode_decodes_big_jpegs_smaller_within_a_documented_error(model, tmp_path):
     big = photo(4, size=(640, 480))
     big.save(tmp_path / "big.jpg", quality=92)
@@ -135,6 +163,121 @@ def test_workers_beyond_the_cores_are_clamped_with_a_warning():
 def test_unknown_decoder_is_refused(model):
     with pytest.raises(ClipInterpretError, match="unknown decoder"):
         next(pixel_batches(ListSource([photo(1)]), model.preprocess, [[0]], decode="gpu-please"))
+
+
+# ------------------------------------------------------------ how the readers start
+def test_readers_are_forked_only_while_cuda_is_not_initialised(monkeypatch):
+    assert reader_start_method(cuda_initialised=False) == "fork"
+    assert reader_start_method(cuda_initialised=True) == "forkserver"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert reader_start_method() == "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a model on a GPU
+    assert reader_start_method() == "forkserver"
+
+
+def _record_pools(monkeypatch) -> list:
+    """The start methods of the pools made from now on (as used, after any fall-back)."""
+    pools = []
+
+    class Recorded(pipeline.DecodePool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(pipeline, "DecodePool", Recorded)
+    return pools
+
+
+def test_readers_started_by_a_fork_server_give_the_same_run_as_no_workers(model, jpeg_folder, monkeypatch):
+    """As on a GPU (the workers read, the model runs here), after the model made CUDA initialised."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    pools = _record_pools(monkeypatch)
+    source = open_source(str(jpeg_folder))
+    for decoder in ("torch", "pil"):
+        reference = crops(source, model.preprocess, workers=0, decode=decoder)
+        indices, pixels, failures = crops(source, model.preprocess, workers=2, decode=decoder)
+        assert indices == reference[0] and torch.equal(pixels, reference[1]) and failures == reference[2]
+        assert len(failures) == 1
+    assert [p.method for p in pools] == ["forkserver", "forkserver"] and not any(p.restarts for p in pools)
+
+
+def test_a_file_that_kills_its_fork_server_worker_is_skipped_and_named(model, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    pools = _record_pools(monkeypatch)
+    source = _Hostile(24, item=9, behaviour="crash")
+    batches = [list(range(s, s + 4)) for s in range(0, 24, 4)]
+    out = list(pixel_batches(source, model.preprocess, batches, workers=2, timeout=10.0))
+    assert [p.method for p in pools] == ["forkserver"]
+    assert [i for b in out for i in b.indices] == [i for i in range(24) if i != 9]
+    failures = [f for b in out for f in b.failures]
+    assert [f["source"] for f in failures] == ["item-9"] and "died twice" in failures[0]["reason"]
+    clean = torch.cat([b.pixels for b in pixel_batches(_Hostile(24, item=-1, behaviour="none"), model.preprocess,
+                                                        batches, workers=0)])
+    assert torch.equal(torch.cat([b.pixels for b in out]), clean[[i for i in range(24) if i != 9]])
+
+
+def _rebuilt_here_only(items, pid):
+    if os.getpid() != pid:
+        raise RuntimeError("this source cannot be rebuilt in another process (a class from a notebook)")
+    return _Unportable(items)
+
+
+class _Unportable(ListSource):
+    """A source that pickles, but that a new process cannot unpickle."""
+
+    def __reduce__(self):
+        return _rebuilt_here_only, (self.items, os.getpid())
+
+
+class _Unpicklable(ListSource):
+    def __init__(self, items):
+        super().__init__(items)
+        self.hook = lambda: None  # lambdas do not pickle
+
+
+@pytest.mark.parametrize("kind", [_Unportable, _Unpicklable])
+def test_a_source_a_new_process_cannot_take_falls_back_to_forked_readers(model, monkeypatch, kind):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    pools = _record_pools(monkeypatch)
+    images = [generate(i, seed=2).image for i in range(6)]
+    reference = crops(ListSource(images), model.preprocess, workers=0, decode="pil")
+    with pytest.warns(RuntimeWarning, match="forking them instead"):
+        indices, pixels, failures = crops(kind(images), model.preprocess, workers=2, decode="pil")
+    assert pools[0].method == "fork" and pools[0].restarts == 0
+    assert indices == reference[0] and torch.equal(pixels, reference[1]) and failures == reference[2] == []
+
+
+def test_fork_server_readers_stay_while_idle_and_exit_when_the_main_process_dies():
+    code = ("import time, numpy as np\n"
+            "from clip_interpret.images import Preprocess\n"
+            "from clip_interpret.pipeline import DecodePool, ListSource, _Reader\n"
+            "reader = _Reader(ListSource([np.zeros((8, 8, 3), np.uint8)] * 4), Preprocess((8, 8)), 'pil', False)\n"
+            "pool = DecodePool(reader, 1, start_method='forkserver')\n"
+            "list(pool.map([[0, 1]]))\n"
+            "time.sleep(6.5)\n"  # longer than a worker's 5 s wait for a task: it checks on its parent
+            "list(pool.map([[2, 3]]))\n"
+            "print(pool.restarts, pool.workers[0].process.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        restarts, worker = map(int, proc.stdout.readline().split())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert restarts == 0  # the idle worker found its parent alive (its OS parent is the fork server)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _running(worker):
+        time.sleep(0.2)
+    assert not _running(worker)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return "State:\tZ" not in handle.read()
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------ index with workers

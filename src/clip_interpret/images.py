@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,8 +62,16 @@ def _open_bytes(data: bytes, name: str, max_pixels: int, draft: int | None = Non
             if draft and image.format == "JPEG":
                 image.draft(None, (draft, draft))  # DCT-domain downscale by 2, 4 or 8 while keeping >= draft
             image.load()  # decode now, so truncation and corruption surface here
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageLoadError(name, f"too many pixels (decompression bomb guard, limit {max_pixels:,}): {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own text quotes twice our limit beyond 2x (its error zone): say the size and our limit only
+        Image.MAX_IMAGE_PIXELS = None  # the header again, to name the size (nothing is decoded)
+        try:
+            w, h = Image.open(io.BytesIO(data)).size
+            size = f"{w}x{h} = {w * h:,}"
+        except Exception:  # noqa: BLE001 - the size is a courtesy
+            size = "more than the limit"
+        raise ImageLoadError(name, f"too many pixels ({size}; the limit is {max_pixels:,} pixels, a guard against "
+                                   "decompression bombs)") from None
     except UnidentifiedImageError:
         raise ImageLoadError(name, "not an image file, or a format Pillow cannot read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -143,7 +152,9 @@ def load_image(source: Any, max_pixels: int = MAX_PIXELS, draft: int | None = No
     elif isinstance(source, Image.Image):
         image = source
         if image.size[0] * image.size[1] > max_pixels:
-            raise ImageLoadError(name, f"too many pixels ({image.size[0]}x{image.size[1]}, limit {max_pixels:,})")
+            w, h = image.size
+            raise ImageLoadError(name, f"too many pixels ({w}x{h} = {w * h:,}; the limit is {max_pixels:,} pixels, a "
+                                       "guard against decompression bombs)")
     elif isinstance(source, np.ndarray):
         image = _from_array(source, name)
     else:
@@ -155,6 +166,119 @@ def load_image(source: Any, max_pixels: int = MAX_PIXELS, draft: int | None = No
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         pass
     return to_rgb(image)
+
+
+# ----------------------------------------------------------- EXIF orientation without Pillow
+EXIF_ORIENTATION = 0x0112
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)([0-9])')  # as Pillow reads it
+
+
+def jpeg_orientation(data) -> int:
+    """The EXIF orientation (1-8) of a JPEG file's bytes, read from its header without decoding it.
+
+    For decoders that do not apply it (torchvision's CUDA decoder): the rotation or flip is then
+    done by ``apply_orientation``. Reads the orientation the way Pillow does (``ImageOps.exif_transpose``,
+    the CPU path): the tag in the first IFD of the Exif segment(s), else an XMP ``tiff:Orientation``.
+    Never raises: an absent, out-of-range or unreadable tag (truncated block, offsets out of bounds,
+    not a TIFF header, wrong type) is 1, and at most the segments before the image data are read.
+    """
+    try:
+        if isinstance(data, torch.Tensor):
+            data = data.numpy()
+        view = memoryview(data).cast("B")
+        exif, xmp = _jpeg_header_blocks(view)
+        orientation = _tiff_orientation(exif) if exif is not None else None
+        if orientation is None and xmp is not None:  # no Exif tag at all: Pillow then reads XMP's
+            found = _XMP_ORIENTATION.search(xmp)
+            orientation = int(found[1]) if found else None
+        return orientation if orientation is not None and 1 <= orientation <= 8 else 1
+    except Exception:  # noqa: BLE001 - a hostile header never stops a run; unreadable means upright
+        return 1
+
+
+def _jpeg_header_blocks(data: memoryview) -> tuple[bytes | None, bytes | None]:
+    """(the TIFF block of the Exif APP1 segments, the last XMP packet) of a JPEG, each None if absent."""
+    if bytes(data[:2]) != b"\xff\xd8":
+        return None, None
+    exif, xmp = None, None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            break  # not a marker where one must be: stop reading, keep what was found
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no header segment after this
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            break
+        segment = bytes(data[pos + 4:pos + 2 + length])  # 64 KiB at most
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            exif = segment[6:] if exif is None else exif + segment[6:]  # Pillow joins split blocks
+        elif marker == 0xE1 and segment.startswith(b"http://ns.adobe.com/xap/1.0/\x00"):
+            xmp = segment.split(b"\x00", 1)[1]
+        pos += 2 + length
+    return exif, xmp
+
+
+# The headers that Pillow reads as a classic TIFF: 42 in the stated byte order, 42 in the other
+# (a common camera bug), and "MM" with 43 (BigTIFF's number, which Pillow's check misses in big-endian).
+_CLASSIC_TIFF = (b"MM\x00\x2a", b"II\x2a\x00", b"MM\x2a\x00", b"II\x00\x2a", b"MM\x00\x2b")
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """The value of the Orientation entry in the first IFD of a TIFF (Exif) block (its first value if
+    it has several), None when the IFD has no readable such entry. Raises on a block that is not TIFF."""
+    if not tiff:
+        return None
+    if len(tiff) < 8 or tiff[:4] not in _CLASSIC_TIFF:
+        raise ValueError("not a TIFF header")
+    order = "little" if tiff[:2] == b"II" else "big"
+
+    def number(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at:at + size], order)
+
+    ifd = number(4, 4)
+    if ifd + 2 > len(tiff):
+        return None  # the first IFD is out of the block: no entries
+    entries = min(number(ifd, 2), (len(tiff) - ifd - 2) // 12)  # a count beyond the block: what is there
+    orientation = None
+    for k in range(entries):
+        entry = ifd + 2 + 12 * k
+        if number(entry, 2) != EXIF_ORIENTATION:
+            continue
+        kind, count = number(entry + 2, 2), number(entry + 4, 4)
+        size = {1: 1, 3: 2, 4: 4, 8: 2, 9: 4}.get(kind)  # BYTE, SHORT, LONG, SSHORT, SLONG
+        at = entry + 8 if size is not None and count * size <= 4 else number(entry + 8, 4)  # inline, or where
+        if size is None or count == 0 or at + count * size > len(tiff):
+            continue  # an entry Pillow skips (unknown type, no values, values out of the block)
+        orientation = number(at, size)  # the first value; and the last such entry counts, as in Pillow
+    return orientation
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """An image tensor [..., H, W] as shown upright for its EXIF ``orientation`` (1-8), on its own
+    device: what ``ImageOps.exif_transpose`` does to a PIL image. 1 or any other value: unchanged."""
+    if orientation == 2:  # mirrored left-right
+        return image.flip(-1)
+    if orientation == 3:  # turned 180 degrees
+        return image.flip((-2, -1))
+    if orientation == 4:  # mirrored top-bottom
+        return image.flip(-2)
+    if orientation == 5:  # mirrored along the main diagonal
+        return image.transpose(-2, -1).contiguous()  # a copy, as the other turns make
+    if orientation == 6:  # shown turned 90 degrees clockwise
+        return image.transpose(-2, -1).flip(-1)
+    if orientation == 7:  # mirrored along the other diagonal
+        return image.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:  # shown turned 90 degrees counter-clockwise
+        return image.transpose(-2, -1).flip(-2)
+    return image
 
 
 @dataclass

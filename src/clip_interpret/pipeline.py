@@ -7,7 +7,9 @@
 * **Workers** (``workers=N``) are processes of our own pool, each reading whole
   batches; several batches per worker are in flight, and batches are handed on
   in order, so a run is the same image for image whatever the number of workers
-  (``workers=0`` reads in this process). Failures keep their item indices.
+  (``workers=0`` reads in this process). Failures keep their item indices. They are
+  forked while CUDA is not initialised here, else started by a fork server, so that
+  they never inherit CUDA state (``reader_start_method``).
 * A worker that **dies** (killed, or crashed by a hostile file) is replaced and
   its batches are read again; an item that was being read when workers died
   twice is left out as a failure naming the file. An item that takes longer than
@@ -21,7 +23,9 @@
   batches (nvJPEG on a GPU), resizing on the device too. Other formats, and any
   JPEG that torchvision refuses or warns about, take the Pillow path. ``"auto"``:
   ``device`` on a GPU, ``torch`` on the CPU. The paths agree within a few grey
-  levels (resampling differs slightly; docs/pipeline.md).
+  levels (resampling differs slightly; docs/pipeline.md). EXIF orientation: Pillow
+  applies it; for torchvision's decoders (whose CUDA decoder has none) it is read
+  from the JPEG header on the host and applied to the decoded tensor where it lies.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ import torch
 
 from .device import cores
 from .errors import ClipInterpretError, ImageLoadError
-from .images import MAX_PIXELS, describe, load_image
+from .images import MAX_PIXELS, apply_orientation, describe, jpeg_orientation, load_image
 
 DECODERS = ("auto", "pil", "torch", "device")
 DEFAULT_TIMEOUT_S = 120.0
 PREFETCH = 2  # batches in flight per worker
 MAX_RESTARTS = 20  # worker replacements per call before giving up
+STARTED = -0.5  # a worker's batch number in the pool's status until its first batch
 
 
 class ListSource:
@@ -92,14 +97,17 @@ def resolve_decoder(decode: str, device: torch.device, preprocess) -> str:
 
 
 def _decode_jpeg(data, device="cpu"):
-    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on a GPU): RGB, EXIF orientation applied.
-    A warning (corrupt or truncated data) counts as a failure: the caller falls back to Pillow."""
+    """torchvision's JPEG decoder (libjpeg-turbo on the CPU, nvJPEG on a GPU): RGB, as stored. Its CUDA
+    decoder has no EXIF orientation, so no path asks it for one: the callers read the orientation
+    from the header (``jpeg_orientation``) and turn the decoded tensor (``apply_orientation``), on
+    the CPU and on the GPU alike. A warning (corrupt or truncated data) counts as a failure: the
+    caller falls back to Pillow."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at torchcodec
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 # ------------------------------------------------------------------ reading
@@ -129,9 +137,9 @@ def _jpeg_bytes(raw) -> bytes | None:
 def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], decoder: str,
                draft: bool, mark: Callable[[int], None] | None = None) -> dict:
     """Read the items ``indices`` of ``source``: uint8 crops, raw JPEG bytes (for the ``device``
-    decoder), and failures (index, source, reason); items in ``bad`` are failures unread.
-    ``decoder``: ``pil``, ``torch`` (JPEGs decoded here by torchvision) or ``device``."""
-    crops, crop_idx, jpegs, jpeg_idx, failures = [], [], [], [], []
+    decoder) with their EXIF orientations, and failures (index, source, reason); items in ``bad``
+    are failures unread. ``decoder``: ``pil``, ``torch`` (JPEGs decoded here by torchvision) or ``device``."""
+    crops, crop_idx, jpegs, jpeg_idx, orientations, failures = [], [], [], [], [], []
     for i in indices:
         if i in bad:
             failures.append({"index": i, "source": source.name(i), "reason": bad[i]})
@@ -144,11 +152,13 @@ def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], 
             if data is not None and decoder == "device":
                 jpegs.append(np.frombuffer(data, np.uint8))
                 jpeg_idx.append(i)
+                orientations.append(jpeg_orientation(data))  # the header, read here on the host
                 continue
             crop = None
             if data is not None:
                 try:
-                    crop = preprocess.crop_tensor(_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                    image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    crop = preprocess.crop_tensor(apply_orientation(image, jpeg_orientation(data)))
                 except Exception:  # noqa: BLE001 - Pillow decides below, and names the problem
                     crop = None
             if crop is None:
@@ -164,13 +174,44 @@ def read_batch(source, preprocess, indices: Sequence[int], bad: dict[int, str], 
         "jpeg": torch.from_numpy(np.concatenate(jpegs)) if jpegs else torch.zeros(0, dtype=torch.uint8),
         "jpeg_len": [len(j) for j in jpegs],
         "jpeg_idx": jpeg_idx,
+        "jpeg_orientation": orientations,
         "failures": failures,
     }
 
 
 # --------------------------------------------------------------------- pool
+def reader_start_method(cuda_initialised: bool | None = None) -> str:
+    """How the pool starts its worker processes (``cuda_initialised``: by default, whether CUDA is
+    initialised in this process, ``torch.cuda.is_initialized()``).
+
+    ``fork`` while CUDA is not initialised: quickest, nothing to import or pickle. Once it is (a
+    model on a GPU), a forked child would inherit the CUDA context and the CUDA runtime's threads'
+    locks, which a child must never use: then ``forkserver`` (the workers are forked from a clean
+    server process that has imported torch and this module once, so each starts in milliseconds),
+    or ``spawn`` where there is no forkserver.
+    """
+    import torch.multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    if cuda_initialised is None:
+        cuda_initialised = torch.cuda.is_initialized()
+    if not cuda_initialised and "fork" in methods:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _parent_alive(parent: int) -> bool:
+    """Whether the process that made the pool still runs (a forkserver's workers are its children,
+    not the pool's: ask the multiprocessing parent, whatever the start method)."""
+    import multiprocessing
+
+    process = multiprocessing.parent_process()
+    return process.is_alive() if process is not None else os.getppid() == parent
+
+
 def _worker_main(slot: int, tasks, results, status, reader, parent: int) -> None:
     """One pool worker: read the batches it is given, report which item it is on."""
+    status[3 * slot] = STARTED  # it got this far: its arguments reached it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
 
@@ -182,7 +223,7 @@ def _worker_main(slot: int, tasks, results, status, reader, parent: int) -> None
         try:
             task = tasks.get(timeout=5.0)
         except queue.Empty:
-            if os.getppid() != parent:
+            if not _parent_alive(parent):
                 return  # the main process is gone
             continue
         if task is None:
@@ -200,24 +241,32 @@ class _Worker:
     tasks: Any
     results: Any  # its own queue: a worker killed while answering cannot garble the others' answers
     outstanding: deque
+    method: str = "fork"  # how it was started
 
 
 class DecodePool:
     """Worker processes reading batches of items; results come back in batch order.
 
-    ``reader(indices, bad, mark)`` runs in the workers (it must not touch a GPU).
+    ``reader(indices, bad, mark)`` runs in the workers (it must not touch a GPU). The workers are
+    started by ``start_method`` (default: ``reader_start_method()``); with ``forkserver`` or
+    ``spawn`` the reader is pickled to them, and a reader that cannot be (or that a new process
+    cannot unpickle: a class defined in a notebook) makes the pool fork its workers instead, with
+    a warning, as it did before (safe as long as the readers never touch the GPU).
     """
 
     def __init__(self, reader: Callable, workers: int, timeout: float = DEFAULT_TIMEOUT_S,
-                 describe_item: Callable[[int], str] = str):
+                 describe_item: Callable[[int], str] = str, start_method: str | None = None):
         import torch.multiprocessing as mp
 
         self.reader = reader
         self.n = workers
         self.timeout = timeout
         self.describe_item = describe_item
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        self.ctx = mp.get_context(method)
+        self.method = start_method or reader_start_method()
+        self.ctx = mp.get_context(self.method)
+        if self.method == "forkserver":
+            # the server imports these once (no CUDA: importing torch does not initialise it)
+            self.ctx.set_forkserver_preload(["__main__", __name__])
         self.status = self.ctx.Array("d", [-1.0] * (3 * workers), lock=False)  # per slot: batch, item, start
         self.workers: list[_Worker | None] = [None] * workers
         self.bad: dict[int, str] = {}
@@ -233,8 +282,26 @@ class DecodePool:
             self.status[3 * slot + j] = -1.0
         process = self.ctx.Process(target=_worker_main, daemon=True, name=f"clip-interpret-reader-{slot}",
                                    args=(slot, tasks, results, self.status, self.reader, os.getpid()))
-        process.start()
-        self.workers[slot] = _Worker(process, tasks, results, deque())
+        try:
+            process.start()
+        except Exception as err:  # noqa: BLE001 - the reader does not pickle (spawn, forkserver)
+            if not self._fall_back_to_fork(f"{type(err).__name__}: {err}"):
+                raise
+            return self._start(slot)
+        self.workers[slot] = _Worker(process, tasks, results, deque(), self.method)
+
+    def _fall_back_to_fork(self, why: str) -> bool:
+        """Fork the workers from now on, if they were not forked and can be; whether it switched."""
+        import torch.multiprocessing as mp
+
+        if self.method == "fork" or "fork" not in mp.get_all_start_methods():
+            return False
+        warnings.warn(f"image reading workers cannot be started with {self.method!r} (the image source, or the "
+                      f"computation run in the workers, does not pickle, or a new process cannot unpickle it: {why}); "
+                      "forking them instead", RuntimeWarning, stacklevel=2)
+        self.method = "fork"
+        self.ctx = mp.get_context("fork")
+        return True
 
     def close(self) -> None:
         for worker in self.workers:
@@ -264,6 +331,15 @@ class DecodePool:
         if worker.process.is_alive():
             worker.process.kill()
         worker.process.join()
+        if why == "died" and self.status[3 * slot] == -1.0 and worker.method != "fork":
+            # it died before its first line ran: its arguments did not unpickle in a new process
+            self._fall_back_to_fork(f"a worker exited with code {worker.process.exitcode} before it started")
+        if why == "died" and self.status[3 * slot] == -1.0 and worker.method != self.method:
+            pending = list(worker.outstanding)  # nothing was read: no item to blame, no restart to count
+            self._start(slot)
+            for task in pending:
+                self._send(slot, task)
+            return
         self.restarts += 1
         if item >= 0:
             if why == "stuck":
@@ -338,7 +414,8 @@ class DecodePool:
 
 # ------------------------------------------------------------------- device
 def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """JPEG bytes of a batch -> uint8 crops on ``device`` by index; indices the device could not decode."""
+    """JPEG bytes of a batch -> uint8 crops on ``device`` by index, each turned upright for its EXIF
+    orientation on the device; indices the device could not decode."""
     if not payload["jpeg_idx"]:
         return {}, []
     data = torch.split(payload["jpeg"], payload["jpeg_len"])
@@ -352,11 +429,11 @@ def decode_on_device(payload: dict, preprocess, device: torch.device) -> tuple[d
             except Exception:  # noqa: BLE001
                 images.append(None)
     crops, failed = {}, []
-    for i, image in zip(payload["jpeg_idx"], images):
+    for i, image, orientation in zip(payload["jpeg_idx"], images, payload["jpeg_orientation"]):
         if image is None:
             failed.append(i)
         else:
-            crops[i] = preprocess.crop_tensor(image)
+            crops[i] = preprocess.crop_tensor(apply_orientation(image, orientation))
     return crops, failed
 
 
