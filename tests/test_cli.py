@@ -1,6 +1,7 @@
 """The clip-interpret command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,101 @@ def test_demo_runs_on_a_given_model(tmp_path, capsys):
 def test_console_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "clip_interpret", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "decompose" in done.stdout
+
+
+def _subcommands():
+    """Every command line of the parser, sub-actions included (['toyworld', 'train'], ...)."""
+    import argparse
+
+    from clip_interpret.cli import build_parser
+
+    def children(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    lines = []
+    for name, parser in children(build_parser()).items():
+        lines.append([name])
+        lines += [[name, action] for action in children(parser)]
+    return lines
+
+
+def test_help_does_not_import_torch():
+    """`clip-interpret --help` and every subcommand's --help build the parser without torch or numpy (the
+    command modules import them inside the commands): help is instant."""
+    lines = _subcommands()
+    assert ["toyworld", "train"] in lines and ["ablate"] in lines and len(lines) > 20
+    script = ("import contextlib, io, sys\n"
+              "from clip_interpret.cli import main\n"
+              f"for line in {lines!r} + [[]]:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "        try:\n"
+              "            main(line + ['--help'])\n"
+              "        except SystemExit as done:\n"
+              "            assert done.code == 0, line\n"
+              "    assert 'usage: clip-interpret' in out.getvalue(), line\n"
+              "heavy = sorted({'torch', 'numpy', 'open_clip', 'PIL'} & set(sys.modules))\n"
+              "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = "import runpy, sys\ntry:\n    runpy.run_module('clip_interpret', run_name='__main__')\n" \
+             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "decompose" in done.stdout, done.stderr
+
+
+def test_the_parsers_copies_of_library_names_match_the_library():
+    from clip_interpret import analyses, device
+    from clip_interpret.cli import common
+    from clip_interpret.decompose import CONVENTIONS
+
+    assert list(common.PRECISIONS) == list(device.PRECISIONS) and common.DEVICE_HELP == device.DEVICE_HELP
+    assert common.CONVENTIONS == CONVENTIONS
+    assert common.DEFAULT_K == analyses.DEFAULT_K and tuple(common.METRICS) == tuple(analyses.METRICS)
+
+
+def test_the_public_api_is_still_there_lazily():
+    """`import clip_interpret` is light, its public names load on use; `decompose` stays the function even
+    after the submodule of that name is imported."""
+    script = ("import sys\nimport clip_interpret as ci\nassert 'torch' not in sys.modules\n"
+              "import clip_interpret.decompose\nassert callable(ci.decompose) and ci.decompose.__name__ == "
+              "'decompose'\nassert ci.load_model.__name__ == 'load_model' and ci.Decomposition and ci.HookedViT\n"
+              "assert ci.ClipModel and ci.load_image and ci.load_images and ci.ClipInterpretError\n"
+              "from clip_interpret.runstore import open_source\n"
+              "assert 'clip_interpret.toyworld' not in sys.modules\n"
+              "assert len(open_source('toyworld:3:1')) == 3  # the toy world registers itself on first use\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_models_answers_from_its_cache_without_torch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    first = capsys.readouterr().out
+    assert len(list(tmp_path.glob("models-*.json"))) == 1
+    script = ("import sys\nfrom clip_interpret.cli import main\nassert main(['models']) == 0\n"
+              "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "CLIP_INTERPRET_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == first
+    next(tmp_path.glob("models-*.json")).write_text("{broken")  # a damaged cache is recomputed
+    assert main(["models"]) == 0 and capsys.readouterr().out == first
+
+
+def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):
+    """The options default to None in the parser (no torch for --help); the command fills in TrainConfig's."""
+    from clip_interpret.toyworld import train as train_module
+
+    seen = {}
+
+    def stop(out, cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", stop)
+    assert main(["toyworld", "train", "--out", str(tmp_path), "--device", "cpu"]) == 130
+    defaults = train_module.TrainConfig()
+    assert seen["cfg"] == defaults.__class__(**{**defaults.to_dict(), "warmup": min(defaults.warmup,
+                                                                                     defaults.steps // 2)})
+    assert main(["toyworld", "train", "--out", str(tmp_path), "--steps", "10", "--device", "cpu"]) == 130
+    assert seen["cfg"].steps == 10 and seen["cfg"].warmup == 5 and seen["cfg"].lr == defaults.lr

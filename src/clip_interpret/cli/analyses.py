@@ -153,7 +153,7 @@ def _common(p, image: bool = True) -> None:
 
 def register(sub) -> None:
     """Add the analysis subcommands and ``app`` to ``clip-interpret``'s subparsers."""
-    from ..analyses import DEFAULT_K, METRICS
+    from .common import DEFAULT_K, METRICS
 
     heads_help = "a head (L5.H3), comma-separated heads (summed), or all"
 
