@@ -108,6 +108,7 @@ def test_demo_runs_on_a_given_model(tmp_path, capsys):
     assert "RANDOM" in capsys.readouterr().out
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "random weights" in page and page.count("<figure>") == 3
+    assert page.count("(published labels)</span>") == 6  # the paper's six models, beside the run's own rows
 
 
 def test_console_entry_point_runs():
@@ -211,3 +212,72 @@ def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):
                                                                                      defaults.steps // 2)})
     assert main(["toyworld", "train", "--out", str(tmp_path), "--steps", "10", "--device", "cpu"]) == 130
     assert seen["cfg"].steps == 10 and seen["cfg"].warmup == 5 and seen["cfg"].lr == defaults.lr
+
+
+def test_published_label_rows_are_marked_in_every_table(tmp_path, monkeypatch):
+    """The paper's six models are scored from their published labels: the CLI table, the chart and the report
+    say so beside the rows measured on a run."""
+    import matplotlib.pyplot as plt
+
+    from clip_interpret import report
+    from clip_interpret.metrics import bar_chart, format_comparison, published_scores, scores
+
+    published = published_scores()
+    rows = {"run: toy (taxonomy)": scores({"L0.H0": "color", "L0.H1": "shape"}), **published}
+    lines = format_comparison(rows).splitlines()
+    for spec in published:
+        assert any(line.startswith(f"{spec} (published labels) ") for line in lines), spec
+    assert "published" not in next(line for line in lines if line.startswith("run: toy"))
+    assert any("not measured here" in line for line in lines)
+    assert "published labels" not in format_comparison({"run": rows["run: toy (taxonomy)"]})
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bar_chart(rows, tmp_path / "c.png")
+    ax = figures[0].axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "published" not in ticks[0] and sum("(published labels)" in t for t in ticks[1:]) == len(published)
+    assert len([bar for bar in ax.patches if bar.get_hatch()]) == 3 * len(published)
+
+    html = report._metrics_section({"rows": rows}, None)
+    assert html.count("(published labels)</span>") == len(published) and "not measured here" in html
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    from clip_interpret.runstore import index_images
+
+    model = load_model("toy")
+    root = tmp_path_factory.mktemp("toy-runs")
+    for storage in ("fp16", "fp32"):
+        index_images(model, "toyworld:40:1", root / storage, storage=storage, progress=False, workers=0)
+    return model, root
+
+
+def test_ablate_is_quiet_and_says_what_its_reference_row_is(toy_runs):
+    """No warning from torch (the read-only shard maps are copied, not handed to torch as they are); each mode
+    says what its reference row is (the stored pieces' sum, or the model re-run)."""
+    _, root = toy_runs
+    run = str(root / "fp16")
+    for argv, note in ((["ablate", run], "full: the sum of the run's stored pieces (fp16 storage"),
+                       (["ablate", run, "--heads", "L5.H2", "--workers", "0"], "unmodified: the model re-run")):
+        done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "clip_interpret", *argv],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert note in done.stdout and "docs/hooks.md" in done.stdout
+        assert "warning" not in done.stderr.lower(), done.stderr
+
+
+def test_full_and_unmodified_rows_agree_on_an_fp32_run(toy_runs):
+    """The mean-ablation study's `full` (stored pieces summed) and the interventions' `unmodified` (the model
+    re-run) are the same predictions when the pieces are stored in fp32 (docs/hooks.md)."""
+    from clip_interpret.ablation import ablation_study
+    from clip_interpret.effects import intervention_study
+    from clip_interpret.interventions import Targets
+    from clip_interpret.runstore import open_run
+
+    model, root = toy_runs
+    run = open_run(root / "fp32")
+    full = ablation_study(run, model)["accuracy"]["full"]
+    unmodified = intervention_study(run, model, Targets.parse("L5.H2", run.vit_config()), workers=0)["accuracy"]["full"]
+    assert full == unmodified
