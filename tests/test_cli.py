@@ -281,3 +281,20 @@ def test_full_and_unmodified_rows_agree_on_an_fp32_run(toy_runs):
     full = ablation_study(run, model)["accuracy"]["full"]
     unmodified = intervention_study(run, model, Targets.parse("L5.H2", run.vit_config()), workers=0)["accuracy"]["full"]
     assert full == unmodified
+
+
+def test_loading_is_quiet_and_an_in_memory_model_does_not_claim_loaded_weights(tmp_path, capfd):
+    """No transformers "Loading weights" bar on stderr; the repr of a model given in memory (here with random
+    weights) does not say its weights were loaded."""
+    from tests.conftest import make_hf_clip, make_open_clip
+
+    make_hf_clip().save_pretrained(tmp_path / "hf")
+    capfd.readouterr()
+    model = load_model(f"hf:{tmp_path / 'hf'}")
+    assert "Loading weights" not in capfd.readouterr().err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored for everyone else
+    assert "loaded weights" in repr(model)
+    shown = repr(load_model(make_open_clip("test-vit-tiny")))
+    assert "loaded weights" not in shown and "in-memory weights" in shown
