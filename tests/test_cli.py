@@ -1,6 +1,7 @@
 """The clip-interpret command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -107,8 +108,193 @@ def test_demo_runs_on_a_given_model(tmp_path, capsys):
     assert "RANDOM" in capsys.readouterr().out
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "random weights" in page and page.count("<figure>") == 3
+    assert page.count("(published labels)</span>") == 6  # the paper's six models, beside the run's own rows
 
 
 def test_console_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "clip_interpret", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "decompose" in done.stdout
+
+
+def _subcommands():
+    """Every command line of the parser, sub-actions included (['toyworld', 'train'], ...)."""
+    import argparse
+
+    from clip_interpret.cli import build_parser
+
+    def children(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    lines = []
+    for name, parser in children(build_parser()).items():
+        lines.append([name])
+        lines += [[name, action] for action in children(parser)]
+    return lines
+
+
+def test_help_does_not_import_torch():
+    """`clip-interpret --help` and every subcommand's --help build the parser without torch or numpy (the
+    command modules import them inside the commands): help is instant."""
+    lines = _subcommands()
+    assert ["toyworld", "train"] in lines and ["ablate"] in lines and len(lines) > 20
+    script = ("import contextlib, io, sys\n"
+              "from clip_interpret.cli import main\n"
+              f"for line in {lines!r} + [[]]:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+              "        try:\n"
+              "            main(line + ['--help'])\n"
+              "        except SystemExit as done:\n"
+              "            assert done.code == 0, line\n"
+              "    assert 'usage: clip-interpret' in out.getvalue(), line\n"
+              "heavy = sorted({'torch', 'numpy', 'open_clip', 'PIL'} & set(sys.modules))\n"
+              "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    script = "import runpy, sys\ntry:\n    runpy.run_module('clip_interpret', run_name='__main__')\n" \
+             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "decompose" in done.stdout, done.stderr
+
+
+def test_the_parsers_copies_of_library_names_match_the_library():
+    from clip_interpret import analyses, device
+    from clip_interpret.cli import common
+    from clip_interpret.decompose import CONVENTIONS
+
+    assert list(common.PRECISIONS) == list(device.PRECISIONS) and common.DEVICE_HELP == device.DEVICE_HELP
+    assert common.CONVENTIONS == CONVENTIONS
+    assert common.DEFAULT_K == analyses.DEFAULT_K and tuple(common.METRICS) == tuple(analyses.METRICS)
+
+
+def test_the_public_api_is_still_there_lazily():
+    """`import clip_interpret` is light, its public names load on use; `decompose` stays the function even
+    after the submodule of that name is imported."""
+    script = ("import sys\nimport clip_interpret as ci\nassert 'torch' not in sys.modules\n"
+              "import clip_interpret.decompose\nassert callable(ci.decompose) and ci.decompose.__name__ == "
+              "'decompose'\nassert ci.load_model.__name__ == 'load_model' and ci.Decomposition and ci.HookedViT\n"
+              "assert ci.ClipModel and ci.load_image and ci.load_images and ci.ClipInterpretError\n"
+              "from clip_interpret.runstore import open_source\n"
+              "assert 'clip_interpret.toyworld' not in sys.modules\n"
+              "assert len(open_source('toyworld:3:1')) == 3  # the toy world registers itself on first use\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_models_answers_from_its_cache_without_torch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIP_INTERPRET_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    first = capsys.readouterr().out
+    assert len(list(tmp_path.glob("models-*.json"))) == 1
+    script = ("import sys\nfrom clip_interpret.cli import main\nassert main(['models']) == 0\n"
+              "assert 'torch' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "CLIP_INTERPRET_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == first
+    next(tmp_path.glob("models-*.json")).write_text("{broken")  # a damaged cache is recomputed
+    assert main(["models"]) == 0 and capsys.readouterr().out == first
+
+
+def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):
+    """The options default to None in the parser (no torch for --help); the command fills in TrainConfig's."""
+    from clip_interpret.toyworld import train as train_module
+
+    seen = {}
+
+    def stop(out, cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", stop)
+    assert main(["toyworld", "train", "--out", str(tmp_path), "--device", "cpu"]) == 130
+    defaults = train_module.TrainConfig()
+    assert seen["cfg"] == defaults.__class__(**{**defaults.to_dict(), "warmup": min(defaults.warmup,
+                                                                                     defaults.steps // 2)})
+    assert main(["toyworld", "train", "--out", str(tmp_path), "--steps", "10", "--device", "cpu"]) == 130
+    assert seen["cfg"].steps == 10 and seen["cfg"].warmup == 5 and seen["cfg"].lr == defaults.lr
+
+
+def test_published_label_rows_are_marked_in_every_table(tmp_path, monkeypatch):
+    """The paper's six models are scored from their published labels: the CLI table, the chart and the report
+    say so beside the rows measured on a run."""
+    import matplotlib.pyplot as plt
+
+    from clip_interpret import report
+    from clip_interpret.metrics import bar_chart, format_comparison, published_scores, scores
+
+    published = published_scores()
+    rows = {"run: toy (taxonomy)": scores({"L0.H0": "color", "L0.H1": "shape"}), **published}
+    lines = format_comparison(rows).splitlines()
+    for spec in published:
+        assert any(line.startswith(f"{spec} (published labels) ") for line in lines), spec
+    assert "published" not in next(line for line in lines if line.startswith("run: toy"))
+    assert any("not measured here" in line for line in lines)
+    assert "published labels" not in format_comparison({"run": rows["run: toy (taxonomy)"]})
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bar_chart(rows, tmp_path / "c.png")
+    ax = figures[0].axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert "published" not in ticks[0] and sum("(published labels)" in t for t in ticks[1:]) == len(published)
+    assert len([bar for bar in ax.patches if bar.get_hatch()]) == 3 * len(published)
+
+    html = report._metrics_section({"rows": rows}, None)
+    assert html.count("(published labels)</span>") == len(published) and "not measured here" in html
+
+
+@pytest.fixture(scope="module")
+def toy_runs(tmp_path_factory):
+    from clip_interpret.runstore import index_images
+
+    model = load_model("toy")
+    root = tmp_path_factory.mktemp("toy-runs")
+    for storage in ("fp16", "fp32"):
+        index_images(model, "toyworld:40:1", root / storage, storage=storage, progress=False, workers=0)
+    return model, root
+
+
+def test_ablate_is_quiet_and_says_what_its_reference_row_is(toy_runs):
+    """No warning from torch (the read-only shard maps are copied, not handed to torch as they are); each mode
+    says what its reference row is (the stored pieces' sum, or the model re-run)."""
+    _, root = toy_runs
+    run = str(root / "fp16")
+    for argv, note in ((["ablate", run], "full: the sum of the run's stored pieces (fp16 storage"),
+                       (["ablate", run, "--heads", "L5.H2", "--workers", "0"], "unmodified: the model re-run")):
+        done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "clip_interpret", *argv],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert note in done.stdout and "docs/hooks.md" in done.stdout
+        assert "warning" not in done.stderr.lower(), done.stderr
+
+
+def test_full_and_unmodified_rows_agree_on_an_fp32_run(toy_runs):
+    """The mean-ablation study's `full` (stored pieces summed) and the interventions' `unmodified` (the model
+    re-run) are the same predictions when the pieces are stored in fp32 (docs/hooks.md)."""
+    from clip_interpret.ablation import ablation_study
+    from clip_interpret.effects import intervention_study
+    from clip_interpret.interventions import Targets
+    from clip_interpret.runstore import open_run
+
+    model, root = toy_runs
+    run = open_run(root / "fp32")
+    full = ablation_study(run, model)["accuracy"]["full"]
+    unmodified = intervention_study(run, model, Targets.parse("L5.H2", run.vit_config()), workers=0)["accuracy"]["full"]
+    assert full == unmodified
+
+
+def test_loading_is_quiet_and_an_in_memory_model_does_not_claim_loaded_weights(tmp_path, capfd):
+    """No transformers "Loading weights" bar on stderr; the repr of a model given in memory (here with random
+    weights) does not say its weights were loaded."""
+    from tests.conftest import make_hf_clip, make_open_clip
+
+    make_hf_clip().save_pretrained(tmp_path / "hf")
+    capfd.readouterr()
+    model = load_model(f"hf:{tmp_path / 'hf'}")
+    assert "Loading weights" not in capfd.readouterr().err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored for everyone else
+    assert "loaded weights" in repr(model)
+    shown = repr(load_model(make_open_clip("test-vit-tiny")))
+    assert "loaded weights" not in shown and "in-memory weights" in shown

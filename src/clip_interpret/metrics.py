@@ -96,6 +96,15 @@ def published_scores() -> dict[str, dict]:
     return out
 
 
+PUBLISHED_NOTE = ("(published labels): scored from the head labels the paper's authors published (arXiv "
+                  "2409.06579), not measured here: no association (no descriptions were published), no ablation check")
+
+
+def is_published(row: dict) -> bool:
+    """Whether a score row comes from the paper's published labels rather than a run's own (measured) labels."""
+    return str(row.get("source", "")).startswith("published")
+
+
 def _num(value, fmt: str = ".3f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -111,13 +120,14 @@ def format_confirmed(faith: dict | None) -> str:
 
 def format_comparison(rows: dict[str, dict]) -> str:
     """The comparison table: every score beside what chance gives (see the legend it prints)."""
-    name_width = max([len(n) for n in rows] + [5]) + 2
+    names = {n: f"{n} (published labels)" if is_published(row) else n for n, row in rows.items()}
+    name_width = max([len(n) for n in names.values()] + [5]) + 2
     lines = [f"{'model':<{name_width}}{'association':>12}{'entanglement':>13}{'floor':>7}{'chance':>7}"
              f"{'norm.':>7}{'labelled':>10}{'abstained':>10}{'props':>6}  {'confirmed by ablation':<30}"
              "top properties (heads)"]
     for name, row in rows.items():
         top = ", ".join(f"{p} {len(h)}" for p, h in list(row["property_heads"].items())[:3])
-        lines.append(f"{name:<{name_width}}{_num(row['association']):>12}{_num(row['entanglement']):>13}"
+        lines.append(f"{names[name]:<{name_width}}{_num(row['association']):>12}{_num(row['entanglement']):>13}"
                      f"{_num(row['entanglement_floor'], '.2f'):>7}{_num(row['entanglement_chance'], '.2f'):>7}"
                      f"{_num(row['entanglement_normalised'], '.2f'):>7}{row['n_labelled']:>5}/{row['n_heads']:<4}"
                      f"{row['n_abstained']:>10}{row['n_candidates']:>6}  {format_confirmed(row.get('faithfulness')):<30}"
@@ -128,6 +138,8 @@ def format_comparison(rows: dict[str, dict]) -> str:
                  "labels; norm.: (entanglement - floor) / (chance - floor). confirmed: share of testable labels "
                  "confirmed by single-head mean ablation (chance: the same labels shuffled over the heads, mean/95th "
                  "percentile, and the p-value).")
+    if any(is_published(row) for row in rows.values()):
+        lines.append(PUBLISHED_NOTE + ".")
     judges = {row.get("association_judge") for row in rows.values() if row.get("association_judge")}
     for judge in sorted(judges):
         users = [n for n, r in rows.items() if r.get("association_judge") == judge]
@@ -151,6 +163,10 @@ def bar_chart(rows: dict[str, dict], path: str | Path, title: str = "Interpretab
     for k, (label, values, colour) in enumerate(series):
         xs = [i + (k - 1) * width for i in range(len(names))]
         bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=label, color=colour)
+        for bar, name in zip(bars, names):
+            if is_published(rows[name]):  # scored from the paper's labels, not measured: hatched
+                bar.set_hatch("//")
+                bar.set_alpha(0.6)
         for bar, value in zip(bars, values):
             if value is None:
                 ax.text(bar.get_x() + bar.get_width() / 2, 0.01, "n/a", ha="center", va="bottom", fontsize=7)
@@ -169,7 +185,11 @@ def bar_chart(rows: dict[str, dict], path: str | Path, title: str = "Interpretab
                       label=None if drawn else label)
             drawn = True
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([_short(n) for n in names], rotation=25, ha="right", fontsize=8)
+    ax.set_xticklabels([_short(n) + ("\n(published labels)" if is_published(rows[n]) else "") for n in names],
+                       rotation=25, ha="right", fontsize=8)
+    if any(is_published(rows[n]) for n in names):
+        fig.text(0.01, 0.01, "hatched, (published labels): scored from the labels the paper published, not measured "
+                 "here", fontsize=7, color="#555555")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
     ax.set_title(title)

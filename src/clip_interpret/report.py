@@ -101,7 +101,7 @@ def _ablation(result, textspan) -> str:
 def _metrics_section(metrics, chart: str | None) -> str:
     if not metrics:
         return "<p class=muted>No scores yet (<code>clip-interpret metrics RUN</code>).</p>"
-    from .metrics import format_confirmed
+    from .metrics import PUBLISHED_NOTE, format_confirmed, is_published
 
     def num(value, fmt=".3f"):
         return "n/a" if value is None else format(value, fmt)
@@ -109,7 +109,8 @@ def _metrics_section(metrics, chart: str | None) -> str:
     rows = []
     for name, row in metrics["rows"].items():
         top = ", ".join(f"{p} ({len(h)})" for p, h in list(row["property_heads"].items())[:6])
-        rows.append([_esc(name), num(row["association"]), num(row["entanglement"]),
+        shown = _esc(name) + (" <span class=muted>(published labels)</span>" if is_published(row) else "")
+        rows.append([shown, num(row["association"]), num(row["entanglement"]),
                      num(row.get("entanglement_floor"), ".2f"), num(row.get("entanglement_chance"), ".2f"),
                      num(row.get("entanglement_normalised"), ".2f"), f"{row['n_labelled']}/{row['n_heads']}",
                      str(row.get("n_abstained", row["n_heads"] - row["n_labelled"])),
@@ -129,6 +130,8 @@ def _metrics_section(metrics, chart: str | None) -> str:
              "testable labels confirmed by single-head mean ablation, beside the share reached by the same labels "
              "shuffled over the heads (mean, 95th percentile, permutation p-value). Formulas: docs/study.md.</p>"
              f"<p class=muted>Association judged by:</p><ul class=muted>{judges}</ul>")
+    if any(is_published(row) for row in metrics["rows"].values()):
+        text += f"<p class=muted>{_esc(PUBLISHED_NOTE)}.</p>"
     if chart:
         text += f'<img alt="scores chart" src="{chart}" style="max-width:900px">'
     return text

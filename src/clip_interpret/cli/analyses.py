@@ -153,13 +153,14 @@ def _common(p, image: bool = True) -> None:
 
 def register(sub) -> None:
     """Add the analysis subcommands and ``app`` to ``clip-interpret``'s subparsers."""
-    from ..analyses import DEFAULT_K, METRICS
+    from .common import DEFAULT_K, METRICS
 
     heads_help = "a head (L5.H3), comma-separated heads (summed), or all"
 
     p = sub.add_parser("property-nn", help="nearest neighbours of an image in the heads labelled with a property")
     _common(p)
-    p.add_argument("--property", required=True, help="a head label, e.g. color (see the run's labels.json)")
+    p.add_argument("--property", required=True, help="a head label, e.g. color (see the run's labels.json); the heads labelled "
+                                                  "with it are averaged")
     p.add_argument("--k", type=int, default=DEFAULT_K["property"], help=f"neighbours (default {DEFAULT_K['property']})")
     p.add_argument("--metric", choices=METRICS, default="dot", help="dot product (the paper's) or cosine")
     p.set_defaults(func=cmd_property_nn)

@@ -9,12 +9,19 @@ from pathlib import Path
 
 from ..errors import ClipInterpretError
 
+# The library's names for the options' choices and help, here without importing torch so that the parser
+# (and every --help) is built in a fraction of a second; tests/test_cli.py checks them against the library's
+# (device.PRECISIONS, device.DEVICE_HELP, decompose.CONVENTIONS, analyses.DEFAULT_K and METRICS).
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
+CONVENTIONS = ("centred", "published")
+DEFAULT_K = {"property": 4, "image": 8, "text": 3}
+METRICS = ("dot", "cosine")
+
 
 def add_compute_options(p, pipeline: bool = False) -> None:
     """--device and --precision (every command that loads a model); with ``pipeline``, the
     input pipeline's options too (commands that read many images)."""
-    from ..device import DEVICE_HELP, PRECISIONS
-
     p.add_argument("--device", default="auto", help=f"where the model computes: {DEVICE_HELP} (default auto)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="compute precision of the matrix work (default fp32, exact; bf16/fp16 are faster on a GPU, "
@@ -36,8 +43,6 @@ def add_compute_options(p, pipeline: bool = False) -> None:
 
 def add_convention_option(p, default: str | None = "centred") -> None:
     """--convention: how the pieces share the attention output bias and LN_post's mean and bias."""
-    from ..decompose import CONVENTIONS
-
     told = "default centred" if default else "default: an existing run's, else centred"
     p.add_argument("--convention", choices=list(CONVENTIONS), default=default,
                    help=f"centred (each piece centred by its own mean, b_O and LN_post's bias as pieces of their "

@@ -42,8 +42,27 @@ def cmd_ablate(args) -> int:
     run, model = run_and_model(args.run, args)
     result, _ = step_ablate(run, model, force=True, engine=where)
     print(format_table(result, f"zero-shot accuracy, {result['n_images']} images of {args.run}"))
+    print(full_row_note(run))
     print(f"\nwrote {Path(args.run) / 'ablation.json'}")
     return 0
+
+
+def full_row_note(run) -> str:
+    """What the mean-ablation table's ``full`` row is, and why it may differ from the interventions' ``unmodified``."""
+    note = f"full: the sum of the run's stored pieces ({run.storage} storage"
+    if run.storage == "fp16":
+        note += ("; their sum is within about 1e-4 of the model's embedding, so an image on a near-tie can score "
+                 "differently from `ablate --heads`'s unmodified row, which re-runs the model")
+    return note + "; docs/hooks.md)"
+
+
+def unmodified_row_note(run, model) -> str:
+    """What the interventions' ``unmodified`` row is (the model re-run), beside the study's ``full`` row."""
+    note = f"unmodified: the model re-run on the run's images in {model.precision}, as the effects are"
+    if run.storage == "fp16":
+        note += (" (`ablate` without --heads sums the run's fp16-stored pieces instead: an image on a near-tie can "
+                 "score differently there)")
+    return note + "; docs/hooks.md"
 
 
 def _ablate_targets(args) -> int:
@@ -71,6 +90,7 @@ def _ablate_targets(args) -> int:
     result = intervention_study(run, model, targets, args.mode, groups=args.groups, probe=probe,
                                 batch_size=args.batch_size, workers=args.workers, mean_images=args.mean_images)
     print(format_study(result))
+    print(unmodified_row_note(run, model))
     name = Path(args.run) / f"intervention-{slug(targets.describe(), 60)}.json"
     atomic_write_json(name, result)
     print(f"\nwrote {name}")

@@ -34,6 +34,10 @@ def cmd_toyworld_train(args) -> int:
     from ..toyworld.evaluate import evaluate, format_eval
     from ..toyworld.train import MODELS, TrainConfig, export_weights, train
 
+    defaults = TrainConfig()
+    for name in _TRAIN_FIELDS:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(defaults, name))
     if args.model not in MODELS:
         raise ClipInterpretError(f"--model {args.model!r}: choose one of {', '.join(MODELS)}")
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -91,10 +95,10 @@ def cmd_toyworld_eval(args) -> int:
     return 0
 
 
-def _train_defaults():
-    from ..toyworld.train import TrainConfig
-
-    return TrainConfig()
+# toyworld train's options whose default is TrainConfig's (filled in when the command runs: its module imports
+# torch, which printing the help must not)
+_TRAIN_FIELDS = ("model", "steps", "batch_size", "lr", "warmup", "seed", "world_seed", "contrast_group",
+                 "contrast_share", "contrast_free", "contrast_n_free", "probe_weight", "prompt_weight")
 
 
 def register(sub) -> None:
@@ -120,29 +124,28 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_toyworld_spurious)
     p = toy_sub.add_parser("train", help="train the toy CLIP on CPU (resumes from OUT/checkpoint.pt)")
     p.add_argument("--out", default="runs/toy-train", help="run folder (default runs/toy-train)")
-    defaults = _train_defaults()
-    p.add_argument("--model", default=defaults.model, help="open_clip config: toy (v1: patch 8) or toy-v2 "
+    p.add_argument("--model", default=None, help="open_clip config: toy (v1: patch 8) or toy-v2 "
                                                            "(patch 16, the bundled model's)")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--warmup", type=int, default=defaults.warmup, help="warm-up steps (at most half the steps)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="initialisation seed")
-    p.add_argument("--world-seed", type=int, default=defaults.world_seed, help="training world seed")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (at most half the steps)")
+    p.add_argument("--seed", type=int, default=None, help="initialisation seed")
+    p.add_argument("--world-seed", type=int, default=None, help="training world seed")
     p.add_argument("--init", default="", metavar="WEIGHTS",
                    help="start from these weights (a .safetensors file or a checkpoint.pt) instead of random ones")
-    p.add_argument("--contrast-group", type=int, default=defaults.contrast_group, metavar="K",
+    p.add_argument("--contrast-group", type=int, default=None, metavar="K",
                    help="hard negatives: groups of K images that share every property but one (default 0: none)")
-    p.add_argument("--contrast-share", type=float, default=defaults.contrast_share,
+    p.add_argument("--contrast-share", type=float, default=None,
                    help="share of each batch in contrast groups (default 0.5)")
-    p.add_argument("--contrast-free", default=defaults.contrast_free,
+    p.add_argument("--contrast-free", default=None,
                    help="properties a contrast group may leave free (default shape,size,count,position)")
-    p.add_argument("--contrast-n-free", type=int, default=defaults.contrast_n_free,
+    p.add_argument("--contrast-n-free", type=int, default=None,
                    help="free properties per contrast group (default 1)")
-    p.add_argument("--probe-weight", type=float, default=defaults.probe_weight,
+    p.add_argument("--probe-weight", type=float, default=None,
                    help="weight of a per-property linear-probe loss on the image embedding (the probes are "
                         "dropped at export; default 0: none)")
-    p.add_argument("--prompt-weight", type=float, default=defaults.prompt_weight,
+    p.add_argument("--prompt-weight", type=float, default=None,
                    help="weight of a per-property loss of each image against one caption-vocabulary phrase per "
                         "value, through the text tower (default 0: none)")
     p.add_argument("--checkpoint-every", type=int, default=100)

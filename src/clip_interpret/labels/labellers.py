@@ -142,7 +142,10 @@ def minilm_encoder():
 
     path = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    net = AutoModel.from_pretrained(path).eval()
+    from ..models.hf import quiet_loading
+
+    with quiet_loading():
+        net = AutoModel.from_pretrained(path).eval()
 
     def encode(texts: list[str]) -> np.ndarray:
         out = []

@@ -81,7 +81,8 @@ class ClipModel:
 
     def __repr__(self) -> str:
         c = self.vit.cfg
-        kind = "RANDOM weights" if self.random_weights else "loaded weights"
+        kind = ("RANDOM weights" if self.random_weights  # in memory: the caller's weights, random or trained
+                else "in-memory weights" if self.spec.startswith("<in-memory") else "loaded weights")
         return (f"ClipModel({self.spec!r}, {c.layers} layers x {c.heads} heads, width {c.width}, "
                 f"embedding {c.output_dim}, image {c.image_size[0]}x{c.image_size[1]}, {kind}, "
                 f"{self.device}, {self.precision})")

@@ -4,6 +4,7 @@ image processor settings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +20,20 @@ from .hooked_vit import HookedViT
 from .hub import require_internet, tokenizer_folder
 from .openclip import registered_open_clip
 from .spec import ModelSpec
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Without transformers' "Loading weights" progress bar (ours say what loads), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 HF_CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}
 
@@ -152,7 +167,8 @@ def load_hf(spec: str, parsed: ModelSpec, tokenizer=None) -> ClipModel:
             raise UnsupportedModelError(f"{spec!r} is a Hugging Face {kind!r} model; supported: CLIPModel, "
                                         "SiglipModel, Siglip2Model (model types clip, siglip, siglip2)")
         try:
-            model = getattr(transformers, HF_CLASSES[kind]).from_pretrained(source, local_files_only=not online)
+            with quiet_loading():
+                model = getattr(transformers, HF_CLASSES[kind]).from_pretrained(source, local_files_only=not online)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load Hugging Face model {source!r} (spec {spec!r}): {err}") from None
         folder = parsed.path or None

@@ -35,6 +35,7 @@ import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -447,6 +448,9 @@ def read_item(name: str):
 
 
 SOURCE_PREFIXES: dict = {}  # spec prefix -> opener(spec) -> ImageSource (register_source)
+# prefixes whose module registers its opener when imported: imported by name on first use, so that the
+# store never imports the world that generates the images, and `import clip_interpret` stays light
+REGISTERING_MODULES = {"toyworld:": "clip_interpret.toyworld.source"}
 
 
 def register_source(prefix: str, opener) -> None:
@@ -460,6 +464,9 @@ def open_source(spec: str) -> ImageSource:
     if not isinstance(spec, str) or not spec.strip():
         raise ClipInterpretError("no image source given; pass a folder, a text file of paths, a table, "
                                  "tars:PATTERN or toyworld:N[:seed]")
+    for prefix, module in REGISTERING_MODULES.items():
+        if spec.startswith(prefix) and prefix not in SOURCE_PREFIXES:
+            import_module(module)
     for prefix, opener in SOURCE_PREFIXES.items():
         if spec.startswith(prefix):
             return opener(spec)

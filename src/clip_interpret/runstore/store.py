@@ -412,7 +412,8 @@ class Run(ManifestFacts):
         import torch
 
         for start, pieces in self.iter_pieces(positions):
-            yield start, torch.from_numpy(np.ascontiguousarray(pieces)).to(device).float()
+            # a copy: the map is read-only, which torch warns about (and .float() copies fp16 anyway)
+            yield start, torch.from_numpy(np.array(pieces)).to(device).float()
 
     def layer_parts(self, rows):
         """Shard rows [S, P, D] (a tensor) -> (attention per layer [S, L, D], MLP per layer [S, L, D],
