@@ -436,3 +436,13 @@ def test_merge_keeps_only_same_texts_and_new_successes_win(serve, toy_textspan_r
     assert out["heads"][second]["label"] is None and "HTTP 500" in out["heads"][second]["error"]
     third = list(ts["heads"])[2]
     assert out["heads"][third]["label"] == "color" and "HTTP 500" in out["heads"][third]["kept"]
+
+
+def test_the_llm_judge_stops_after_max_failures_heads_too(serve):
+    from clip_interpret.labels.judges import judge_labels
+
+    server = serve(lambda body, n: ("status", 500))
+    labels = {"labeller": "embedding", "heads": {h: {"label": "color"} for h in FIVE_HEADS["heads"]}}
+    with pytest.raises(ClipInterpretError, match="LLM judging stopped: 2 heads in a row failed.*HTTP 500"):
+        judge_labels(labels, FIVE_HEADS, llm=config(server.url, retries=0, max_failures=2))
+    assert len(server.requests) == 2
