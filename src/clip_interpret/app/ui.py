@@ -75,7 +75,7 @@ class PathMask:
 
         self.app = app
         root = root or get_upload_folder()
-        forms = {root, os.path.abspath(root), str(Path(root).resolve())}
+        forms = {root, os.path.abspath(root), str(Path(root).resolve())} - {"/", ""}  # (never the whole disk)
         self.roots = sorted(forms, key=len, reverse=True)  # the longest first: no form eats part of another
         self.masks = [(f.encode(), self.TOKEN.encode()) for f in self.roots]
         self.masks += [(quote(f, safe="/").encode(), self.TOKEN.encode()) for f in self.roots if quote(f, safe="/") != f]
@@ -90,14 +90,14 @@ class PathMask:
         return data
 
     def unmask(self, data: bytes) -> bytes:
-        return data.replace(self.TOKEN.encode(), self.roots[-1].encode())
+        return data.replace(self.TOKEN.encode(), self.roots[-1].encode()) if self.roots else data
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         token = self.TOKEN.encode()
         headers = dict(scope.get("headers") or [])
-        if token in scope.get("raw_path", b"") or self.TOKEN in scope["path"]:  # e.g. GET /gradio_api/file=TOKEN/...
+        if self.roots and (token in (scope.get("raw_path") or b"") or self.TOKEN in scope["path"]):  # e.g. GET /gradio_api/file=TOKEN/...
             scope = dict(scope, path=scope["path"].replace(self.TOKEN, self.roots[-1]),
                          raw_path=self.unmask(scope.get("raw_path") or scope["path"].encode()))
         if headers.get(b"content-type", b"").startswith(b"application/json"):  # an event's values
