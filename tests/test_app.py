@@ -94,6 +94,22 @@ def test_messages_for_the_browser_carry_no_server_path(registry, runs, tmp_path)
     assert registry.public("model open_clip:ViT-B-32/openai, 2.5/3 done") == "model open_clip:ViT-B-32/openai, 2.5/3 done"
 
 
+def test_results_name_a_folder_runs_images_without_server_paths(toy_model, tmp_path):
+    """A run indexed from an image folder keeps each file's server path as its name; the page shows
+    it relative to the run's folder (``red/0.png``), in every result table."""
+    folder = tmp_path / "photos"
+    for i in range(4):
+        (folder / ("red" if i % 2 else "blue")).mkdir(parents=True, exist_ok=True)
+        generate(1, seed=i).image.save(folder / ("red" if i % 2 else "blue") / f"{i}.png")
+    index_images(toy_model, str(folder), tmp_path / "run", progress=False)
+    reg = core.Registry([tmp_path / "run"])
+    answers = [core.run_image_neighbours(reg, "run", 0, "L5.H3", 4)[1],
+               core.run_text_neighbours(reg, "run", "a red circle", "L5.H3", 4)[1]]
+    for text in answers:
+        assert str(tmp_path) not in text and "/tmp" not in text, text
+        assert "| red/1.png |" in text and "| blue/0.png |" in text, text
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares its size and holds no pixels (Pillow identifies it from the header)."""
     import struct
@@ -272,6 +288,59 @@ def test_the_upload_route_keeps_only_images(server):
     stored = {p.name for p in server["tmp"].rglob("*") if p.is_file()}
     assert "red.png" in stored and not stored & {"page.html", "logo.svg", "notes.png"}
     assert not (server["tmp"] / "clip-interpret-app-999999999-old").exists()  # left by a dead process: swept
+
+
+def _call(url: str, api_name: str, data: list) -> str:
+    """One event through gradio's HTTP API (POST /call/NAME, then its event stream): the raw answer text."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = response.read().decode()
+    event = json.loads(answer)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event}", timeout=60) as response:
+        return answer + response.read().decode()
+
+
+def _server_paths(server) -> list[str]:
+    """The absolute paths that must never reach a browser: the app's temporary folder and the runs'."""
+    forms = set()
+    for folder in (server["tmp"], *server["runs"].values()):
+        forms |= {str(folder), str(Path(folder).resolve())}
+    return sorted(forms)
+
+
+def test_no_answer_of_the_app_names_a_server_path(server):
+    """Issue 24 item 8: gradio's upload route answered the file's absolute path in the app's temporary
+    folder, and results named their images by such paths. Every answer is read raw over HTTP."""
+    import urllib.request
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    generate(1, seed=3).image.save(buffer, "PNG")
+    answers = []
+    status, body = _post_upload(server["url"], "my query.png", buffer.getvalue())
+    answers.append(body)
+    assert status == 200
+    (path,) = json.loads(body)
+    assert not os.path.isabs(path) and path.endswith("my query.png")
+    uploaded = {"path": path, "orig_name": "my query.png", "meta": {"_type": "gradio.FileData"}}
+    answer = _call(server["url"], "upload_query", [uploaded])  # the upload event, as the page sends it
+    answers.append(answer)
+    assert "the uploaded image my query.png" in answer, answer
+    preview = json.loads(answer.split("data: ", 1)[1].splitlines()[0])[2]  # the preview, an image gradio holds
+    fetch = preview["url"] if preview["url"].startswith("http") else server["url"] + preview["url"].lstrip("/")
+    with urllib.request.urlopen(fetch, timeout=10) as got:
+        assert Image.open(io.BytesIO(got.read())).size[0] > 0  # the page can still fetch it by the masked name
+    for run, text in (("toy", "a red circle"), ("damaged", "a red circle"), ("toy", " ")):
+        answers.append(_call(server["url"], "text_neighbours", [run, text, "L5.H3", 3]))
+    assert '"url"' in answers[-3] and "score" in answers[-3]  # a gallery of images, and its table
+    assert "damaged" in answers[-2] and "Error" in answers[-2]
+    for answer in answers:
+        for form in _server_paths(server):
+            assert form not in answer, (form, answer[:500])
 
 
 def test_refused_requests_log_one_line_each(server):

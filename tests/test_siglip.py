@@ -315,13 +315,15 @@ def test_interventions_on_an_attention_pooled_tower(map_model):
 
 
 # ------------------------------------------------------------------ text and scores
-def _tiny_tokenizer(folder=None):
-    """A word-level Hugging Face tokenizer of 100 ids (a stand-in for SigLIP's SentencePiece one)."""
+def _tiny_tokenizer(folder=None, extra: int = 0):
+    """A word-level Hugging Face tokenizer of 69 ids (a stand-in for SigLIP's SentencePiece one);
+    ``extra`` more words make its vocabulary that much larger."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(50)] + \
-        "a an the photo of dog cat red blue green square circle big small striped dotted".split()
+        "a an the photo of dog cat red blue green square circle big small striped dotted".split() + \
+        [f"x{i}" for i in range(extra)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
@@ -333,8 +335,10 @@ def _tiny_tokenizer(folder=None):
 def test_hf_siglip_folder_text_and_sigmoid_scores_match_native(tmp_path):
     native = make_hf_siglip(seed=5)
     native.save_pretrained(tmp_path / "siglip")
-    with pytest.raises(ClipInterpretError, match="no tokenizer with .*--tokenizer"):
-        load_model(f"hf:{tmp_path / 'siglip'}")
+    with pytest.warns(UserWarning, match="loaded image-only: no tokenizer with the model.*--tokenizer"):
+        image_only = load_model(f"hf:{tmp_path / 'siglip'}")  # image work needs no tokenizer
+    with pytest.raises(ClipInterpretError, match="image-only.*cannot encode texts.*--tokenizer /path/to/folder"):
+        image_only.encode_text(["a red square"])
     _tiny_tokenizer(tmp_path / "siglip")  # its own tokenizer, saved with it
     model = load_model(f"hf:{tmp_path / 'siglip'}")
     texts = ["a photo of a dog", "a red square"]
@@ -351,8 +355,10 @@ def test_hf_siglip_folder_text_and_sigmoid_scores_match_native(tmp_path):
 
 def test_in_memory_siglip_needs_a_tokenizer(tmp_path):
     native = make_hf_siglip(seed=6)
-    with pytest.raises(ClipInterpretError, match="tokenizer=TOKENIZER_OR_FOLDER"):
-        load_model(native)
+    with pytest.warns(UserWarning, match="image-only"):
+        image_only = load_model(native)
+    with pytest.raises(ClipInterpretError, match='tokenizer="/path/to/folder"'):
+        image_only.encode_text(["a cat"])
     _tiny_tokenizer(tmp_path / "tok")
     by_folder = load_model(native, tokenizer=str(tmp_path / "tok"))
     by_object = load_model(native, tokenizer=_tiny_tokenizer())
@@ -388,3 +394,60 @@ def test_an_open_clip_siglip_checkpoint_loads_from_a_local_file(tmp_path):
         assert rel_err(model.vit(x), native.encode_image(x)) < 1e-5
     d = decompose(model, x, layers="all")
     assert (d.total() - d.embedding).abs().max() < 1e-5
+
+
+# ------------------------------------------------ offline: image-only, and a tokenizer that fits (issue 24 item 7)
+def test_a_siglip_without_its_tokenizer_does_image_work_and_says_how_to_give_one(tmp_path):
+    """Offline, with no tokenizer files: the model loads image-only with one warning line; images
+    encode and decompose exactly; every text call is one line that suggests only what works offline."""
+    import warnings
+
+    native = make_hf_siglip(seed=7)
+    native.save_pretrained(tmp_path / "siglip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model(f"hf:{tmp_path / 'siglip'}")
+    ours = [str(w.message) for w in caught if "image-only" in str(w.message)]
+    assert len(ours) == 1 and "\n" not in ours[0]
+    assert not model.text.available
+    x = pixels_for(model.vit, n=2)
+    with torch.no_grad():
+        expected = hf_features(native.get_image_features(pixel_values=x))
+    assert torch.allclose(model.encode_image(x), expected / expected.norm(dim=-1, keepdim=True), atol=1e-5)
+    d = decompose(model, x, layers="all")
+    assert (d.total() - d.embedding).abs().max() < 1e-5
+    with pytest.raises(ClipInterpretError) as err:
+        model.encode_text(["a photo of a dog"])
+    message = str(err.value)
+    assert "\n" not in message and "--tokenizer /path/to/folder" in message and 'tokenizer="/path/to/folder"' in message
+    assert "get_tokenizer" not in message and "huggingface-cli" not in message
+
+
+def test_a_given_tokenizer_must_fit_the_text_towers_vocabulary(tmp_path):
+    """A tokenizer whose ids go past the text tower's token embeddings is refused, naming both sizes:
+    at load when it says its vocabulary, else at the first text that gives such an id."""
+    import open_clip
+
+    from clip_interpret.errors import ModelLoadError
+
+    clip_bpe = open_clip.tokenizer.SimpleTokenizer(context_length=16)  # 49,408 tokens
+    with pytest.raises(ModelLoadError, match="vocabulary of 49,408 tokens.*100 token embeddings"):
+        load_model(make_hf_siglip(seed=8), tokenizer=clip_bpe)
+    with pytest.raises(ModelLoadError, match="vocabulary of 49,408 tokens.*100 token embeddings"):
+        load_model(make_open_clip_tiny_text(), tokenizer=clip_bpe)
+    big = tmp_path / "big"
+    _tiny_tokenizer(big, extra=50_000)
+    with pytest.raises(ModelLoadError, match="vocabulary of 50,069 tokens.*49,408 token embeddings"):
+        load_model("open_clip:test-vit-tiny-map", tokenizer=str(big))
+    # a tokenizer that does not say its size: its ids are checked as they come
+    model = load_model(make_open_clip_tiny_text(), tokenizer=lambda texts: torch.tensor([[1, 150, 2, 0, 0, 0, 0, 0]]))
+    with pytest.raises(ClipInterpretError, match="token id 150.*100 token embeddings"):
+        model.encode_text(["one"])
+    fits = load_model(make_hf_siglip(seed=8), tokenizer=_tiny_tokenizer())  # 69 tokens of 100: taken
+    assert fits.encode_text(["a red square"]).shape == (1, 48)
+
+
+def make_open_clip_tiny_text():
+    from .conftest import make_open_clip
+
+    return make_open_clip("test-vit-tiny-map", text_cfg=dict(TINY_TEXT))

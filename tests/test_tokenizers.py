@@ -38,15 +38,57 @@ def test_every_listed_architecture_gets_its_own_tokenizer():
         assert arch in listed and open_clip.get_model_config(arch)["text_cfg"].get("hf_tokenizer_name")
 
 
-@pytest.mark.parametrize("spec, name", [("open_clip:xlm-roberta-base-ViT-B-32", "xlm-roberta-base"),
-                                        ("open_clip:ViT-H-14-worldwide", "facebook/xlm-v-base"),
-                                        ("open_clip:ViT-SO400M-14-SigLIP/webli", "timm/ViT-B-16-SigLIP")])
-def test_loading_without_the_tokenizer_fails_at_once_naming_it(spec, name, capsys):
-    with pytest.raises(ModelLoadError, match=f"tokenizer '{name}' is not on this machine.*--tokenizer"):
+@pytest.fixture
+def tiny_hf_tokenized_arch(monkeypatch):
+    """A tiny architecture whose config names a Hugging Face tokenizer that is not on this machine
+    (as ViT-B-16-SigLIP's names timm/ViT-B-16-SigLIP), registered for the test only."""
+    import copy
+
+    open_clip = registered_open_clip()
+    cfg = copy.deepcopy(open_clip.get_model_config("test-vit-tiny-map"))
+    cfg["text_cfg"].update(vocab_size=100, hf_tokenizer_name="timm/ViT-B-16-SigLIP",
+                           tokenizer_kwargs={"clean": "canonicalize"})
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "test-vit-tiny-map-hftok", cfg)
+    return "test-vit-tiny-map-hftok"
+
+
+def test_without_its_tokenizer_an_architecture_loads_image_only(tiny_hf_tokenized_arch, tmp_path, capsys):
+    """Offline, the architecture's tokenizer cannot be had: the model loads image-only (one warning line
+    naming the tokenizer), image work runs, and a text call is one error that suggests only what
+    works offline (a folder: tokenizer="/path/to/folder" or --tokenizer)."""
+    from PIL import Image
+
+    from clip_interpret.errors import ClipInterpretError
+
+    spec = f"open_clip:{tiny_hf_tokenized_arch}"
+    with pytest.warns(UserWarning, match="image-only: its tokenizer 'timm/ViT-B-16-SigLIP' is not on this machine"):
+        model = load_model(spec)
+    assert model.encode_image(torch.zeros(1, 3, 32, 32)).shape == (1, 32)
+    with pytest.raises(ClipInterpretError) as err:
+        model.encode_text(["a red square"])
+    message = str(err.value)
+    assert 'tokenizer="/path/to/folder"' in message and "--tokenizer /path/to/folder" in message
+    assert "get_tokenizer" not in message and "\n" not in message
+    # the command line: image work runs with the warning
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["decompose", "--model", spec, str(tmp_path / "red.png"), "--out", str(tmp_path / "d")]) == 0
+    assert "image-only" in capsys.readouterr().err
+    assert main(["decompose", "--model", spec, str(tmp_path / "red.png"), "--text", "a red square"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--tokenizer /path/to/folder" in errors[0]
+    # given a tokenizer folder, the text tower works
+    _tiny_tokenizer(tmp_path / "tok")
+    assert load_model(spec, tokenizer=str(tmp_path / "tok")).encode_text(["a red square"]).shape == (1, 32)
+
+
+@pytest.mark.parametrize("spec, problem", [("open_clip:xlm-roberta-base-ViT-B-32", "text tower is the Hugging Face"),
+                                           ("open_clip:ViT-SO400M-14-SigLIP/webli", "weights are not on this machine")])
+def test_what_else_is_missing_offline_still_fails_at_once_in_one_line(spec, problem, capsys):
+    with pytest.raises(ModelLoadError, match=problem):
         load_model(spec)
     assert main(["decompose", "--model", spec, "nothing.png"]) == 2
-    err = capsys.readouterr().err
-    assert name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "image-only" not in line]
+    assert "Traceback" not in "\n".join(err) and len([line for line in err if line.strip()]) == 1
 
 
 def test_a_tokenizer_folder_serves_an_architecture_with_its_own_settings(tmp_path):
@@ -75,10 +117,15 @@ def test_an_architecture_whose_text_tower_is_not_here_says_so(tmp_path):
 
 
 def test_in_memory_models_with_another_vocabulary_need_their_tokenizer(tmp_path):
+    from clip_interpret.errors import ClipInterpretError
+
     native = make_open_clip("test-vit-tiny-map", text_cfg=dict(context_length=8, vocab_size=100, width=16, heads=2,
                                                                layers=1))
-    with pytest.raises(ModelLoadError, match="vocabulary of 100 tokens.*tokenizer="):
-        load_model(native)
+    with pytest.warns(UserWarning, match="image-only: its text tower has a vocabulary of 100 tokens"):
+        image_only = load_model(native)
+    with pytest.raises(ClipInterpretError, match="cannot encode texts.*tokenizer=") as err:
+        image_only.encode_text(["a red square"])
+    assert "get_tokenizer" not in str(err.value)  # open_clip.get_tokenizer may need the internet
     _tiny_tokenizer(tmp_path / "tok")
     model = load_model(native, tokenizer=str(tmp_path / "tok"))
     assert model.encode_text(["a red square"]).shape == (1, 32)

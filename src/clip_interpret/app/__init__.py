@@ -90,14 +90,16 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
                                  + "; ".join(f"{e.key}: {e.error}" for e in registry.entries.values()))
     from starlette.middleware import Middleware
 
-    from .ui import CSS, UploadFilter, build
+    from .ui import CSS, PathMask, UploadFilter, build
 
     demo = build(registry)
     demo.queue(default_concurrency_limit=max(1, concurrency))
     try:
         return demo.launch(server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20),
                            prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, css=CSS,
-                           footer_links=["gradio", "settings"], app_kwargs={"middleware": [Middleware(UploadFilter)]})
+                           footer_links=["gradio", "settings"], app_kwargs={"middleware": [
+                               Middleware(PathMask, runs={e.key: str(e.path) for e in registry.entries.values()}),
+                               Middleware(UploadFilter)]})  # PathMask outermost: no answer names a server path
     except OSError as err:  # port taken, address not on this machine, ...
         raise ClipInterpretError(f"cannot serve on {host}:{port}: {err}") from None
 

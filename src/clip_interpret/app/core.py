@@ -10,6 +10,7 @@ decoded once and shrunk to what the models see. Messages for the browser go thro
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
@@ -43,6 +44,21 @@ class RunEntry:
     labels: dict[str, str] = field(default_factory=dict)
     labels_note: str = ""
     error: str | None = None
+    _name_root: str | None = field(default=None, repr=False)
+
+    def shown_name(self, name: str) -> str:
+        """An image's name for the page: a file of a folder or list run relative to the folder all the
+        run's files share (``cat/001.jpg``), never the server path; other names as they are."""
+        if not os.path.isabs(name):
+            return name
+        if self._name_root is None:
+            files = [n for n in self.run.names if os.path.isabs(n)]
+            try:
+                root = os.path.commonpath(files) if files else ""
+            except ValueError:
+                root = ""
+            self._name_root = root if root not in files else os.path.dirname(root)
+        return os.path.relpath(name, self._name_root) if self._name_root else Path(name).name
 
     @property
     def usable(self) -> bool:
@@ -295,13 +311,14 @@ def neighbours_gallery(result: analyses.Neighbours) -> list[tuple[Image.Image, s
             for r, (im, i, s) in enumerate(zip(result.images, result.indices, analyses.format_scores(result.scores)))]
 
 
-def neighbours_text(result: analyses.Neighbours) -> str:
+def neighbours_text(result: analyses.Neighbours, entry: RunEntry | None = None) -> str:
     what = {"property": f"property **{result.property}** (mean of heads {', '.join(result.heads)})",
             "image": f"heads {', '.join(result.heads)}" if len(result.heads) < 12 else f"{len(result.heads)} heads",
             "text": f"text *{result.query}*, heads "
                     + (", ".join(result.heads) if len(result.heads) < 12 else f"{len(result.heads)} heads")}
+    names = [entry.shown_name(n) for n in result.names] if entry is not None else result.names
     rows = "\n".join(f"| {r + 1} | {i} | {n} | {s} |" for r, (i, n, s) in
-                     enumerate(zip(result.indices, result.names, analyses.format_scores(result.scores))))
+                     enumerate(zip(result.indices, names, analyses.format_scores(result.scores))))
     score = "cosine" if result.metric == "cosine" else "dot product"
     return f"Top {len(result.indices)} by {what[result.analysis]} ({score}):\n\n| rank | image | name | score |\n|---|---|---|---|\n{rows}"
 
@@ -325,34 +342,34 @@ def run_property_neighbours(registry: Registry, key, image, prop, k, metric="dot
         raise ClipInterpretError(entry.labels_note or f"run {entry.key} has no labelled heads")
     result = analyses.property_neighbours(entry.model, entry.run, _image(image), prop or "", k=_k(k, 4),
                                           labels=entry.labels, store=entry.store, metric=metric or "dot")
-    return neighbours_gallery(result), neighbours_text(result)
+    return neighbours_gallery(result), registry.public(neighbours_text(result, entry))
 
 
 def run_topic_segmentation(registry: Registry, key, image, text, heads):
     entry = registry.get(key)
     result = analyses.topic_segmentation(entry.model, _image(image), text or "", entry.heads(heads), run=entry.run)
-    return segmentation_gallery(result), segmentation_text(result)
+    return segmentation_gallery(result), registry.public(segmentation_text(result))
 
 
 def run_contrastive_segmentation(registry: Registry, key, image, text_a, text_b, heads):
     entry = registry.get(key)
     result = analyses.contrastive_segmentation(entry.model, _image(image), text_a or "", text_b or "",
                                                entry.heads(heads), run=entry.run)
-    return segmentation_gallery(result), segmentation_text(result)
+    return segmentation_gallery(result), registry.public(segmentation_text(result))
 
 
 def run_image_neighbours(registry: Registry, key, image, heads, k, metric="dot"):
     entry = registry.get(key)
     result = analyses.image_neighbours(entry.model, entry.run, _image(image), entry.heads(heads), k=_k(k, 8),
                                        store=entry.store, metric=metric or "dot")
-    return neighbours_gallery(result), neighbours_text(result)
+    return neighbours_gallery(result), registry.public(neighbours_text(result, entry))
 
 
 def run_text_neighbours(registry: Registry, key, text, heads, k):
     entry = registry.get(key)
     result = analyses.text_neighbours(entry.model, entry.run, text or "", entry.heads(heads), k=_k(k, 3),
                                       store=entry.store)
-    return neighbours_gallery(result), neighbours_text(result)
+    return neighbours_gallery(result), registry.public(neighbours_text(result, entry))
 
 
 def pick_run_image(registry: Registry, key, index) -> tuple[int, Image.Image]:

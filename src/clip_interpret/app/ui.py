@@ -57,6 +57,97 @@ class UploadFilter:
             await send(message)
 
 
+class PathMask:
+    """ASGI middleware: no answer of the app names a server path. Gradio names every file it holds
+    (an upload, a result image) by its absolute path in its folder; in every textual answer (JSON,
+    event streams, text) that folder becomes ``TOKEN`` (a relative name: ``ci-app-temp/3f2a/photo.png``)
+    and each run's folder its name. Requests that name ``TOKEN`` (the page sends an upload's path
+    back, and fetches result images by it) get the folder back before gradio reads them, so gradio
+    sees its own paths and checks them as it always does."""
+
+    TOKEN = "ci-app-temp"
+    TEXTUAL = (b"application/json", b"text/")
+
+    def __init__(self, app, root: str | None = None, runs: dict[str, str] | None = None):
+        from urllib.parse import quote
+
+        from gradio.utils import get_upload_folder
+
+        self.app = app
+        root = root or get_upload_folder()
+        forms = {root, os.path.abspath(root), str(Path(root).resolve())} - {"/", ""}  # (never the whole disk)
+        self.roots = sorted(forms, key=len, reverse=True)  # the longest first: no form eats part of another
+        self.masks = [(f.encode(), self.TOKEN.encode()) for f in self.roots]
+        self.masks += [(quote(f, safe="/").encode(), self.TOKEN.encode()) for f in self.roots if quote(f, safe="/") != f]
+        for key, folder in (runs or {}).items():  # one way: no request names a run's folder
+            for form in sorted({folder, os.path.abspath(folder), str(Path(folder).resolve())}, key=len, reverse=True):
+                if form not in (key, "/"):
+                    self.masks.append((form.encode(), key.encode()))
+
+    def mask(self, data: bytes) -> bytes:
+        for form, token in self.masks:
+            data = data.replace(form, token)
+        return data
+
+    def unmask(self, data: bytes) -> bytes:
+        return data.replace(self.TOKEN.encode(), self.roots[-1].encode()) if self.roots else data
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token = self.TOKEN.encode()
+        headers = dict(scope.get("headers") or [])
+        if self.roots and (token in (scope.get("raw_path") or b"") or self.TOKEN in scope["path"]):  # e.g. GET /gradio_api/file=TOKEN/...
+            scope = dict(scope, path=scope["path"].replace(self.TOKEN, self.roots[-1]),
+                         raw_path=self.unmask(scope.get("raw_path") or scope["path"].encode()))
+        if headers.get(b"content-type", b"").startswith(b"application/json"):  # an event's values
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            body = self.unmask(body)
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-length"]
+                         + [(b"content-length", str(len(body)).encode())])
+            sent = False
+
+            async def receive_once():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            inner_receive = receive_once
+        else:
+            inner_receive = receive
+        start = None
+
+        async def masked_send(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                kind = dict(message.get("headers") or []).get(b"content-type", b"")
+                if not kind.startswith(self.TEXTUAL):
+                    start = False  # images and other files pass untouched
+                    return await send(message)
+                start = message  # sent with the first part of the body, whose length may change
+                return None
+            if message["type"] == "http.response.body" and start is not False:
+                body = self.mask(message.get("body", b""))
+                if start is not None:
+                    headers = [(k, v) for k, v in start.get("headers") or [] if k != b"content-length"]
+                    if not message.get("more_body", False):  # the whole body: its length is known
+                        headers.append((b"content-length", str(len(body)).encode()))
+                    await send(dict(start, headers=headers))
+                    start = None
+                return await send(dict(message, body=body))
+            return await send(message)
+
+        return await self.app(scope, inner_receive, masked_send)
+
+
 def _uploaded(path) -> str:
     """An uploaded file's path, refused unless it lies in gradio's upload folder."""
     from gradio.utils import get_upload_folder

@@ -41,7 +41,8 @@ def _llm_config(args):
 
     props = [p.strip() for p in args.properties.split(",") if p.strip()] if getattr(args, "properties", None) else None
     return LLMConfig.from_env(url=args.llm_url, model=args.llm_model, api_key=args.llm_key, timeout=args.llm_timeout,
-                              retries=args.llm_retries, properties=props, examples=args.examples)
+                              retries=args.llm_retries, properties=props, examples=args.examples,
+                              max_failures=getattr(args, "llm_max_failures", 3))
 
 
 def _add_label_options(p, many: bool = False) -> None:
@@ -70,6 +71,9 @@ def _add_llm_options(p) -> None:
     p.add_argument("--llm-key", default=None, help="llm: API key (or CLIP_INTERPRET_LLM_KEY / OPENAI_API_KEY)")
     p.add_argument("--llm-timeout", type=float, default=60.0, help="llm: seconds per request (default 60)")
     p.add_argument("--llm-retries", type=int, default=3, help="llm: retries per head (default 3)")
+    p.add_argument("--llm-max-failures", type=int, default=3, metavar="N",
+                   help="llm: stop after N heads in a row failed, e.g. a hung server (default 3; 0: never stop); "
+                        "answers received are cached, so running again continues")
     p.add_argument("--properties", default=None, help="llm: allowed properties, comma-separated (default: any)")
     p.add_argument("--examples", default=None, help="llm: few-shot examples JSON file (default: built from the "
                                                     "paper's published labels)")
@@ -100,7 +104,13 @@ def cmd_label(args) -> int:
     print(format_labels(result))
     for head, error in result["failed"].items():
         print(f"warning: {error}", file=sys.stderr)
-    print(f"\nwrote {run_dir / f'labels-{labeller}.json'} and {run_dir / 'labels.json'}")
+    for head, error in result.get("kept", {}).items():
+        print(f"warning: {error}; kept {head}'s earlier label", file=sys.stderr)
+    if result.get("labels_json_kept"):
+        print(f"\nwrote {run_dir / f'labels-{labeller}.json'}; every head failed, so {run_dir / 'labels.json'} "
+              "was left as it was")
+    else:
+        print(f"\nwrote {run_dir / f'labels-{labeller}.json'} and {run_dir / 'labels.json'}")
     return 1 if result["failed"] and len(result["failed"]) == len(result["heads"]) else 0
 
 

@@ -65,9 +65,10 @@ def _vocabulary(toy: bool, properties):
 
 def _ask_llm(labelled: dict[str, tuple[str, list[str]]], llm) -> dict[str, list[bool]]:
     """The LLM judge: per head, the property and its texts; a head without an answer is left unjudged."""
-    from .llm import ChatClient, LLMAnswerError, LLMUnreachable, check_judgements, json_object
+    from .llm import ChatClient, FailureStop, LLMAnswerError, LLMUnreachable, check_judgements, json_object
 
     client = ChatClient(llm)
+    stop = FailureStop(llm, "judging", "no metrics file")
     out = {}
     for head, (label, texts) in labelled.items():
         listed = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(texts))
@@ -78,8 +79,10 @@ def _ask_llm(labelled: dict[str, tuple[str, list[str]]], llm) -> dict[str, list[
                 json_object(c).get("judgements"), n))
         except LLMUnreachable:
             raise
-        except LLMAnswerError:
+        except LLMAnswerError as err:
+            stop.failure(head, err)  # a hung or broken server stops after max_failures heads in a row
             continue
+        stop.success()
         out[head] = answer
     return out
 

@@ -9,9 +9,13 @@ Answers are parsed strictly (one JSON object, optionally inside one ```json fenc
 the right number of boolean judgements; a confidence in [0, 1]; with a property
 list, a property from it). A bad answer, a timeout or a server error is retried
 with exponential backoff; when the retries are spent that head fails with the
-reason and the other heads go on. An endpoint that cannot be reached at all
-stops the labelling with a clear message. Good answers are cached on disk, keyed
-by the full request, so a second run asks nothing again.
+reason and the other heads go on, until ``max_failures`` heads in a row have
+failed (a hung or broken server): then the labelling stops with one message
+saying what failed and how to resume. An endpoint that cannot be reached at all
+stops the labelling at once. Every transport error (timeouts, refused or reset
+connections, replies that are not HTTP or not JSON) becomes such a one-line
+reason, never a traceback. Good answers are cached on disk, keyed by the full
+request, so a second run asks nothing again.
 
 Works with hosted APIs and local servers (llama.cpp, vLLM, Ollama): anything
 that serves ``POST {base}/chat/completions``.
@@ -20,6 +24,7 @@ that serves ``POST {base}/chat/completions``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -50,6 +55,10 @@ class LLMAnswerError(ClipInterpretError):
     """One head's answer could not be had (timeouts, server errors, malformed or invalid answers)."""
 
 
+class LLMStopped(ClipInterpretError):
+    """``max_failures`` heads in a row failed: the labelling stopped (the answers had are cached)."""
+
+
 @dataclass
 class LLMConfig:
     url: str | None = None  # base URL, e.g. http://127.0.0.1:8080/v1
@@ -61,6 +70,7 @@ class LLMConfig:
     properties: list[str] | None = None  # allowed properties (normalised); None: any
     examples: str | None = None  # a JSON file of few-shot examples; None: built from the published labels
     cache: bool = True
+    max_failures: int | None = 3  # stop after this many heads in a row failed; None or 0: never stop
 
     @classmethod
     def from_env(cls, **overrides) -> "LLMConfig":
@@ -74,6 +84,10 @@ class LLMConfig:
         return cls(**values)
 
     def check(self) -> None:
+        if self.max_failures is not None and (isinstance(self.max_failures, bool) or
+                                              not isinstance(self.max_failures, int) or self.max_failures < 0):
+            raise ClipInterpretError(f"max_failures (--llm-max-failures) must be a whole number >= 0 "
+                                     f"(0: never stop), got {self.max_failures!r}")
         if not self.url:
             raise ClipInterpretError("the llm labeller needs an OpenAI-compatible endpoint: pass --llm-url "
                                      "(e.g. http://127.0.0.1:8080/v1 for a local llama.cpp/vLLM/Ollama server) or "
@@ -187,6 +201,33 @@ def parse_answer(content: str, n_texts: int, properties: list[str] | None) -> di
 
 
 # ------------------------------------------------------------------- transport
+def _one_line(what, limit: int = 160) -> str:
+    """A reason on one line, cut to ``limit`` characters (servers may answer anything)."""
+    text = " ".join(str(what).split()) or type(what).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class FailureStop:
+    """Counts heads that failed in a row; ``max_failures`` of them stop the work with one message."""
+
+    def __init__(self, config: LLMConfig, what: str = "labelling", unwritten: str = "no labels file"):
+        self.config, self.what, self.unwritten = config, what, unwritten
+        self.in_a_row, self.done = 0, 0
+
+    def success(self) -> None:
+        self.in_a_row = 0
+        self.done += 1
+
+    def failure(self, head: str, error: Exception) -> None:
+        self.in_a_row += 1
+        limit = self.config.max_failures
+        if limit and self.in_a_row >= limit:
+            raise LLMStopped(
+                f"LLM {self.what} stopped: {self.in_a_row} heads in a row failed at {self.config.url} (last: {head}: "
+                f"{_one_line(error, 300)}). Fix or restart the server (or raise --llm-timeout / --llm-max-failures, "
+                f"0 never stops), then run the same command again: the answers already received ({self.done} in this "
+                f"attempt) are cached and not asked again; {self.unwritten} was written by this attempt")
+
 class ChatClient:
     """POST /chat/completions with retries, backoff, timeouts and an on-disk answer cache."""
 
@@ -230,7 +271,7 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-            data = json.loads(response.read().decode())
+            data = json.loads(response.read().decode())  # ValueError (UnicodeDecodeError too) when not JSON
         try:
             return data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -267,16 +308,18 @@ class ChatClient:
                     problems.append(f"no answer within {self.config.timeout:g} s")
                 else:
                     unreachable += 1
-                    problems.append(f"cannot connect ({reason})")
+                    problems.append(f"cannot connect ({_one_line(reason)})")
             except (TimeoutError, socket.timeout):
                 problems.append(f"no answer within {self.config.timeout:g} s")
+            except http.client.HTTPException as err:  # before OSError: RemoteDisconnected is both
+                problems.append(f"the server's reply is not HTTP ({type(err).__name__}: {_one_line(err)})")
             except (ConnectionError, OSError) as err:
                 unreachable += 1
-                problems.append(f"connection failed ({err})")
+                problems.append(f"connection failed ({_one_line(err)})")
             except ValueError:
                 problems.append("the server's reply is not JSON")
             except LLMAnswerError as err:
-                problems.append(str(err))
+                problems.append(_one_line(err, 300))
             else:
                 self._store(key, content)
                 return answer, False
@@ -288,13 +331,15 @@ class ChatClient:
 
 
 def llm_labels(textspan: dict, config: LLMConfig, progress: bool = True, sleep=time.sleep) -> dict[str, dict]:
-    """Label every head by asking the chat model; a failed head keeps its error and ``label: None``."""
+    """Label every head by asking the chat model; a failed head keeps its error and ``label: None``.
+    ``config.max_failures`` heads failing in a row stop it with ``LLMStopped`` (answers had stay cached)."""
     from tqdm import tqdm
 
     client = ChatClient(config, sleep=sleep)
     examples = load_examples(config.examples)
     allowed = sorted({normalise_property(p) for p in config.properties}) if config.properties else None
     heads = {}
+    stop = FailureStop(config)
     for name, head in tqdm(textspan["heads"].items(), desc="LLM labels", unit="head", disable=not progress):
         texts = head["texts"]
         messages = build_messages(texts, examples, allowed)
@@ -305,7 +350,9 @@ def llm_labels(textspan: dict, config: LLMConfig, progress: bool = True, sleep=t
         except LLMAnswerError as err:
             heads[name] = {"label": None, "confidence": 0.0, "texts": texts, "judgements": None,
                            "source": "llm", "error": f"{name}: {err}"}
+            stop.failure(name, err)  # raises LLMStopped after max_failures heads in a row
             continue
+        stop.success()
         heads[name] = {"label": answer["label"], "confidence": answer["confidence"], "texts": texts,
                        "judgements": answer["judgements"] if answer["label"] else [False] * len(texts),
                        "source": "llm", "error": None}

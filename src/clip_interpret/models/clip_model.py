@@ -17,15 +17,65 @@ from .hooked_vit import HookedViT
 DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained (and maximal) logit scale, for a model that records none
 
 
+TOKENIZER_HINT = ("pass a folder of its Hugging Face tokenizer files (tokenizer.json, or spiece.model and its "
+                  "config): load_model(spec, tokenizer=\"/path/to/folder\") or --tokenizer /path/to/folder")
+
+
+class MissingTokenizer:
+    """Stands for a tokenizer that could not be had (``reason`` says why): the model is loaded image-only."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def tokenizer_size(tok) -> int | None:
+    """How many token ids a tokenizer can give (its vocabulary with added tokens), when it says:
+    Hugging Face tokenizers, open_clip's HFTokenizer over one, and the CLIP BPE; None otherwise."""
+    for candidate in (tok, getattr(tok, "tokenizer", None)):
+        if candidate is None:
+            continue
+        size = getattr(candidate, "vocab_size", None)
+        if hasattr(candidate, "get_vocab") and hasattr(candidate, "__len__"):  # Hugging Face: with added tokens
+            return int(len(candidate))
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size
+        encoder = getattr(candidate, "encoder", None)
+        if isinstance(encoder, dict):  # open_clip's SimpleTokenizer
+            return len(encoder)
+    return None
+
+
+def check_vocabulary(spec: str, tok, rows: int | None) -> None:
+    """A given tokenizer must give only ids the text tower has embeddings for; one clear error otherwise."""
+    from ..errors import ModelLoadError
+
+    size = tokenizer_size(tok)
+    if rows and size and size > rows:
+        raise ModelLoadError(f"the tokenizer given for {spec!r} has a vocabulary of {size:,} tokens, but the model's "
+                             f"text tower has {rows:,} token embeddings (ids must be below {rows:,}): it is not this "
+                             "model's tokenizer; pass the model's own (a folder of its tokenizer files)")
+
+
 class TextEncoder:
-    """Tokenise and encode texts with a native text tower; returns unit embeddings."""
+    """Tokenise and encode texts with a native text tower; returns unit embeddings. ``vocab_rows``: the
+    text tower's token embeddings; a tokenizer id at or above it is one clear error."""
+
+    available = True
 
     def __init__(self, tokenize: Callable[[list[str]], dict], n_tokens: Callable[[str], int],
-                 encode: Callable[..., torch.Tensor], context_length: int):
+                 encode: Callable[..., torch.Tensor], context_length: int, vocab_rows: int | None = None):
         self._tokenize = tokenize
         self._n_tokens = n_tokens
         self._encode = encode
         self.context_length = context_length
+        self.vocab_rows = vocab_rows
+
+    def _check_ids(self, batch: dict) -> None:
+        ids = batch.get("input_ids", batch.get("text"))
+        if self.vocab_rows and isinstance(ids, torch.Tensor) and ids.numel() and int(ids.max()) >= self.vocab_rows:
+            raise ClipInterpretError(f"the tokenizer gave token id {int(ids.max()):,}, but the text tower has "
+                                     f"{self.vocab_rows:,} token embeddings (ids must be below {self.vocab_rows:,}): "
+                                     "it is not this model's tokenizer; " + TOKENIZER_HINT)
 
     def __call__(self, texts: Sequence[str], batch_size: int = 256, device=None, precision: str = "fp32") -> torch.Tensor:
         """Unit embeddings [n, D], float32 on the CPU (computed on ``device`` in ``precision``)."""
@@ -48,12 +98,41 @@ class TextEncoder:
         where = torch.device(device or "cpu")
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                batch = {k: v.to(where) for k, v in self._tokenize(texts[start:start + batch_size]).items()}
+                batch = self._tokenize(texts[start:start + batch_size])
+                self._check_ids(batch)
+                batch = {k: v.to(where) for k, v in batch.items()}
                 with compute(where, precision):
                     emb = self._encode(**batch)
                 emb = emb.float()
                 out.append((emb / emb.norm(dim=-1, keepdim=True)).cpu())
         return torch.cat(out)
+
+
+class NoTextEncoder(TextEncoder):
+    """The text side of a model loaded image-only (no tokenizer could be had): every text call is one
+    clear error saying how to give the tokenizer."""
+
+    available = False
+
+    def __init__(self, spec: str, reason: str, context_length: int = 0):
+        self.spec, self.reason = spec, reason
+        super().__init__(self._refuse, self._refuse, self._refuse, context_length)
+
+    def message(self) -> str:
+        return f"{self.spec!r} was loaded image-only ({self.reason}), so it cannot encode texts; {TOKENIZER_HINT}"
+
+    def _refuse(self, *args, **kwargs):
+        raise ClipInterpretError(self.message())
+
+    def __call__(self, texts, *args, **kwargs) -> torch.Tensor:
+        self._refuse()
+
+
+def image_only(spec: str, reason: str, context_length: int = 0) -> NoTextEncoder:
+    """A NoTextEncoder, with the one-line warning that the model is loaded image-only."""
+    warnings.warn(f"{spec}: loaded image-only: {reason}; text calls need its tokenizer "
+                  "(tokenizer=\"/path/to/folder\" or --tokenizer /path/to/folder)", stacklevel=4)
+    return NoTextEncoder(spec, reason, context_length)
 
 
 class ClipModel:

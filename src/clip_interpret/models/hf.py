@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, Preprocess
-from .clip_model import ClipModel, TextEncoder, native_logits
+from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import from_hf, from_hf_siglip
 from .hooked_vit import HookedViT
 from .hub import require_internet, tokenizer_folder
@@ -42,11 +42,14 @@ def _is_siglip(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", "") in ("siglip", "siglip2")
 
 
-def _hf_text(model: nn.Module, tokenizer) -> TextEncoder:
+def _hf_text(model: nn.Module, tokenizer, spec: str = "<in-memory model>") -> TextEncoder:
     """The text tower of a Hugging Face model: texts padded to its context, as it was trained (CLIP with
     the attention mask; SigLIP with input ids alone, as big_vision and open_clip feed it)."""
     context = int(model.config.text_config.max_position_embeddings)
+    rows = getattr(model.config.text_config, "vocab_size", None)
     siglip = _is_siglip(model)
+    if isinstance(tokenizer, MissingTokenizer):
+        return image_only(spec, tokenizer.reason, context)
     if tokenizer is None:
         open_clip = registered_open_clip()
         simple = open_clip.tokenizer.SimpleTokenizer(context_length=context)
@@ -72,7 +75,7 @@ def _hf_text(model: nn.Module, tokenizer) -> TextEncoder:
         out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
-    return TextEncoder(tokenize, n_tokens, encode, context)
+    return TextEncoder(tokenize, n_tokens, encode, context, vocab_rows=rows)
 
 
 def _hf_preprocess(vit: HookedViT, folder: str | None, siglip: bool) -> Preprocess:
@@ -96,7 +99,8 @@ def _hf_preprocess(vit: HookedViT, folder: str | None, siglip: bool) -> Preproce
 def _hf_tokenizer(spec: str, source: str | None, tokenizer, siglip: bool, online: bool = False):
     """A Hugging Face model's own tokenizer: ``tokenizer`` when given (a tokenizer, or a folder of its files),
     else the one saved with the model (the folder, the cache, or the Hub when the model came from there).
-    A CLIP model without one falls back to the CLIP BPE (its vocabulary); a SigLIP model cannot."""
+    A CLIP model without one falls back to the CLIP BPE (its vocabulary); a SigLIP model cannot: it is
+    loaded image-only (a ``MissingTokenizer``)."""
     from transformers import AutoTokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
@@ -109,11 +113,9 @@ def _hf_tokenizer(spec: str, source: str | None, tokenizer, siglip: bool, online
         except Exception:  # noqa: BLE001 - no tokenizer files with the model
             pass
     if siglip:
-        where = f"with {source}" if source else "with this in-memory model"
-        raise ModelLoadError(f"cannot load {spec!r}: no tokenizer {where} (SigLIP models need their own: "
-                             "tokenizer.json or spiece.model and its config). Save it next to the model "
-                             "(tokenizer.save_pretrained(folder)), or pass it: load_model(spec, "
-                             "tokenizer=TOKENIZER_OR_FOLDER) or --tokenizer /path/to/folder")
+        where = "with the model" if source else "with this in-memory model"
+        return MissingTokenizer(f"no tokenizer {where}; SigLIP models need their own, tokenizer.json or "
+                                "spiece.model and its config")
     return None
 
 
@@ -129,8 +131,10 @@ def wrap_hf(spec: str, model: nn.Module, tokenizer=None, folder: str | None = No
         raise ModelLoadError(f"{spec!r} is not a Hugging Face CLIPModel, SiglipModel or Siglip2Model (it has no "
                              "vision_model with a projection or an attention-pooling head)")
     tok = _hf_tokenizer(spec, source or folder, tokenizer, siglip, online)
+    if tokenizer is not None:  # given: it must fit the text tower
+        check_vocabulary(spec, tok, getattr(model.config.text_config, "vocab_size", None))
     scale, bias = native_logits(model)
-    return ClipModel(spec, vit, _hf_preprocess(vit, folder, siglip), _hf_text(model, tok), native=model, note=note,
+    return ClipModel(spec, vit, _hf_preprocess(vit, folder, siglip), _hf_text(model, tok, spec), native=model, note=note,
                      logit_scale=scale, logit_bias=bias)
 
 

@@ -55,8 +55,12 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", p
     ``Siglip2Model``. Every model gets its own tokenizer (open_clip's for the architecture,
     the Hugging Face model's); ``tokenizer`` replaces it: a tokenizer object (open_clip's or
     Hugging Face's), or a local folder of Hugging Face tokenizer files, which is how a
-    tokenizer that is not on this machine is passed offline. An in-memory open_clip model
-    whose text tower is not the CLIP BPE's needs it.
+    tokenizer that is not on this machine is passed offline. A given tokenizer must fit the text
+    tower (a vocabulary no larger than its token embeddings). When no tokenizer can be had (a
+    SigLIP without its tokenizer files, an architecture whose Hugging Face tokenizer is not on
+    this machine offline, an in-memory open_clip model whose text tower is not the CLIP BPE's),
+    the model is loaded image-only with a one-line warning: image work runs, and every text call
+    (``encode_text``, zero-shot, TextSpan) is one error saying how to pass the tokenizer.
     ``device``: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``;
     ``precision``: compute precision ``fp32``, ``bf16`` or ``fp16`` (docs/decomposition.md).
     Whatever the device, every result handed back is on the CPU.

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
-from .clip_model import ClipModel, TextEncoder, native_logits
+from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
 from .hub import require_internet, require_tokenizer, tokenizer_folder
@@ -93,23 +93,41 @@ def open_clip_architectures() -> list[str]:
             and tower_problem(name) is None]
 
 
-def open_clip_tokenizer(spec: str, arch: str, tokenizer=None):
+def open_clip_tokenizer(spec: str, arch: str, tokenizer=None, missing_ok: bool = False):
     """The tokenizer of an open_clip architecture: ``tokenizer`` when given (a tokenizer, or a local folder
-    of Hugging Face tokenizer files), else the architecture's own (open_clip's ``get_tokenizer``: the CLIP
-    BPE, or the Hugging Face tokenizer its config names, from the cache or the Hub)."""
+    of Hugging Face tokenizer files; checked against the text tower's vocabulary), else the architecture's
+    own (open_clip's ``get_tokenizer``: the CLIP BPE, or the Hugging Face tokenizer its config names, from
+    the cache or the Hub). ``missing_ok``: a Hugging Face tokenizer that cannot be had is a
+    ``MissingTokenizer`` (the model is then loaded image-only) rather than an error."""
     open_clip = registered_open_clip()
     text = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    rows = None if text.get("hf_model_name") else int(text.get("vocab_size", CLIP_VOCAB))
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        check_vocabulary(spec, tokenizer, rows)
         return tokenizer
     context = text.get("context_length", 77)
     kwargs = dict(text.get("tokenizer_kwargs", {}), context_length=context, tokenizer_mode=text.get("tokenizer_mode"))
     if tokenizer is not None:
-        return tokenizer_folder(spec, tokenizer, lambda folder, **kw: open_clip.tokenizer.HFTokenizer(
+        tok = tokenizer_folder(spec, tokenizer, lambda folder, **kw: open_clip.tokenizer.HFTokenizer(
             folder, **kwargs, **kw))
+        check_vocabulary(spec, tok, rows)
+        return tok
     name = text.get("hf_tokenizer_name")
     if not name:
         return open_clip.get_tokenizer(arch)
-    return require_tokenizer(spec, name, lambda **kw: open_clip.tokenizer.HFTokenizer(name, **kwargs, **kw))
+    try:
+        return require_tokenizer(spec, name, lambda **kw: open_clip.tokenizer.HFTokenizer(name, **kwargs, **kw))
+    except ModelLoadError:
+        if not missing_ok:
+            raise
+        return MissingTokenizer(f"its tokenizer {name!r} is not on this machine")
+
+
+def text_rows(model: nn.Module) -> int | None:
+    """The token embeddings of an open_clip model's text tower (its vocabulary), when it has one of its own."""
+    text = getattr(model, "text", model)
+    embedding = getattr(text, "token_embedding", None)
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
 
 
 def in_memory_tokenizer(model: nn.Module, tokenizer=None):
@@ -117,24 +135,24 @@ def in_memory_tokenizer(model: nn.Module, tokenizer=None):
     tokenizer files), else the CLIP BPE, only for a text tower with its vocabulary."""
     open_clip = registered_open_clip()
     context = int(getattr(model, "context_length", 77) or 77)
+    vocab = text_rows(model)
     if isinstance(tokenizer, (str, Path)):
-        return tokenizer_folder("<in-memory model>", tokenizer, lambda folder, **kw: open_clip.tokenizer.HFTokenizer(
+        tokenizer = tokenizer_folder("<in-memory model>", tokenizer, lambda folder, **kw: open_clip.tokenizer.HFTokenizer(
             folder, context_length=context, **kw))
     if tokenizer is not None:
+        check_vocabulary("<in-memory model>", tokenizer, vocab)
         return tokenizer
-    text = getattr(model, "text", model)
-    embedding = getattr(text, "token_embedding", None)
-    vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
     if vocab != CLIP_VOCAB:
-        what = f"a vocabulary of {vocab} tokens" if vocab else f"a {type(text).__name__} text tower"
-        raise ModelLoadError(f"this open_clip model has {what}, not the CLIP tokenizer's {CLIP_VOCAB}: pass its "
-                             "tokenizer, e.g. load_model(model, tokenizer=open_clip.get_tokenizer('ARCH')) or a "
-                             "folder of Hugging Face tokenizer files")
+        what = f"a vocabulary of {vocab} tokens" if vocab else f"a {type(getattr(model, 'text', model)).__name__} text tower"
+        return MissingTokenizer(f"its text tower has {what}, not the CLIP tokenizer's {CLIP_VOCAB}, and no tokenizer "
+                                "was given")
     return open_clip.tokenizer.SimpleTokenizer(context_length=context)
 
 
-def open_clip_text(model: nn.Module, tok) -> TextEncoder:
+def open_clip_text(model: nn.Module, tok, spec: str = "<in-memory model>") -> TextEncoder:
     context = int(getattr(model, "context_length", None) or getattr(tok, "context_length", None) or 77)
+    if isinstance(tok, MissingTokenizer):
+        return image_only(spec, tok.reason, context)
     if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):
         def n_tokens(text: str) -> int:
             return len(tok.encode(text)) + 2
@@ -151,7 +169,7 @@ def open_clip_text(model: nn.Module, tok) -> TextEncoder:
     def encode(text):
         return model.encode_text(text)
 
-    return TextEncoder(tokenize, n_tokens, encode, context)
+    return TextEncoder(tokenize, n_tokens, encode, context, vocab_rows=text_rows(model))
 
 
 def _params(fn) -> set[str]:
@@ -209,7 +227,7 @@ def wrap_open_clip(spec: str, model: nn.Module, tokenizer, random_weights=False,
     if not keep_native_visual:
         model.visual = nn.Identity()  # our HookedViT replaces it; the text tower stays
     scale, bias = native_logits(model)
-    return ClipModel(spec, vit, preprocess, open_clip_text(model, tokenizer), native=model,
+    return ClipModel(spec, vit, preprocess, open_clip_text(model, tokenizer, spec), native=model,
                      random_weights=random_weights, note=note, logit_scale=scale, logit_bias=bias)
 
 
@@ -249,7 +267,7 @@ def load_open_clip(spec: str, parsed: ModelSpec, tokenizer=None) -> ClipModel:
         create_open_clip(spec, arch)  # raises the unknown-architecture error
     if parsed.tag:
         return load_open_clip_tag(spec, parsed, tokenizer)
-    tok = open_clip_tokenizer(spec, arch, tokenizer)  # before building: a missing tokenizer fails in seconds
+    tok = open_clip_tokenizer(spec, arch, tokenizer, missing_ok=True)  # a bad given one fails before building
     if parsed.random:
         model = create_open_clip(spec, arch)
         return wrap_open_clip(spec, model, tok, random_weights=True, keep_native_visual=False,
@@ -287,7 +305,7 @@ def load_open_clip_tag(spec: str, parsed: ModelSpec, tokenizer=None) -> ClipMode
     arch_q = arch
     if cfg.get("quick_gelu") and not arch.endswith("quickgelu") and f"{arch}-quickgelu" in open_clip.list_models():
         arch_q = f"{arch}-quickgelu"
-    tok = open_clip_tokenizer(spec, arch_q, tokenizer)
+    tok = open_clip_tokenizer(spec, arch_q, tokenizer, missing_ok=True)
     local = cached_open_clip_file(cfg)
     hint = (f"Download the checkpoint elsewhere and pass it as open_clip:{arch}"
             f"{'-quickgelu' if cfg.get('quick_gelu') and not arch.endswith('quickgelu') else ''}@/path/to/file.")
