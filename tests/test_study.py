@@ -275,3 +275,29 @@ def test_a_hugging_face_siglip_folder_is_indexed_and_analysed(tmp_path):
                     ["text-nn", str(run), "--text", "a blue circle", "--head", "L1.H2"]):
         assert main([*command, "--out", str(out / command[0])]) == 0, command
         assert next((out / command[0]).glob("*.json")).is_file()
+
+
+def test_a_label_step_that_labelled_nothing_keeps_the_labels_in_force(tmp_path, monkeypatch):
+    """analyze's label step, like ``label``: a labeller whose every head failed (a dead LLM server)
+    writes its own file but does not replace the run's labels.json."""
+    import clip_interpret.labels.runs as label_runs
+    from clip_interpret.study import step_label
+
+    class FakeRun:
+        path = tmp_path
+
+    textspan = tmp_path / "textspan-toy.json"
+    textspan.write_text("{}")
+    good = {"labeller": "taxonomy", "heads": {"L0.H0": {"label": "color"}}, "failed": {}}
+    (tmp_path / "labels.json").write_text(json.dumps(good))
+    failed = {"labeller": "llm", "heads": {"L0.H0": {"label": None, "error": "no answer within 5 s"}},
+              "failed": {"L0.H0": "no answer within 5 s"}, "kept": {}}
+    monkeypatch.setattr(label_runs, "label_run", lambda *a, **k: dict(failed))
+    result, computed = step_label(FakeRun(), None, "llm", textspan, progress=False)
+    assert computed and result["failed"]
+    assert json.loads((tmp_path / "labels.json").read_text()) == good
+    assert json.loads((tmp_path / "labels-llm.json").read_text())["failed"] == failed["failed"]
+    # a step that labelled something does replace it
+    monkeypatch.setattr(label_runs, "label_run", lambda *a, **k: {**good, "labeller": "embedding"})
+    step_label(FakeRun(), None, "embedding", textspan, progress=False)
+    assert json.loads((tmp_path / "labels.json").read_text())["labeller"] == "embedding"

@@ -118,8 +118,9 @@ def step_label(run, model, labeller: str, textspan_path: Path, manual: str | Non
                        vocabulary=vocabulary, llm=llm, progress=progress, write=False)
     result["study_stamp"] = want
     atomic_write_json(path, result)
-    if make_current:
-        atomic_write_json(run.path / "labels.json", result)
+    nothing_labelled = result["heads"] and len(result["failed"]) == len(result["heads"])
+    if make_current and not (nothing_labelled and (run.path / "labels.json").is_file()):
+        atomic_write_json(run.path / "labels.json", result)  # a step that labelled nothing keeps the labels in force
     return result, True
 
 
