@@ -25,7 +25,7 @@ from ..engine import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
 from .sources import ImageSource, open_source
-from .store import (MANIFEST_VERSION, Run, RunLock, _shard_info, atomic_save_npy, atomic_write_json,
+from .store import (MANIFEST_VERSION, Run, RunLock, read_shard_info, atomic_save_npy, atomic_write_json,
                     check_recorded_shard, check_shard_array, empty_run_error, piece_layout, read_manifest)
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -204,7 +204,7 @@ def verify_shard(out: Path, manifest: dict, shard: int, n_items: int) -> bool:
     """Whether a written shard is whole: a valid record for its item range, and both arrays with the
     header and byte size its rows call for (what ``Run`` checks when it opens a run; no hashing)."""
     try:
-        info = _shard_info(out / "shards" / f"{shard:05d}.json", n_items, manifest.get("shard_size"), manifest)
+        info = read_shard_info(out / "shards" / f"{shard:05d}.json", n_items, manifest.get("shard_size"), manifest)
         for kind in ("pieces", "emb"):
             check_shard_array(out, manifest, info, kind)
         check_recorded_shard(out, manifest, info)

@@ -265,7 +265,7 @@ class Run(ManifestFacts):
         self.shards: list[ShardInfo] = []
         shard_size = self.manifest.get("shard_size")
         for info_path in sorted((self.path / "shards").glob("[0-9]*.json")):
-            self.shards.append(_shard_info(info_path, n_items, shard_size, self.manifest))
+            self.shards.append(read_shard_info(info_path, n_items, shard_size, self.manifest))
         self.shards.sort(key=lambda s: s.shard)
         if self.complete:
             self._check_all_shards(n_items)
@@ -559,7 +559,7 @@ def _redo_shard(run_dir: Path, shard: int, manifest: dict | None = None) -> str:
     return f"to redo that shard, {repair_hint(run_dir, manifest)}"
 
 
-def _shard_info(path: Path, n_items: int, shard_size=None, manifest: dict | None = None) -> ShardInfo:
+def read_shard_info(path: Path, n_items: int, shard_size=None, manifest: dict | None = None) -> ShardInfo:
     """A shard record, checked: its number, its item range (that of its number, when the run's
     shard size is known) and the items it kept."""
     try:
