@@ -83,14 +83,34 @@ def test_head_spectra_labels_a_head_by_the_categories_of_its_texts(tiny_model):
     emb = np.concatenate([top, noise]).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     pool = Pool("planted", [f"text {i}" for i in range(len(emb))], ["colour", "colour"] + ["shape"] * 20)
-    result = head_spectra(tiny_model, pool=pool, k=2, text_emb=emb, heads="L2.H1")
+    result = head_spectra(tiny_model, pool=pool, k=2, text_emb=emb, heads="L2.H1", center=False)
     head = result.heads["L2.H1"]
     assert list(result.heads) == ["L2.H1"] and head.label == "color" and head.confidence > 0.99
     assert [ex.indices for ex in head.explanations] == [[0], [1]]
     assert all(ex.fit == pytest.approx(1.0, abs=1e-5) for ex in head.explanations)
     untagged = head_spectra(tiny_model, pool=Pool("plain", pool.texts, [None] * len(pool.texts)), k=2,
-                            text_emb=emb, heads="L2.H1")
+                            text_emb=emb, heads="L2.H1", center=False)
     assert untagged.heads["L2.H1"].label is None
+
+
+def test_head_spectra_centres_the_texts_by_default(tiny_model):
+    """Texts that share a common component: only once it is removed does the planted text fit the
+    head's top direction exactly."""
+    vit = tiny_model.vit
+    top = head_svd(vit, 2, 1, k=1)["directions"][0].numpy().astype(np.float64)
+    gen = np.random.default_rng(3)
+    others = gen.standard_normal((15, top.shape[0]))
+    others -= others.mean(axis=0)
+    rows = np.concatenate([top[None] * 4, others - top[None] * 4 / 15])
+    common = gen.standard_normal(top.shape[0]) * 3
+    emb = (rows + common).astype(np.float32)  # the rows' mean is the common part
+    pool = Pool("common", [f"t{i}" for i in range(16)], ["a"] + ["b"] * 15)
+    centred = head_spectra(tiny_model, pool=pool, k=1, n_texts=1, text_emb=emb, heads="L2.H1")
+    raw = head_spectra(tiny_model, pool=pool, k=1, n_texts=1, text_emb=emb, heads="L2.H1", center=False)
+    first = centred.heads["L2.H1"].explanations[0]
+    assert first.indices == [0] and first.sign == 1 and first.fit > 0.99
+    assert raw.heads["L2.H1"].explanations[0].fit < 0.9
+    assert centred.to_json()["center"] is True and raw.to_json()["center"] is False
 
 
 def test_head_spectra_covers_every_head_and_writes_json(tiny_model):
@@ -116,6 +136,9 @@ def test_head_spectra_refuses_bad_input(tiny_model):
         head_spectra(tiny_model, pool=pool, k=0, text_emb=emb)
     with pytest.raises(ClipInterpretError, match="pool not found"):
         head_spectra(tiny_model, pool="/nonexistent/pool.txt")
+    same = np.ones((3, tiny_model.vit.cfg.output_dim), dtype=np.float32)
+    with pytest.raises(ClipInterpretError, match="centre"):
+        head_spectra(tiny_model, pool=pool, text_emb=same)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_ls_model"])

@@ -28,7 +28,8 @@ residual vector ``u_j @ M_h`` (``write``: what ``edit_head`` scales to edit that
 **Explanations.** Each direction (either sign: a singular vector's sign is arbitrary) is fitted by a
 non-negative combination of at most ``n_texts`` unit text embeddings of the pool (non-negative
 orthogonal matching pursuit: the text most aligned with the residual joins, then NNLS on the chosen
-texts). ``fit`` is the cosine^2 between the direction and the combination (the share of the direction
+texts). The texts are first centred (the pool's mean embedding removed, each renormalised: what
+every text shares says nothing about a head; ``center=False`` keeps them as they are). ``fit`` is the cosine^2 between the direction and the combination (the share of the direction
 it captures). A head's label is the pool category with the largest weight, each text weighing its
 direction's singular value x fit x its share of the combination (the taxonomy labeller's vote).
 """
@@ -125,6 +126,7 @@ class Spectra:
     n_texts: int
     model: str
     seconds: float = 0.0
+    center: bool = True
 
     def labels(self) -> dict[str, str | None]:
         return {name: head.label for name, head in self.heads.items()}
@@ -142,7 +144,7 @@ class Spectra:
                     "weights": [round(w / total, 4) for w in ex.weights]})
             heads[name] = {"label": head.label, "confidence": round(head.confidence, 4), "directions": directions}
         return {"model": self.model, "pool": {"name": self.pool_name, "size": len(self.texts)}, "k": self.k,
-                "n_texts": self.n_texts, "seconds": round(self.seconds, 3),
+                "n_texts": self.n_texts, "center": self.center, "seconds": round(self.seconds, 3),
                 "approximation": "LN_post's per-image scale (and, in an attention-pooled tower, each pooling "
                                  "head's pattern and the pooling MLP) are not in the map: directions are unit, "
                                  "singular values are up to that scale", "heads": heads}
@@ -223,13 +225,26 @@ def _label(spectrum: HeadSpectrum, categories: list[str | None]) -> tuple[str | 
     return vote(props, weights)
 
 
+def centre_texts(emb: np.ndarray) -> np.ndarray:
+    """The pool's text embeddings less their mean, renormalised: a pool's texts share a large common
+    component (the same for every text, so no head direction is about it); without it a direction is
+    fitted by what tells the texts apart."""
+    centred = emb - emb.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    if emb.shape[0] < 2 or (norms <= 1e-12).any():
+        raise ClipInterpretError("cannot centre the pool's text embeddings: the pool needs at least two different "
+                                 "texts (or pass center=False / --no-center)")
+    return (centred / norms).astype(np.float32)
+
+
 def head_spectra(model, pool="toy", k: int = DEFAULT_K, n_texts: int = DEFAULT_TEXTS, layers="all",
-                 heads=None, text_emb=None) -> Spectra:
+                 heads=None, text_emb=None, center: bool = True) -> Spectra:
     """Every head's top-k singular directions in the joint space, each explained by at most ``n_texts``
     texts of ``pool`` (``toy``, ``general``, a pool file, or a ``pools.Pool``), and a label per head
     (the pool's categories; ``None`` for an untagged pool). No images. ``layers``: ``"all"`` (default)
     or as in ``decompose``; ``heads``: a selection of head names (default every head of those layers).
-    ``text_emb``: the pool's unit text embeddings [M, D], when already computed."""
+    ``text_emb``: the pool's unit text embeddings [M, D], when already computed. ``center``: fit the
+    directions with the texts less the pool's mean text embedding (``centre_texts``; default)."""
     from .decompose import resolve_layers, select_heads
     from .pools import Pool, load_pool, text_embeddings
 
@@ -248,16 +263,17 @@ def head_spectra(model, pool="toy", k: int = DEFAULT_K, n_texts: int = DEFAULT_T
     if carry.shape[1] != emb.shape[1]:
         raise ClipInterpretError(f"the text embeddings have size {emb.shape[1]}, the image tower's joint space "
                                  f"{carry.shape[1]}: use the same model's text embeddings")
+    fitted = centre_texts(emb) if center else emb
     result = {}
     for name in names:
         layer, h = parse_head(name)
         svd = head_svd(vit, layer, h, k, carry)
         spectrum = HeadSpectrum(name=head_name(layer, h), **svd)
-        spectrum.explanations = [sparse_fit(d, emb, n_texts) for d in svd["directions"].numpy()]
+        spectrum.explanations = [sparse_fit(d, fitted, n_texts) for d in svd["directions"].numpy()]
         spectrum.label, spectrum.confidence = _label(spectrum, pool.categories)
         result[spectrum.name] = spectrum
     return Spectra(result, pool.name, list(pool.texts), list(pool.categories), k, n_texts,
-                   getattr(model, "spec", type(model).__name__), time.perf_counter() - start)
+                   getattr(model, "spec", type(model).__name__), time.perf_counter() - start, center)
 
 
 def format_spectra(spectra: Spectra, shown: int = 3) -> str:

@@ -29,7 +29,8 @@ def cmd_spectra(args) -> int:
     model = load(args.model, args)
     if getattr(model, "random_weights", False):
         print("NOTE: this model has RANDOM weights; the directions show the mechanics, not concepts.")
-    result = head_spectra(model, pool=pool, k=args.k, n_texts=args.texts, layers=args.layers)
+    result = head_spectra(model, pool=pool, k=args.k, n_texts=args.texts, layers=args.layers,
+                          center=args.center)
     print(format_spectra(result))
     print(f"\n{len(result.heads)} heads, {args.k} directions each, pool {pool.name} ({len(pool)} texts): "
           f"{result.seconds:.1f} s")
@@ -50,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--texts", type=int, default=DEFAULT_TEXTS,
                    help=f"at most this many texts explain a direction (default {DEFAULT_TEXTS})")
     p.add_argument("--layers", default="all", help="layers, comma-separated, or all (default all)")
+    p.add_argument("--no-center", dest="center", action="store_false",
+                   help="fit the directions with the texts as they are (default: less the pool's mean text embedding)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the result as JSON")
     add_compute_options(p)
     p.set_defaults(func=cmd_spectra)
