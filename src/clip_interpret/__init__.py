@@ -16,6 +16,8 @@ _PUBLIC = {  # name -> the module that defines it
     "Decomposition": ".decompose",
     "HookedViT": ".models",
     "decompose": ".decompose",
+    "edit_head": ".spectra",
+    "head_spectra": ".spectra",
     "load_image": ".images",
     "load_images": ".images",
     "load_model": ".models",
