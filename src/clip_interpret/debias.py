@@ -16,8 +16,9 @@ chance on the class, and one that reads the class at chance on the cue),
 
 (the contrast of the paper: the head's direct effect separates the spurious attribute more than the
 class). Spurious heads: the ``k`` highest scores (``k=N``), or every head with score >= ``threshold``;
-by default ``k`` is chosen on V: the k in 0..``max_k`` (heads of positive score only) whose correction
-gives the best zero-shot worst-group class accuracy on V (ties: the smaller k).
+by default ``k`` is chosen on V: among k = 0, 1, 2, 3, 4, 6, 8, 12, 16, 20, 24, ... up to ``max_k`` (heads of
+positive score only), the k whose correction gives the best worst-group class accuracy on V (with a probe:
+the probe fitted on the probe run under that correction; else zero-shot; ties: the smaller k).
 
 **Correct.** Each spurious head is mean-ablated (c_i -> m, the mean over V); the class heads (the other
 heads with score < 0: they separate the class more than the cue) keep their contribution minus its
@@ -176,7 +177,7 @@ def _scores(correct, class_labels, spurious_values, class_names) -> dict:
 
 def debias(run, model, class_column: str, spurious_column: str, k: int | None = None,
            threshold: float | None = None, probe=None, val=None, labelled: list[str] | None = None,
-           n_random: int = 5, seed: int = 0, max_k: int = 10, val_fraction: float = 0.5) -> dict:
+           n_random: int = 5, seed: int = 0, max_k: int = 24, val_fraction: float = 0.5) -> dict:
     """Locate the spurious heads of ``run`` by contrast and correct them; accuracy before and after
     (see the module doc). ``probe``, ``val``: other runs of the same model; ``labelled``: head names
     (``L3.H1``) to compare with."""
@@ -241,18 +242,29 @@ def debias(run, model, class_column: str, spurious_column: str, k: int | None = 
     elif k is not None:
         located = order[:k]
         chosen_by = f"top {k}"
-    else:  # k chosen on the locating split: best zero-shot worst-group class accuracy there
+    else:  # k chosen on the locating split: best worst-group class accuracy there (the probe's, with a probe)
         positive = [i for i in order if score[i] > 0][:max_k]
-        candidates = {str(j): correction(positive[:j]) for j in range(len(positive) + 1)}
+        grid = sorted({j for j in (0, 1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 48, 64) if j < len(positive)}
+                      | {len(positive)})
+        candidates = {str(j): correction(positive[:j]) for j in grid}
         emb = corrected_embeddings(locate_run, candidates, mean, basis, rows=locate_rows)
         values = np.asarray(spu.class_names)[v_spur if locate_rows is None else v_spur[locate_rows]]
         labels = v_class if locate_rows is None else v_class[locate_rows]
-        worst = {j: _scores((e @ cls.classes.T).argmax(1) == labels, labels, values,
-                            cls.class_names)["worst_group_accuracy"] for j, e in emb.items()}
+        if probe is not None:
+            from .probe import fit_probe
+
+            p_labels = _labels_as(cls, _task(probe, model, class_column, "class"), probe)
+            train = corrected_embeddings(probe, candidates, mean, basis)
+            predict = {j: fit_probe(train[j], p_labels, len(cls.class_names))(e) for j, e in emb.items()}
+        else:
+            predict = {j: (e @ cls.classes.T).argmax(1) for j, e in emb.items()}
+        worst = {j: _scores(predict[j] == labels, labels, values, cls.class_names)["worst_group_accuracy"]
+                 for j in emb}
         best = max(worst, key=lambda j: (worst[j], -int(j)))
         located = positive[:int(best)]
-        chosen_by = (f"k = {best} chosen on the locating split (worst-group zero-shot accuracy there, k = 0.."
-                     f"{len(positive)}: " + ", ".join(f"{worst[j]:.1%}" for j in sorted(worst, key=int)) + ")")
+        chosen_by = (f"k = {best} chosen on the locating split by its worst-group "
+                     f"{'probe' if probe is not None else 'zero-shot'} accuracy, k = "
+                     + ", ".join(f"{j}: {worst[j]:.1%}" for j in sorted(worst, key=int)))
 
     variants = {"unmodified": Variant(), "projection": correction([]), "located": Variant(list(located)),
                 "debiased": correction(located)}

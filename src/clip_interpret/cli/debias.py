@@ -45,8 +45,8 @@ def register(sub) -> None:
     pick.add_argument("--k", type=int, default=None, help="locate the k heads of highest score")
     pick.add_argument("--threshold", type=float, default=None,
                       help="locate every head whose score (spurious minus class accuracy) is at least this")
-    p.add_argument("--max-k", type=int, default=10, help="without --k/--threshold: k is chosen in 0..MAX_K on the "
-                                                         "locating split (default 10)")
+    p.add_argument("--max-k", type=int, default=24, help="without --k/--threshold: k is chosen in 0..MAX_K on the "
+                                                         "locating split (default 24)")
     p.add_argument("--probe", default=None, metavar="RUN", help="also classify with linear probes fitted on this "
                                                                 "run (same correction); it is the locating split "
                                                                 "unless --val is given")
