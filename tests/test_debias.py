@@ -158,3 +158,11 @@ def test_cli_debias_bad_input_is_one_line(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-m", "clip_interpret", "debias", "x", "--class", "a", "--spurious", "b",
                            "--k", "1", "--threshold", "0.1"], capture_output=True, text=True)
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
+
+
+def test_public_name_is_the_function_even_after_the_submodule_is_imported():
+    import clip_interpret as ci
+    import clip_interpret.debias as module
+
+    assert ci.debias is module.debias and callable(ci.debias)
+    assert "debias" in dir(ci)
