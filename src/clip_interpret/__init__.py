@@ -15,6 +15,7 @@ _PUBLIC = {  # name -> the module that defines it
     "ClipModel": ".models",
     "Decomposition": ".decompose",
     "HookedViT": ".models",
+    "debias": ".debias",
     "decompose": ".decompose",
     "edit_head": ".spectra",
     "head_spectra": ".spectra",
@@ -29,7 +30,7 @@ __all__ = sorted(_PUBLIC) + ["__version__"]
 def __getattr__(name):
     if name in _PUBLIC:
         value = getattr(import_module(_PUBLIC[name], __name__), name)
-        if name != "decompose":  # the function; the package class below keeps it from the submodule
+        if name not in ("decompose", "debias"):  # functions; the package class below keeps them from the submodules
             globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -40,8 +41,8 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """``clip_interpret.decompose`` is the function, as before, even once the submodule of that name is
-    imported (the import system then sets the package's attribute to the submodule; this ignores it)."""
+    """``clip_interpret.decompose`` (and ``debias``) is the function, as before, even once the submodule of that
+    name is imported (the import system then sets the package's attribute to the submodule; this ignores it)."""
 
     @property
     def decompose(self):
@@ -49,6 +50,14 @@ class _Package(types.ModuleType):
 
     @decompose.setter
     def decompose(self, value):
+        pass
+
+    @property
+    def debias(self):
+        return import_module(".debias", __name__).debias
+
+    @debias.setter
+    def debias(self, value):
         pass
 
 

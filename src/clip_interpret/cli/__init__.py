@@ -2,7 +2,8 @@
 
 Rooms: ``common`` (what every command shares), ``decompose`` (models, decompose), ``runs``
 (index, ablate, textspan), ``toyworld``, ``study`` (label ... analyze, demo) and
-``analyses`` (the five analyses and the web app), ``segbench`` (the zero-shot segmentation benchmark), ``spectra`` (heads read from their weights).
+``analyses`` (the five analyses and the web app), ``segbench`` (the zero-shot segmentation benchmark), ``spectra``
+(heads read from their weights), ``debias`` (spurious heads located and corrected).
 Each registers its subcommands.
 """
 
@@ -16,13 +17,13 @@ from ..errors import ClipInterpretError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analyses, decompose, runs, segbench, spectra, study, toyworld
+    from . import analyses, debias, decompose, runs, segbench, spectra, study, toyworld
 
     parser = argparse.ArgumentParser(
         prog="clip-interpret",
         description="Open up CLIP-like models head by head: exact decomposition of image embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for room in (decompose, runs, toyworld, study, analyses, segbench, spectra):
+    for room in (decompose, runs, toyworld, study, analyses, segbench, spectra, debias):
         room.register(sub)
     return parser
 
