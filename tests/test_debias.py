@@ -168,3 +168,24 @@ def test_public_name_is_the_function_even_after_the_submodule_is_imported():
     module = importlib.import_module("clip_interpret.debias")  # the submodule (``import ... as`` would give ci.debias)
     assert ci.debias is module.debias and callable(ci.debias)
     assert "debias" in dir(ci)
+
+
+def test_debias_on_an_attention_pooled_tower(tmp_path, map_model):
+    """SigLIP's layout (no CLS token, MAP pooling): the run's pieces still sum to its embeddings, so
+    locating and correcting read them the same way; the unmodified row is the stored embeddings'."""
+    from clip_interpret.debias import debias
+    from clip_interpret.runstore import index_images, open_run
+    from clip_interpret.toyworld import spurious
+    from clip_interpret.zeroshot import zero_shot_tasks
+
+    for split, n, seed, agree in (("train", 80, 20, 0.9), ("test", 80, 21, 0.5)):
+        spurious(tmp_path / split, n, seed, agree, progress=False)
+        index_images(map_model, str(tmp_path / split / "spurious.csv"), tmp_path / f"run-{split}", layers="all",
+                     storage="fp32", progress=False)
+    test = open_run(tmp_path / "run-test")
+    result = debias(test, map_model, "shape", "background", k=2, probe=open_run(tmp_path / "run-train"),
+                    n_random=1)
+    assert len(result["located"]) == 2 and len(result["heads"]) == 3 * 4
+    task = {t.name: t for t in zero_shot_tasks(test, map_model)}["shape"]
+    expected = ((test.embeddings() @ task.classes.T).argmax(1) == task.labels).mean()
+    assert result["accuracy"]["zero-shot"]["unmodified"]["average_accuracy"] == pytest.approx(expected, abs=1 / 80 + 1e-9)  # one near-tie
