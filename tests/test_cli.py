@@ -195,6 +195,73 @@ def test_models_answers_from_its_cache_without_torch(tmp_path, monkeypatch, caps
     assert main(["models"]) == 0 and capsys.readouterr().out == first
 
 
+def test_models_table_from_the_files_is_open_clips(monkeypatch):
+    """The table read from the installed files (no torch) is the one open_clip gives, every architecture decided
+    from the files; what they leave undecided, or a layout they do not expect, is asked of open_clip."""
+    from clip_interpret import model_catalog
+
+    static, undecided = model_catalog.static_table()
+    assert undecided == []
+    asked = model_catalog.open_clip_table()  # the old way: open_clip's registry, timm trunks built on meta
+    assert static == asked and len(asked["open_clip"]) > 50
+
+    monkeypatch.setattr(model_catalog, "timm_tower_decision", lambda vision, functions: model_catalog.UNDECIDED)
+    table, undecided = model_catalog.static_table()
+    assert "ViT-B-16-SigLIP" in undecided and all(row[1] == "cls" for row in table["open_clip"])
+    assert model_catalog.compute_model_table() == asked  # the undecided rows asked of open_clip, in order
+
+    def surprise():
+        raise model_catalog.CatalogError("another layout")
+
+    monkeypatch.setattr(model_catalog, "static_table", surprise)
+    assert model_catalog.compute_model_table() == asked
+
+
+def test_models_first_call_does_not_import_torch(tmp_path):
+    """`models` with an empty cache answers from the files: torch, open_clip and timm are not imported."""
+    script = ("import sys\nfrom clip_interpret.cli import main\nassert main(['models']) == 0\n"
+              "heavy = sorted({'torch', 'open_clip', 'timm', 'numpy'} & set(sys.modules))\nassert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "CLIP_INTERPRET_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "ViT-B-16-SigLIP" in done.stdout and len(list(tmp_path.glob("models-*.json"))) == 1
+
+
+def test_timm_model_functions_are_read_as_the_trunk_check_would_judge_them(tmp_path):
+    from clip_interpret.model_catalog import UNDECIDED, timm_tower_decision, timm_vit_functions
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vision_transformer.py").write_text(
+        "@register_model\ndef plain(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, global_pool='map')\n"
+        "    model = _create_vision_transformer('plain', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef regs(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, reg_tokens=4)\n"
+        "    model = _create_vision_transformer('regs', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef with_cls(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2)\n"
+        "    model = _create_vision_transformer('with_cls', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef rms(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, norm_layer=RmsNorm)\n"
+        "    model = _create_vision_transformer('rms', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef other(pretrained=False, **kwargs):\n"
+        "    return _create_other('other', **kwargs)\n")
+    functions = timm_vit_functions(tmp_path)
+    assert functions["plain"]["embed_dim"] == 64 and functions["other"] is None
+
+    def decide(name, pool="map", proj="none"):
+        return timm_tower_decision({"timm_model_name": name, "timm_pool": pool, "timm_proj": proj}, functions)
+
+    assert decide("plain") is True
+    assert decide("plain", pool="token") is False and decide("plain", proj="mlp") is False
+    assert decide("regs") is False and decide("with_cls") is False and decide("convnext_base") is False
+    assert decide("rms") == UNDECIDED and decide("other") == UNDECIDED
+
+
 def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):
     """The options default to None in the parser (no torch for --help); the command fills in TrainConfig's."""
     from clip_interpret.toyworld import train as train_module
