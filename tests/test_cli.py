@@ -200,6 +200,10 @@ def test_models_table_from_the_files_is_open_clips(monkeypatch):
     from the files; what they leave undecided, or a layout they do not expect, is asked of open_clip."""
     from clip_interpret import model_catalog
 
+    from clip_interpret.models import PAPER_MODELS, openclip
+
+    assert model_catalog.PAPER_MODELS == PAPER_MODELS and model_catalog.CONFIG_DIR == openclip.CONFIG_DIR
+    assert model_catalog.NATIVE_REFUSED == openclip._NATIVE_REFUSED  # the copies kept without torch
     static, undecided = model_catalog.static_table()
     assert undecided == []
     asked = model_catalog.open_clip_table()  # the old way: open_clip's registry, timm trunks built on meta

@@ -27,12 +27,14 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).parent / "models" / "configs"  # our model configs (clip_interpret.models.openclip)
-# a native VisionTransformer's config fields the HookedViT cannot express
+# Copies of the loader's names, here without importing it (torch); tests/test_cli.py checks them against
+# models.openclip.CONFIG_DIR and _NATIVE_REFUSED (a native VisionTransformer's config fields the HookedViT
+# cannot express) and models.PAPER_MODELS.
+CONFIG_DIR = Path(__file__).parent / "models" / "configs"
 NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
                   "attentional_pool", "block_type")
 UNDECIDED = "undecided"
-PAPER_MODELS = (  # the paper's six models (arXiv 2409.06579); clip_interpret.models.PAPER_MODELS
+PAPER_MODELS = (  # the paper's six models (arXiv 2409.06579)
     "open_clip:ViT-B-16/openai",
     "open_clip:ViT-B-32/openai",
     "open_clip:ViT-L-14/openai",
@@ -53,7 +55,8 @@ class CatalogError(Exception):
 
 
 def native_tower_problem(vision: dict) -> str | None:
-    """Why a native (not timm) open_clip image tower, given its ``vision_cfg``, cannot be opened up, or None."""
+    """Why a native (not timm) open_clip image tower, given its ``vision_cfg``, cannot be opened up, or None
+    (``models.openclip.tower_problem``'s judgement, from the config alone)."""
     if isinstance(vision.get("layers"), (list, tuple)):
         return "a ResNet image tower (no attention heads to decompose)"
     refused = [k for k in NATIVE_REFUSED if vision.get(k)]

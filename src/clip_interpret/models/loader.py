@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..model_catalog import PAPER_MODELS  # noqa: F401 - the paper's six specs, public here
 from .clip_model import DEFAULT_LOGIT_SCALE, ClipModel, TextEncoder  # noqa: F401
 from .files import check_state_dict, read_state_dict, sha256_file  # noqa: F401
 from .hf import HF_CLASSES, load_hf, wrap_hf  # noqa: F401
@@ -37,6 +36,15 @@ from .openclip import (  # noqa: F401
 )
 from .spec import parse_spec
 from .toy import TOY_WEIGHTS, load_toy  # noqa: F401
+
+PAPER_MODELS = (
+    "open_clip:ViT-B-16/openai",
+    "open_clip:ViT-B-32/openai",
+    "open_clip:ViT-L-14/openai",
+    "open_clip:ViT-B-16/laion2b_s34b_b88k",
+    "open_clip:ViT-B-32/datacomp_m_s128m_b4k",
+    "open_clip:ViT-L-14/laion2b_s32b_b82k",
+)
 
 
 def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", precision: str = "fp32") -> ClipModel:

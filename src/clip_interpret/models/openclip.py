@@ -16,7 +16,6 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
-from ..model_catalog import CONFIG_DIR, native_tower_problem
 from .clip_model import ClipModel, TextEncoder, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
@@ -24,8 +23,11 @@ from .hub import require_internet, require_tokenizer, tokenizer_folder
 from .spec import ModelSpec
 
 RANDOM_INIT_SEED = 0
+CONFIG_DIR = Path(__file__).parent / "configs"
 CLIP_VOCAB = 49408  # the CLIP BPE tokenizer's vocabulary
 _registered = False
+_NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+                   "attentional_pool", "block_type")
 
 
 def registered_open_clip():
@@ -48,10 +50,17 @@ def tower_problem(arch: str) -> str | None:
     no weights) and checked as the converter would."""
     open_clip = registered_open_clip()
     vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
-    if vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple)):
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "a ResNet image tower (no attention heads to decompose)"
+    if vision.get("timm_model_name"):
         return timm_problem(vision["timm_model_name"], vision.get("timm_pool", "avg"), vision.get("timm_proj", "linear"),
                              bool(vision.get("timm_proj_bias", False)))
-    return native_tower_problem(vision)
+    refused = [k for k in _NATIVE_REFUSED if vision.get(k)]
+    if refused:
+        return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
+    if vision.get("pool_type", "tok") != "tok":
+        return f"a VisionTransformer with pool_type={vision['pool_type']!r} (only CLS-token pooling)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
