@@ -512,3 +512,40 @@ def test_the_app_removes_its_temporary_folder_on_sigterm(server):
     server["proc"].terminate()  # SIGTERM
     assert server["proc"].wait(30) == 0
     assert not list(server["tmp"].iterdir())
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_the_app_command_says_only_our_lines_and_stops_quietly(stop, toy_model, tmp_path):
+    """`clip-interpret app RUN` prints the runs, its URL and how to stop, nothing of gradio's (no "set
+    `share=True`", no "Keyboard interruption"); SIGTERM and Ctrl-C stop it with status 0 and its temporary
+    folder removed."""
+    import signal
+    import urllib.request
+
+    index_images(toy_model, "toyworld:8:1", tmp_path / "run", progress=False, workers=0)
+    (tmp_path / "tmp").mkdir()
+    port = _free_port()
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "clip_interpret", "app", str(tmp_path / "run"), "--port",
+                                 str(port)], stdout=stdout, stderr=stderr, env=dict(env, TMPDIR=str(tmp_path / "tmp")))
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while "serving on" not in out.read_text():  # our line, once the server is up
+            assert proc.poll() is None and time.time() < deadline, (out.read_text(), err.read_text())
+            time.sleep(0.3)
+        urllib.request.urlopen(url, timeout=10).close()
+        proc.send_signal(getattr(signal, stop))
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    printed, errors = out.read_text(), err.read_text()
+    assert code == 0, (printed, errors)
+    assert errors == ""
+    assert printed.splitlines() == [printed.splitlines()[0], f"serving on {url} (stop with Ctrl-C)"]
+    assert printed.startswith("run run: 8 images, model toy")
+    assert not list((tmp_path / "tmp").iterdir())

@@ -195,6 +195,77 @@ def test_models_answers_from_its_cache_without_torch(tmp_path, monkeypatch, caps
     assert main(["models"]) == 0 and capsys.readouterr().out == first
 
 
+def test_models_table_from_the_files_is_open_clips(monkeypatch):
+    """The table read from the installed files (no torch) is the one open_clip gives, every architecture decided
+    from the files; what they leave undecided, or a layout they do not expect, is asked of open_clip."""
+    from clip_interpret import model_catalog
+
+    from clip_interpret.models import PAPER_MODELS, openclip
+
+    assert model_catalog.PAPER_MODELS == PAPER_MODELS and model_catalog.CONFIG_DIR == openclip.CONFIG_DIR
+    assert model_catalog.NATIVE_REFUSED == openclip._NATIVE_REFUSED  # the copies kept without torch
+    static, undecided = model_catalog.static_table()
+    assert undecided == []
+    asked = model_catalog.open_clip_table()  # the old way: open_clip's registry, timm trunks built on meta
+    assert static == asked and len(asked["open_clip"]) > 50
+
+    monkeypatch.setattr(model_catalog, "timm_tower_decision", lambda vision, functions: model_catalog.UNDECIDED)
+    table, undecided = model_catalog.static_table()
+    assert "ViT-B-16-SigLIP" in undecided and all(row[1] == "cls" for row in table["open_clip"])
+    assert model_catalog.compute_model_table() == asked  # the undecided rows asked of open_clip, in order
+
+    def surprise():
+        raise model_catalog.CatalogError("another layout")
+
+    monkeypatch.setattr(model_catalog, "static_table", surprise)
+    assert model_catalog.compute_model_table() == asked
+
+
+def test_models_first_call_does_not_import_torch(tmp_path):
+    """`models` with an empty cache answers from the files: torch, open_clip and timm are not imported."""
+    script = ("import sys\nfrom clip_interpret.cli import main\nassert main(['models']) == 0\n"
+              "heavy = sorted({'torch', 'open_clip', 'timm', 'numpy'} & set(sys.modules))\nassert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "CLIP_INTERPRET_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "ViT-B-16-SigLIP" in done.stdout and len(list(tmp_path.glob("models-*.json"))) == 1
+
+
+def test_timm_model_functions_are_read_as_the_trunk_check_would_judge_them(tmp_path):
+    from clip_interpret.model_catalog import UNDECIDED, timm_tower_decision, timm_vit_functions
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vision_transformer.py").write_text(
+        "@register_model\ndef plain(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, global_pool='map')\n"
+        "    model = _create_vision_transformer('plain', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef regs(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, reg_tokens=4)\n"
+        "    model = _create_vision_transformer('regs', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef with_cls(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2)\n"
+        "    model = _create_vision_transformer('with_cls', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef rms(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=16, embed_dim=64, depth=2, num_heads=2, class_token=False, norm_layer=RmsNorm)\n"
+        "    model = _create_vision_transformer('rms', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef other(pretrained=False, **kwargs):\n"
+        "    return _create_other('other', **kwargs)\n")
+    functions = timm_vit_functions(tmp_path)
+    assert functions["plain"]["embed_dim"] == 64 and functions["other"] is None
+
+    def decide(name, pool="map", proj="none"):
+        return timm_tower_decision({"timm_model_name": name, "timm_pool": pool, "timm_proj": proj}, functions)
+
+    assert decide("plain") is True
+    assert decide("plain", pool="token") is False and decide("plain", proj="mlp") is False
+    assert decide("regs") is False and decide("with_cls") is False and decide("convnext_base") is False
+    assert decide("rms") == UNDECIDED and decide("other") == UNDECIDED
+
+
 def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):
     """The options default to None in the parser (no torch for --help); the command fills in TrainConfig's."""
     from clip_interpret.toyworld import train as train_module
@@ -298,3 +369,83 @@ def test_loading_is_quiet_and_an_in_memory_model_does_not_claim_loaded_weights(t
     assert "loaded weights" in repr(model)
     shown = repr(load_model(make_open_clip("test-vit-tiny")))
     assert "loaded weights" not in shown and "in-memory weights" in shown
+
+
+def test_each_command_lives_in_the_module_of_its_job():
+    """One module per job (docs/architecture.md): a command's function is in the module named for it."""
+    import argparse
+
+    from clip_interpret.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    where = {name: parser.get_default("func").__module__.rsplit(".", 1)[1] for name, parser in sub.choices.items()}
+    assert where == {
+        "models": "models", "decompose": "decompose", "index": "index", "ablate": "ablate", "textspan": "textspan",
+        "toyworld": "toyworld", "label": "label", "faithfulness": "faithfulness", "metrics": "scores",
+        "report": "scores", "analyze": "analyze", "demo": "analyze", "property-nn": "analyses",
+        "segment": "analyses", "contrast": "analyses", "image-nn": "analyses", "text-nn": "analyses", "app": "app",
+        "segbench": "segbench", "spectra": "spectra", "debias": "debias"}
+
+
+def test_ablate_help_splits_its_two_modes(capsys):
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    text = capsys.readouterr().out
+    assert "ablate RUN                      the mean-ablation study" in text
+    assert "ablate RUN --heads L10.H3,...   interventions" in text
+    study = text.index("the mean-ablation study (ablate RUN):")
+    chosen = text.index("interventions (ablate RUN --heads TARGETS and/or --property P):")
+    assert study < text.index("--engine {local,ray}", study) < chosen  # the engine options: the study's
+    for option in ("--heads", "--property", "--labels", "--mode", "--mean-images", "--groups", "--probe"):
+        assert text.index(f"  {option} ", chosen) > chosen
+
+
+def test_intervention_targets_and_file_come_from_the_library(toy_runs, tmp_path):
+    """What `ablate --heads/--property` resolved and wrote in the command is the library's now."""
+    from clip_interpret.effects import intervention_targets, save_intervention
+    from clip_interpret.errors import ClipInterpretError
+    from clip_interpret.runstore import open_run
+
+    _, root = toy_runs
+    run = open_run(root / "fp32")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labeller": "manual", "heads": {"L4.H1": {"label": "Colour"},
+                                                                  "L5.H0": {"label": "shape"}}}))
+    targets = intervention_targets(run, "L5.H2,MLP3", "colour", labels)
+    assert targets.describe() == "L5.H2, L4.H1, MLP3"
+    assert intervention_targets(run, None, "shape", labels).describe() == "L5.H0"
+    with pytest.raises(ClipInterpretError, match=f"no head is labelled 'texture' in {labels}"):
+        intervention_targets(run, "L5.H2", "texture", labels)
+    with pytest.raises(ClipInterpretError, match="labels.json"):  # the run's own labels: none
+        intervention_targets(run, None, "shape")
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(root / "fp32", copy)
+    path = save_intervention(open_run(copy), {"accuracy": {}}, targets)
+    assert path == copy / "intervention-l5-h2-l4-h1-mlp3.json" and json.loads(path.read_text()) == {"accuracy": {}}
+
+
+def test_compare_runs_is_the_librarys(toy_runs, tmp_path):
+    """`metrics`' comparison of runs is study.compare_runs: each run's metrics.json, the chart and its table;
+    bad runs and an unwritable folder are one-line errors."""
+    import shutil
+
+    from clip_interpret.errors import ClipInterpretError
+    from clip_interpret.study import compare_runs
+
+    _, root = toy_runs
+    shutil.copytree(root / "fp32", tmp_path / "a")
+    (tmp_path / "a" / "labels-manual.json").write_text(json.dumps({"labeller": "manual", "heads": {
+        "L4.H1": {"label": "color"}, "L5.H0": {"label": "shape"}}}))
+    compared = compare_runs([tmp_path / "a"], out=tmp_path / "cmp")
+    assert (tmp_path / "a" / "metrics.json").is_file()
+    assert compared["chart"] == tmp_path / "cmp" / "comparison.png" and compared["chart"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(compared["table"].read_text()).keys() == compared["rows"].keys()
+    assert list(compared["rows"])[0] == "toy (manual)" and len(compared["rows"]) == 1 + 6  # + the paper's six
+    assert compare_runs([tmp_path / "a"], published=False)["chart"] == tmp_path / "a" / "metrics.png"
+    with pytest.raises(ClipInterpretError, match="is not a run directory"):
+        compare_runs([tmp_path / "a", tmp_path / "nothing"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ClipInterpretError, match="cannot write to output folder"):
+        compare_runs([tmp_path / "a"], out=tmp_path / "file" / "sub")

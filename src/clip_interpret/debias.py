@@ -170,9 +170,9 @@ def _labels_as(task, other_task, run) -> np.ndarray:
 
 
 def _scores(correct, class_labels, spurious_values, class_names) -> dict:
-    from .effects import _group_scores
+    from .effects import group_scores
 
-    return _group_scores(correct, class_labels, list(spurious_values), class_names)
+    return group_scores(correct, class_labels, list(spurious_values), class_names)
 
 
 def debias(run, model, class_column: str, spurious_column: str, k: int | None = None,

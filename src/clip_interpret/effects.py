@@ -110,7 +110,7 @@ def variant_embeddings(run, model, targets: Targets, mode: str = "mean", values:
     return dict(zip(VARIANTS, stacked))
 
 
-def _group_scores(correct: np.ndarray, labels: np.ndarray, groups: list[str], class_names: list[str]) -> dict:
+def group_scores(correct: np.ndarray, labels: np.ndarray, groups: list[str], class_names: list[str]) -> dict:
     per = {}
     for c in np.unique(labels):
         for g in sorted(set(groups)):
@@ -164,7 +164,7 @@ def intervention_study(run, model, targets: Targets, mode: str = "mean", groups:
             correct = predicted == task.labels
             result["accuracy"][variant][task.name] = float(correct.mean())
             if groups:
-                result["groups"].setdefault(variant, {})[task.name] = _group_scores(
+                result["groups"].setdefault(variant, {})[task.name] = group_scores(
                     correct, task.labels, run.labels[groups], task.class_names)
         result["accuracy"][variant]["mean"] = float(np.mean([result["accuracy"][variant][t.name] for t in tasks]))
     return result
@@ -186,3 +186,33 @@ def format_study(result: dict) -> str:
                 lines.append(f"  {task:<10} {names[variant]:<32} worst {g['worst_group_accuracy']:>6.1%} "
                              f"({g['worst_group']}), average {g['average_accuracy']:>6.1%}")
     return "\n".join(lines)
+
+
+def intervention_targets(run, heads: str | None = None, prop: str | None = None, labels=None) -> Targets:
+    """The targets of an intervention on ``run``: ``heads`` (``"L10.H3,MLP10,ATTN10"``) and, with ``prop``,
+    every head labelled with that property in ``labels`` (a labels file or a run folder; default the run's
+    labels.json)."""
+    from pathlib import Path
+
+    from .labels import head_labels, heads_with_property
+
+    spec = heads or ""
+    if prop:
+        found = head_labels(Path(labels)) if labels else head_labels(run.path)
+        chosen = heads_with_property(found, prop)
+        if not chosen:
+            raise ClipInterpretError(f"no head is labelled {prop!r} in {labels or run.path / 'labels.json'}")
+        spec = ",".join([p for p in (spec, ",".join(chosen)) if p])
+    return Targets.parse(spec, run.vit_config())
+
+
+def save_intervention(run, result: dict, targets: Targets):
+    """Write ``result`` as RUN/intervention-TARGETS.json (whole or absent); returns the path."""
+    import re
+
+    from .runstore.store import atomic_write_json
+
+    name = re.sub(r"[^A-Za-z0-9]+", "-", targets.describe()).strip("-").lower()[:60].rstrip("-") or "x"
+    path = run.path / f"intervention-{name}.json"  # the name the command line has always given it
+    atomic_write_json(path, result)
+    return path

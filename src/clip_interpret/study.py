@@ -330,3 +330,39 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
         log(f"finished in {time.time() - started:.1f} s")
         return {"run": run, "ablation": ablation, "textspan": textspan, "labels": labels, "metrics": metrics,
                 "report": report, "timings": timings}
+
+
+def compare_runs(paths, published: bool = True, llm=None, out: str | Path | None = None) -> dict:
+    """Score each run's labels (``run_metrics``, written to RUN/metrics.json) and compare them: one row per
+    run and labeller (prefixed with the run's folder name when there are several), the paper's six models
+    from their published labels, a bar chart and its JSON in ``out`` (default the first run;
+    comparison.png for several runs or a given ``out``, else metrics.png). The runs must share a convention.
+    Returns {"rows", "results" (each run's), "chart", "table" (the chart's JSON)}."""
+    from .metrics import bar_chart, published_scores
+    from .runstore.store import check_same_convention
+
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not (path / "manifest.json").is_file():
+            raise ClipInterpretError(f"{path} is not a run directory (no manifest.json)")
+    check_same_convention([str(p) for p in paths])  # their heads' labels must be comparable
+    rows, results = {}, []
+    for path in paths:
+        prefix = f"{path.name}: " if len(paths) > 1 else ""
+        result = run_metrics(path, published=published, llm=llm)
+        results.append(result)
+        rows.update({prefix + name: row for name, row in result["rows"].items() if "source" not in row})  # its own
+        atomic_write_json(path / "metrics.json", result)
+    if published:
+        rows.update(published_scores())
+    folder = Path(out) if out else paths[0]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ClipInterpretError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+    chart = bar_chart(rows, folder / ("comparison.png" if len(paths) > 1 or out else "metrics.png"))
+    atomic_write_json(chart.with_suffix(".json"), rows)
+    return {"rows": rows, "results": results, "chart": chart, "table": chart.with_suffix(".json")}

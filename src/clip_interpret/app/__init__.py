@@ -14,6 +14,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..errors import ClipInterpretError
@@ -33,9 +34,14 @@ def _private_temp_dir() -> str:
             shutil.rmtree(old, ignore_errors=True)
     folder = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C: gradio stops, atexit runs
+    _stop_on_sigterm()
     return folder
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM like Ctrl-C (a KeyboardInterrupt in the main thread): the server stops, atexit runs."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _release_large_blocks() -> None:
@@ -56,7 +62,8 @@ def _release_large_blocks() -> None:
 def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = 10, model: str | None = None,
           threads: int = 1, concurrency: int = 4, block: bool = True, device: str = "auto",
           precision: str = "fp32", tokenizer=None):
-    """Start the app; returns gradio's (app, local url, share url) when ``block`` is False.
+    """Start the app; returns gradio's (app, local url, share url) when ``block`` is False. With ``block``,
+    serve until Ctrl-C or SIGTERM, which stop it quietly (the command then exits with status 0).
 
     ``threads``: torch threads per request (single-image work gains little from more, and
     several requests run at once, up to ``concurrency``). ``device``/``precision``: where and
@@ -94,14 +101,31 @@ def serve(runs, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float 
 
     demo = build(registry)
     demo.queue(default_concurrency_limit=max(1, concurrency))
+    if block:
+        _stop_on_sigterm()  # also when GRADIO_TEMP_DIR was set (no folder of ours to remove then)
     try:
-        return demo.launch(server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20),
-                           prevent_thread_lock=not block, ssr_mode=False, inbrowser=False, css=CSS,
-                           footer_links=["gradio", "settings"], app_kwargs={"middleware": [
-                               Middleware(PathMask, runs={e.key: str(e.path) for e in registry.entries.values()}),
-                               Middleware(UploadFilter)]})  # PathMask outermost: no answer names a server path
-    except OSError as err:  # port taken, address not on this machine, ...
-        raise ClipInterpretError(f"cannot serve on {host}:{port}: {err}") from None
+        runs = {e.key: str(e.path) for e in registry.entries.values()}
+        try:
+            # quiet: gradio's own lines (its URL, "set share=True", "Keyboard interruption ...") are not printed
+            launched = demo.launch(server_name=host, server_port=port, share=False,
+                                   max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=True, quiet=True,
+                                   ssr_mode=False, inbrowser=False, css=CSS, footer_links=["gradio", "settings"],
+                                   app_kwargs={"middleware": [  # PathMask outermost: no answer names a server path
+                                       Middleware(PathMask, runs=runs), Middleware(UploadFilter)]})
+        except OSError as err:  # port taken, address not on this machine, ...
+            raise ClipInterpretError(f"cannot serve on {host}:{port}: {err}") from None
+        if not block:
+            return launched
+        print(f"serving on {demo.local_url} (stop with Ctrl-C)", flush=True)
+        while demo.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into the same: a normal stop, said nothing about
+        if not block:
+            raise
+    finally:
+        if block:
+            demo.close(verbose=False)
+    return None
 
 
 __all__ = ["Registry", "serve"]

