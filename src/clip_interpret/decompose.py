@@ -77,7 +77,8 @@ from .images import LoadFailure
 
 DEFAULT_LAST_LAYERS = 4
 CONVENTIONS = ("centred", "published")
-DEFAULT_CONVENTION = CONVENTIONS[0]  # the one place the default is written: every default refers to it
+DEFAULT_CONVENTION = "centred"  # the one place the default is written: every default refers to it. Runs
+#                                 written before manifests recorded a convention were decomposed with it too
 
 
 def check_convention(convention: str) -> str:

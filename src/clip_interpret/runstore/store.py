@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decompose import DEFAULT_CONVENTION
 from ..errors import ClipInterpretError
 
 MANIFEST_VERSION = 1
@@ -189,7 +190,7 @@ class ManifestFacts:
     @property
     def convention(self) -> str:
         """How the pieces were split (``centred`` or ``published``; see ``clip_interpret.decompose``)."""
-        return self.manifest.get("convention", "centred")
+        return self.manifest.get("convention", DEFAULT_CONVENTION)
 
     @property
     def precision(self) -> str:
@@ -550,7 +551,7 @@ def check_same_convention(runs) -> None:
     found = {}
     for run in runs:
         manifest = run.manifest if isinstance(run, Run) else read_manifest(run)
-        found[str(run.path if isinstance(run, Run) else run)] = manifest.get("convention", "centred")
+        found[str(run.path if isinstance(run, Run) else run)] = manifest.get("convention", DEFAULT_CONVENTION)
     if len(set(found.values())) > 1:
         listed = ", ".join(f"{path} ({convention})" for path, convention in found.items())
         raise ClipInterpretError(f"these runs split their pieces by different conventions: {listed}; index them "
