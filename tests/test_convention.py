@@ -193,3 +193,47 @@ def test_analyze_keeps_an_existing_runs_convention(tmp_path, capsys):
     assert open_run(run).convention == "published" and (run / "report.html").is_file()
     assert main(["analyze", *common, "--pool", "toy", "--convention", "centred"]) == 2
     assert "convention 'published' vs 'centred'" in capsys.readouterr().err
+
+
+def test_the_default_convention_is_written_in_one_place():
+    """Every default refers to DEFAULT_CONVENTION (conventions.py, re-exported by decompose): no other
+    string literal names it."""
+    import ast
+    from pathlib import Path
+
+    import clip_interpret
+    from clip_interpret.decompose import CONVENTIONS, DEFAULT_CONVENTION
+
+    assert DEFAULT_CONVENTION in CONVENTIONS
+    root = Path(clip_interpret.__file__).parent
+    found = [f"{path.relative_to(root)}:{node.lineno}" for path in root.rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Constant) and node.value == DEFAULT_CONVENTION]
+    assert len(found) == 2 and all(f.startswith("conventions.py:") for f in found), found  # the two constants
+
+
+def test_index_images_checks_convention_and_precision_once(tmp_path, monkeypatch):
+    import importlib
+
+    import clip_interpret.device as device_module
+    import clip_interpret.runstore.build as build_module
+
+    decompose_module = importlib.import_module("clip_interpret.decompose")  # the package's name is the function
+
+    calls = {"precision": 0, "convention": 0}
+
+    def counted(kind, check):
+        def wrapper(value):
+            calls[kind] += 1
+            return check(value)
+        return wrapper
+
+    convention = counted("convention", decompose_module.check_convention)
+    monkeypatch.setattr(decompose_module, "check_convention", convention)
+    monkeypatch.setattr(build_module, "check_convention", convention)
+    monkeypatch.setattr(device_module, "check_precision", counted("precision", device_module.check_precision))
+    model = load_model(make_open_clip("test-vit-tiny"))
+    run = index_images(model, "toyworld:12:1", tmp_path / "run", batch_size=4, progress=False, workers=0,
+                       convention="published")  # three batches
+    assert len(run) == 12 and run.convention == "published"
+    assert calls == {"precision": 1, "convention": 1}  # load_model's precision; index_images' convention

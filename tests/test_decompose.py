@@ -224,3 +224,42 @@ def test_empty_inputs_and_bad_heads(tiny_model):
     flat = decompose(tiny_model, pixels_for(tiny_model, n=1))
     with pytest.raises(ClipInterpretError, match="spatial=True"):
         flat.similarity_maps(text)
+
+
+def test_convention_and_precision_are_checked_once_where_they_enter(monkeypatch):
+    """load_model checks the precision once (not again in ClipModel.to nor in decompose), decompose
+    checks its convention once (not once per batch)."""
+    import importlib
+
+    import clip_interpret.device as device_module
+
+    decompose_module = importlib.import_module("clip_interpret.decompose")  # the package's name is the function
+
+    calls = {"precision": 0, "convention": 0}
+
+    def counted(kind, check):
+        def wrapper(value):
+            calls[kind] += 1
+            return check(value)
+        return wrapper
+
+    monkeypatch.setattr(device_module, "check_precision", counted("precision", device_module.check_precision))
+    monkeypatch.setattr(decompose_module, "check_convention", counted("convention", decompose_module.check_convention))
+    model = load_model(make_open_clip("test-vit-tiny"), precision="bf16")
+    assert calls == {"precision": 1, "convention": 0}
+    x = pixels_for(model, n=6)
+    d = decompose(model, x, batch_size=2, convention="published")  # three batches
+    assert calls == {"precision": 1, "convention": 1}
+    assert d.precision == "bf16" and d.convention == "published" and d.embedding.shape[0] == 6
+    decompose(model, x, batch_size=2, precision="fp32")  # a precision given to the call enters there
+    assert calls == {"precision": 2, "convention": 2}
+
+
+def test_decompose_pixels_refuses_a_bad_precision_or_convention_clearly(tiny_model):
+    from clip_interpret.decompose import decompose_pixels
+
+    x = pixels_for(tiny_model, n=1)
+    with pytest.raises(ClipInterpretError, match="unknown compute precision 'fp8'; choose one of fp32, bf16, fp16"):
+        decompose_pixels(tiny_model.vit, x, precision="fp8")
+    with pytest.raises(ClipInterpretError, match="unknown convention 'centered'"):
+        decompose_pixels(tiny_model.vit, x, convention="centered")

@@ -138,3 +138,78 @@ def test_eva_towers_are_refused_with_what_is_supported():
         tower = TimmModel("eva02_base_patch16_clip_224", embed_dim=512, pool="token", proj=None)
     with pytest.raises(UnsupportedModelError, match="Eva trunk.*rotary"):
         from_open_clip(tower)
+
+
+@torch.no_grad()
+def test_each_block_owns_its_attention_output_map(tiny_ls_model):
+    """out_weight()/out_bias() (the projection with its LayerScale) are the map the forward applies."""
+    vit = tiny_ls_model.vit
+    x = torch.randn(2, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(3))
+    _, cache = vit.run_with_cache(x, names_filter=lambda n: n.endswith(("attn.hook_z", "hook_attn_out")))
+    for layer, block in enumerate(vit.blocks[:-1]):
+        z, out = cache["z", layer], cache["attn_out", layer]
+        merged = z.transpose(1, 2).flatten(2)  # [B, T, H * d], heads in order
+        assert block.ls1 is not None and float((block.ls1.detach() - 1).abs().max()) > 1e-3  # a real LayerScale
+        assert torch.allclose(merged @ block.out_weight().T + block.out_bias(), out, atol=1e-6)
+        assert torch.equal(block.attn_output(merged), out)  # the forward's own arithmetic
+        change = torch.zeros_like(merged)
+        assert torch.equal(block.attn_output(change, bias=False), torch.zeros_like(out))
+
+
+def test_the_cls_query_row_is_a_hook_point(tiny_model, map_model):
+    vit = tiny_model.vit
+    x = torch.randn(2, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(4))
+    row, full = "blocks.1.attn.hook_cls_pattern", "blocks.1.attn.hook_pattern"
+    emb, both = vit.run_with_cache(x, names_filter=[row, full, "blocks.1.attn.hook_z"])
+    assert both[row].shape == (2, vit.cfg.heads, 1, vit.cfg.n_tokens)
+    assert torch.equal(both[row], both[full][:, :, :1])
+    alone_emb, alone = vit.run_with_cache(x, names_filter=[row, "blocks.1.attn.hook_v", "blocks.1.attn.hook_z"])
+    assert torch.allclose(alone[row], both[row], atol=1e-6)
+    assert torch.allclose(alone_emb, emb, atol=1e-6) and torch.allclose(vit(x), emb, atol=1e-6)
+
+    def uniform(pattern, name):
+        return torch.full_like(pattern, 1 / pattern.shape[-1])
+
+    for asked in ([row], [row, full]):  # the CLS row alone, or within the full pattern
+        _, hooked = vit.run_with_cache(x, names_filter=["blocks.1.attn.hook_z", "blocks.1.attn.hook_v", *asked],
+                                       fwd_hooks=[(row, uniform)])
+        z, v = hooked["z", 1], hooked["v", 1]
+        assert torch.allclose(z[:, :, 0], v.mean(dim=2), atol=1e-6)  # only the CLS query's row replaced
+        assert torch.allclose(z[:, :, 1:], alone["z", 1][:, :, 1:], atol=1e-6)
+    assert not any("cls_pattern" in name for name in map_model.vit.hook_names())  # no CLS token, no CLS row
+
+
+def test_readers_added_to_hook_points_keep_the_last_block_cut_short(tiny_model):
+    from clip_interpret.errors import ClipInterpretError
+    from clip_interpret.models.hooked_vit import HookPoints
+
+    vit = tiny_model.vit
+    x = torch.randn(2, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(5))
+    name = f"blocks.{vit.cfg.layers - 1}.attn.hook_z"
+    seen = {}
+    reader = HookPoints(vit)
+    reader.add(name, lambda z, n: seen.update(reader=z.shape))
+    assert torch.allclose(vit.run(x, reader), vit(x), atol=1e-6)
+    full = HookPoints(vit, fwd_hooks=[(name, lambda z, n: seen.update(hook=z.shape))])
+    assert torch.allclose(vit.run(x, full), vit(x), atol=1e-6)
+    heads, d = vit.cfg.heads, vit.cfg.head_dim
+    assert seen == {"reader": (2, heads, 1, d), "hook": (2, heads, vit.cfg.n_tokens, d)}
+    order = []
+    points = HookPoints(vit, fwd_hooks=[(name, lambda z, n: order.append("user"))])
+    points.add(name, lambda z, n: order.append("after"))
+    points.add(name, lambda z, n: order.append("before"), first=True)
+    vit.run(x, points)
+    assert order == ["before", "user", "after"]
+    with pytest.raises(ClipInterpretError, match="unknown hook point 'blocks.9.attn.hook_z'"):
+        HookPoints(vit).add("blocks.9.attn.hook_z", lambda z, n: None)
+
+
+def test_the_loop_takes_no_decomposition_options(tiny_model):
+    """HookedViT.run computes the embedding; what the decomposition needs it reads through hook points."""
+    import inspect
+
+    from clip_interpret.models.hooked_vit import HookedViT
+
+    assert list(inspect.signature(HookedViT.run).parameters) == ["self", "pixels", "points"]
+    x = torch.randn(1, 3, *tiny_model.vit.cfg.image_size)
+    assert torch.equal(tiny_model.vit.run(x), tiny_model.vit(x))

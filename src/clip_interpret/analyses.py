@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .conventions import DEFAULT_CONVENTION
 from .decompose import decompose, parse_head, resolve_layers, select_heads
 from .errors import ClipInterpretError
 from .images import describe, load_image
@@ -309,7 +310,7 @@ def _decompose_query(model, run, image, spatial: bool = False):
     layers, _ = _layers(model, run)
     if run is not None:
         run.check_model(model)
-    convention = run.convention if run is not None else "centred"  # comparable with the run's stored pieces
+    convention = run.convention if run is not None else DEFAULT_CONVENTION  # comparable with the run's stored pieces
     return pil, name, decompose(model, [pil], layers=layers, spatial=spatial, convention=convention)
 
 

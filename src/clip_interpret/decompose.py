@@ -33,6 +33,19 @@ the attention matrix is computed explicitly; the last block computes only its
 CLS row. Per-token pieces (``spatial=True``) multiply each value vector by its
 attention weight before the projection, never materialising [B, N, N, H, width].
 
+**Where the pieces come from.** The model only computes; the decomposition reads
+one pass of its block loop through hook points (``_Readout``: ``HookPoints.add``
+hooks, which need only the rows reaching the embedding, so the last block stays
+cut short): the stream's start, each layer's attention (``hook_attn_out``, or the
+heads' results ``attn.hook_z`` with the CLS query's row ``attn.hook_cls_pattern``
+and the values ``attn.hook_v`` in an analysed layer) and MLP outputs, the final
+stream and the embedding; in an attention-pooled tower, the pooling head's pattern,
+values, result and MLP. Each block's output map (``Block.out_weight()`` and
+``out_bias()``: ``ls1 * W_O``, ``ls1 * b_O``) is the one the forward applies. In a
+reduced precision, an analysed layer's output projection at the rows that reach
+the embedding is recomputed in float32 (a hook on ``hook_attn_out``), as the pieces
+are mapped: they then sum to the embedding that pass computes.
+
 **Attention pooling** (SigLIP's MAP head: no CLS token, LN_post on every token,
 one learned query over them, then ``y + MLP(LN(y))``). Freeze the pooling pattern
 ``A[p, i]`` (pooling head p, token i) and each token's LN_post scale ``sigma_i``;
@@ -59,15 +72,16 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .conventions import CONVENTIONS, DEFAULT_CONVENTION  # noqa: F401 (re-exported: decompose.CONVENTIONS)
 from .errors import ClipInterpretError, ImageLoadError
 from .images import LoadFailure
 
 DEFAULT_LAST_LAYERS = 4
-CONVENTIONS = ("centred", "published")
 
 
 def check_convention(convention: str) -> str:
-    """A valid convention name (see the module doc), or a clear error."""
+    """A valid convention name (see the module doc), or a clear error. Called once, where a
+    convention enters (``decompose``, ``decompose_pixels``, ``index_images``, the CLI's choices)."""
     if convention not in CONVENTIONS:
         raise ClipInterpretError(f"unknown convention {convention!r}; choose centred (each piece centred by its own "
                                  "mean, constants as pieces of their own) or published (the original code's shares)")
@@ -195,7 +209,7 @@ class Decomposition:
     sources: list[str] = field(default_factory=list)
     failures: list[LoadFailure] = field(default_factory=list)
     precision: str = "fp32"
-    convention: str = "centred"
+    convention: str = DEFAULT_CONVENTION
 
     PIECES = ("heads", "attn_bias", "other_attn", "mlps", "cls_embed", "pool_mlp", "constant")
     OPTIONAL = ("head_tokens", "pool_heads", "pool_head_tokens", "pool_bias")
@@ -312,7 +326,8 @@ def _published_shares(heads, tokens, attn_bias, other_attn, mlps, cls_embed, con
 
 @torch.no_grad()
 def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = False,
-                     precision: str = "fp32", fwd_hooks=(), convention: str = "centred") -> Decomposition:
+                     precision: str = "fp32", fwd_hooks=(), convention: str = DEFAULT_CONVENTION, *,
+                     checked: bool = False) -> Decomposition:
     """Decompose preprocessed pixels [B, 3, H, W] with a HookedViT (see the module doc).
 
     The result stays on the pixels' device (``decompose`` hands it back on the CPU).
@@ -320,29 +335,131 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     LayerNorm statistics, the residual stream and the map to the joint space are float32.
     ``fwd_hooks``: hooks on the forward (``HookedViT.run_with_hooks``): the pieces then
     decompose the intervened model's embedding. ``convention``: ``centred`` or ``published``.
+    ``checked``: the caller has checked ``precision`` and ``convention`` already, where they
+    entered (``decompose`` and ``index_images`` call this once per batch and check them once).
     """
-    from .device import compute, full_precision
-    from .models.hooked_vit import HookPoints
+    from .device import check_precision, compute, full_precision
 
     cfg = vit.cfg
     device = pixels.device
+    if not checked:
+        precision, convention = check_precision(precision), check_convention(convention)
     chosen = resolve_layers(layers, cfg.layers)
     others = [i for i in range(cfg.layers) if i not in set(chosen)]
-    published = check_convention(convention) == "published"
+    published = convention == "published"
     if published and vit.pool is not None:
         raise ClipInterpretError("the published convention is defined for towers that pool by their CLS token; "
-                                 "this tower pools by attention: use convention='centred'")
-    points = HookPoints(vit, fwd_hooks) if fwd_hooks else None
+                                 f"this tower pools by attention: use convention={DEFAULT_CONVENTION!r}")
+    read = _Readout(vit, chosen, spatial, fwd_hooks)
     with compute(device, precision):
-        trace = vit.run(pixels, points, head_layers=chosen, token_z=spatial, pieces=True)
+        vit.run(pixels, read.points)
     with full_precision(device):
-        parts = (_cls_pieces if vit.pool is None else _pooled_pieces)(vit, trace, chosen, others, spatial, published)
+        parts = (_cls_pieces if vit.pool is None else _pooled_pieces)(vit, read, chosen, others, spatial, published)
     return Decomposition(**parts, layers=chosen, other_layers=others, grid=cfg.grid, image_size=tuple(cfg.image_size),
                          class_token=cfg.class_token, precision=precision,
                          convention=convention)
 
 
-def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
+def _read(value, name):
+    """A hook that only asks the loop for its activation."""
+
+
+class _Readout:
+    """What the decomposition reads from one pass of the model's block loop, through hook points
+    added after ``fwd_hooks`` (so it reads what they left), at the rows that reach the embedding
+    ([B, R, width]: R = 1, the CLS row, in a CLS-pooled tower; every token in an attention-pooled
+    one): the stream's start (``resid0``), the attention outputs of the layers not analysed
+    (``attn``), every MLP output (``mlp``), the analysed heads' results (``head_z``: [B, H, d] at the
+    CLS row, [B, H, T, d] per source token with ``spatial``, or per row of an attention-pooled
+    tower), the final stream (``final``) and the embedding; and the pooling head's pattern,
+    values, result and MLP (``pool_*``). In a reduced precision an analysed layer's output
+    projection at those rows is recomputed in float32 (a hook on ``hook_attn_out`` before
+    ``fwd_hooks``), as the pieces are mapped, so that they sum to the embedding of this pass."""
+
+    def __init__(self, vit, chosen: list[int], spatial: bool, fwd_hooks=()):
+        from .models.hooked_vit import CLS_PATTERN, HookPoints
+
+        self.points = points = HookPoints(vit, fwd_hooks)
+        by_cls = vit.pool is None
+        self.rows = slice(0, 1) if by_cls else slice(None)
+        self.resid0 = self.final = self.embedding = None
+        self.attn, self.mlp, self.head_z = {}, [], {}
+        self._z, self._seen, self._v, self._cls = {}, {}, {}, {}  # held from one hook point to a later one
+        self.pool_linear = True  # False when a hook replaced LN_post, the pooling values or its result: the
+        #                          tokens' pieces then no longer reach the result through W_V and the pattern
+        points.add("hook_embed", self._keep("resid0"))
+        for layer, block in enumerate(vit.blocks):
+            name = f"blocks.{layer}."
+            if layer in chosen:
+                if by_cls and spatial:
+                    points.add(name + "attn.hook_v", self._keep_in("_v", layer, rows=False))
+                    points.add(name + "attn.hook_z", self._see, first=True)
+                if by_cls:  # the loop computes the CLS query's row explicitly: it splits the CLS result by token
+                    points.add(name + CLS_PATTERN, self._keep_in("_cls", layer, rows=False) if spatial else _read)
+                points.add(name + "attn.hook_z", self._heads(layer, by_cls, spatial))
+                points.add(name + "hook_attn_out", self._in_float32(vit, block, layer, by_cls), first=True)
+            else:
+                points.add(name + "hook_attn_out", self._keep_in("attn", layer))
+            points.add(name + "hook_mlp_out", self._append_mlp)
+        points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final", rows=False))
+        points.add("hook_image_embed", self._keep("embedding", rows=False))
+        if not by_cls:
+            for point in ("ln_post.hook_normalized", "pool.hook_v", "pool.hook_z"):
+                points.add(point, self._see, first=True)
+                points.add(point, self._check_same)
+            points.add("pool.hook_pattern", self._keep("pool_pattern", rows=False))
+            points.add("pool.hook_v", self._keep("pool_values", rows=False))
+            points.add("pool.hook_z", self._keep("pool_z", rows=False))
+            points.add("pool.hook_mlp_out", self._keep("pool_mlp", rows=False))
+
+    def _keep(self, attr: str, rows: bool = True):
+        def keep(value, name):
+            setattr(self, attr, value[:, self.rows] if rows else value)
+        return keep
+
+    def _keep_in(self, attr: str, layer: int, rows: bool = True):
+        def keep(value, name):
+            getattr(self, attr)[layer] = value[:, self.rows] if rows else value
+        return keep
+
+    def _append_mlp(self, value, name):
+        self.mlp.append(value[:, self.rows])
+
+    def _see(self, value, name):
+        """The activation as the loop computed it, before any ``fwd_hooks``."""
+        self._seen[name] = value
+
+    def _check_same(self, value, name):
+        if value is not self._seen.pop(name):
+            self.pool_linear = False
+
+    def _heads(self, layer: int, by_cls: bool, spatial: bool):
+        def keep(z, name):
+            self._z[layer] = z
+            if not by_cls:
+                self.head_z[layer] = z
+            elif spatial:
+                if z is not self._seen.pop(name):
+                    raise ClipInterpretError(f"a hook on {name} changes the heads' results: they no longer "
+                                             "split by token; decompose that layer without spatial=True")
+                self.head_z[layer] = self._cls.pop(layer).transpose(-1, -2) * self._v.pop(layer)
+            else:
+                self.head_z[layer] = z[:, :, 0]
+        return keep
+
+    def _in_float32(self, vit, block, layer: int, by_cls: bool):
+        def recompute(attn, name):
+            z = self._z.pop(layer)
+            if z.dtype == torch.float32:
+                return None
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                if not by_cls:
+                    return block.attn_output(vit.merge_heads(z.float()))
+                return torch.cat([block.attn_output(vit.merge_heads(z[:, :, :1].float())), attn[:, 1:].float()], dim=1)
+        return recompute
+
+
+def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
     """The pieces of a CLS-pooled tower: every piece of the final CLS row through LN_post (its
     scale frozen) and the projection; ``published``: the original code's shares (module doc)."""
     cfg = vit.cfg
@@ -350,9 +467,9 @@ def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool,
     # c -> (c - mean(c)) * gamma @ P = c @ (G - mean_rows(G)), G = diag(gamma) P.
     g = vit.ln_post.weight[:, None] * vit.proj
     g_centered = g if published else g - g.mean(dim=0, keepdim=True)  # published: centred by shares below
-    r = trace.final[:, 0].float()
+    r = read.final[:, 0].float()
     sigma = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
-    emb = trace.embedding.float()
+    emb = read.embedding.float()
     norm = emb.norm(dim=-1)
     scale = sigma * norm
     batch = r.shape[0]
@@ -360,8 +477,8 @@ def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool,
     head_pieces, token_pieces, bias_terms = [], [], []
     for index in chosen:
         block = vit.blocks[index]
-        u = (_out_weight(block).T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
-        z = trace.head_z[index].float()
+        u = (block.out_weight().T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
+        z = read.head_z[index].float()
         if spatial:
             piece = torch.einsum("bhtd,hdk->bthk", z, u)  # [B, T, H, D]
             piece = piece / scale.view(-1, 1, 1, 1)
@@ -370,14 +487,14 @@ def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool,
         else:
             piece = torch.einsum("bhd,hdk->bhk", z, u)  # [B, H, D]
             head_pieces.append(piece / scale.view(-1, 1, 1))
-        bias_terms.append(_out_bias(block))
+        bias_terms.append(block.out_bias())
     attn_bias = _map(torch.stack([b.expand(batch, -1) for b in bias_terms], dim=1), g_centered, scale)
     if others:
-        other_attn = _map(torch.stack([trace.attn[i][:, 0] for i in others], dim=1), g_centered, scale)
+        other_attn = _map(torch.stack([read.attn[i][:, 0] for i in others], dim=1), g_centered, scale)
     else:
         other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
-    mlps = _map(torch.stack([m[:, 0] for m in trace.mlp], dim=1), g_centered, scale)
-    cls_embed = _map(trace.resid0[:, 0], g_centered, scale)
+    mlps = _map(torch.stack([m[:, 0] for m in read.mlp], dim=1), g_centered, scale)
+    cls_embed = _map(read.resid0[:, 0], g_centered, scale)
     constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
     heads, tokens = torch.stack(head_pieces, dim=1), torch.stack(token_pieces, dim=1) if spatial else None
     if published:
@@ -391,32 +508,24 @@ def _cls_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool,
     )
 
 
-def _out_weight(block) -> torch.Tensor:
-    """A block's attention output projection with its LayerScale, [width_out, width_in]."""
-    return block.out.weight * block.ls1[:, None] if block.ls1 is not None else block.out.weight
-
-
-def _out_bias(block) -> torch.Tensor:
-    return block.out.bias * block.ls1 if block.ls1 is not None else block.out.bias
-
-
-def _pooled_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
+def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
     """The pieces of an attention-pooled tower: every piece of the final stream, at every token,
     through LN_post (each token's scale frozen), the pooling head's values and its frozen pattern,
     its output projection and the projection; the pooling MLP as one piece (module doc)."""
     cfg, pool = vit.cfg, vit.pool
-    if not trace.pool.linear:
+    if not read.pool_linear:
         raise ClipInterpretError("a hook replaces LN_post, the pooling head's values or its result: the tokens' "
                                  "pieces no longer reach the embedding through the pooling head; decompose "
                                  "without that hook")
     w, n_pool = cfg.width, cfg.pool_heads
     d_pool = w // n_pool
-    x = trace.final.float()  # [B, T, width]
-    emb = trace.embedding.float()
+    x = read.final.float()  # [B, T, width]
+    emb = read.embedding.float()
     norm = emb.norm(dim=-1)
     sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + cfg.ln_eps)  # [B, T]
     # the frozen pattern over the frozen LN scales, and the embedding's norm: [B, Hp, T]
-    weights = trace.pool.pattern.float() / (sigma[:, None, :] * norm[:, None, None])
+    pattern = read.pool_pattern[:, :, 0].float()  # [B, Hp, T]: the query's attention over the tokens
+    weights = pattern / (sigma[:, None, :] * norm[:, None, None])
     # c -> (gamma * C c) W_V^T per pooling head: [Hp, width, d]; its output W_O^T (P): [Hp, d, D]
     w_v, b_v = pool.kv.weight[w:], pool.kv.bias[w:]
     value_in = vit.ln_post.weight[:, None] * w_v.T
@@ -440,8 +549,8 @@ def _pooled_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bo
     head_pieces, token_pieces, bias_pieces = [], [], []
     for index in chosen:
         block = vit.blocks[index]
-        w_o = _out_weight(block).T.reshape(cfg.heads, cfg.head_dim, w)  # [H, d, width]
-        z = trace.head_z[index].float()  # [B, H, T, d]
+        w_o = block.out_weight().T.reshape(cfg.heads, cfg.head_dim, w)  # [H, d, width]
+        z = read.head_z[index].float()  # [B, H, T, d]
         if spatial:
             out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, width]: the pooled values
             piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
@@ -450,24 +559,24 @@ def _pooled_pieces(vit, trace, chosen: list[int], others: list[int], spatial: bo
         else:
             out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
             head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
-        bias_pieces.append(constant_through_pool(_out_bias(block)))
+        bias_pieces.append(constant_through_pool(block.out_bias()))
     empty = emb.new_zeros(batch, 0, emb.shape[-1])
     # constants: LN_post's beta and the value bias reach y through the pattern, which sums to one
     constant = ((vit.ln_post.bias @ w_v.T + b_v) @ pool.out.weight.T + pool.out.bias)
     pool_bias = pool.out.bias
-    pool_mlp = trace.pool.mlp.float()
+    pool_mlp = read.pool_mlp.float()
     if vit.proj is not None:
         constant, pool_bias, pool_mlp = constant @ vit.proj, pool_bias @ vit.proj, pool_mlp @ vit.proj
-    pool_z = trace.pool.z.float()  # [B, Hp, d]: each pooling head's result
+    pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooling head's result
     scaled = 1 / norm.view(-1, 1, 1)
     return dict(
         heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
-        other_attn=torch.stack([through_pool(trace.attn[i]) for i in others], dim=1) if others else empty,
-        mlps=torch.stack([through_pool(m) for m in trace.mlp], dim=1), cls_embed=through_pool(trace.resid0),
+        other_attn=torch.stack([through_pool(read.attn[i]) for i in others], dim=1) if others else empty,
+        mlps=torch.stack([through_pool(m) for m in read.mlp], dim=1), cls_embed=through_pool(read.resid0),
         pool_mlp=pool_mlp[:, None] / norm.view(-1, 1, 1), constant=constant.expand(batch, -1) / norm[:, None],
         embedding=emb / norm[:, None], head_tokens=torch.stack(token_pieces, dim=1) if spatial else None,
         pool_heads=torch.einsum("bpe,ped->bpd", pool_z, out_map) * scaled,
-        pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", trace.pool.pattern.float(), trace.pool.values.float(),
+        pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", pattern, read.pool_values.float(),
                                       out_map) * scaled[..., None] if spatial else None,
         pool_bias=pool_bias.expand(batch, -1) / norm[:, None],
     )
@@ -481,11 +590,11 @@ class _Decompose:
     layers: list[int]
     spatial: bool
     precision: str
-    convention: str = "centred"
+    convention: str = DEFAULT_CONVENTION
 
     def __call__(self, pixels: torch.Tensor) -> Decomposition:
         return decompose_pixels(self.vit, pixels, layers=self.layers, spatial=self.spatial,
-                                precision=self.precision, convention=self.convention).to("cpu")
+                                precision=self.precision, convention=self.convention, checked=True).to("cpu")
 
 
 def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
@@ -503,19 +612,19 @@ def _tensor_batches(pixels: torch.Tensor, batch_size: int, device):
 def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spatial: bool = False,
               batch_size: int = 32, on_error: str = "raise", precision: str | None = None,
               workers: int | None = None, decode: str = "auto", draft: bool = False,
-              convention: str = "centred") -> Decomposition:
+              convention: str = DEFAULT_CONVENTION) -> Decomposition:
     """Decompose the image embeddings of ``images`` with ``model`` (a ClipModel).
 
     ``images``: image paths, bytes, PIL images, numpy arrays, or a preprocessed tensor
     [B, 3, H, W]. ``layers``: analysed layers (default: the last 4). ``spatial``: keep
     per-token head pieces. ``on_error``: ``"raise"`` or ``"skip"`` unreadable images
     (skipped ones are listed in ``Decomposition.failures``). ``precision``: compute
-    precision (default: the model's). ``workers``, ``decode``, ``draft``: the input
+    precision (default: the model's, checked when it was set). ``workers``, ``decode``, ``draft``: the input
     pipeline (``clip_interpret.pipeline``; default: worker processes from 64 images on).
     ``convention``: ``centred`` (ours) or ``published`` (the original code's per-head
     values; see the module doc). The model computes on its device; the result is on the CPU.
     """
-    from .device import check_precision, is_out_of_memory, out_of_memory_error
+    from .device import is_out_of_memory, out_of_memory_error, resolve_precision
     from .pipeline import ListSource, pixel_batches
 
     if on_error not in ("raise", "skip"):
@@ -524,7 +633,7 @@ def decompose(model, images: Any, layers: Sequence[int] | str | None = None, spa
         raise ClipInterpretError(f"batch size must be at least 1, got {batch_size}")
     vit = model.vit if hasattr(model, "vit") else model
     device = vit.device
-    precision = check_precision(precision or getattr(model, "precision", "fp32"))
+    precision = resolve_precision(model, precision)
     chosen = resolve_layers(layers, vit.cfg.layers)
     compute = _Decompose(vit, chosen, spatial, precision, check_convention(convention))
     if isinstance(images, torch.Tensor):

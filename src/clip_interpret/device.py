@@ -59,10 +59,21 @@ def compute_device(model, device=None) -> torch.device:
 
 
 def check_precision(precision: str | None) -> str:
+    """A valid precision name (None -> fp32), or a clear error. Called once, where a precision
+    enters: ``load_model`` / ``ClipModel.to`` (the model's), a call given one explicitly
+    (``resolve_precision``), the CLI's choices."""
     name = (precision or "fp32").strip().lower()
     if name not in PRECISIONS:
         raise ClipInterpretError(f"unknown compute precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return name
+
+
+def resolve_precision(model, precision: str | None = None) -> str:
+    """The compute precision of a call: ``precision`` when given (checked here: it enters here), else
+    the model's own (checked when it was set), else fp32 (a bare HookedViT)."""
+    if precision is not None:
+        return check_precision(precision)
+    return getattr(model, "precision", "fp32")
 
 
 def compute(device: torch.device, precision: str):

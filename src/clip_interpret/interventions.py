@@ -160,10 +160,12 @@ def direct_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean
     if mode not in MODES:
         raise ClipInterpretError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     points = HookPoints(vit, (), names_filter=targets.points(), cache={})
+    stream = {}
+    points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", lambda x, name: stream.update(final=x))
     with compute(pixels.device, precision):
-        trace = vit.run(pixels, points)
+        vit.run(pixels, points)
     cache = points.cache
-    final = trace.final.float()  # [B, R, width]: the CLS row alone, or every row the head reads
+    final = stream["final"].float()  # [B, R, width]: the CLS row alone, or every row the head reads
     rows = final.shape[1]
     delta = torch.zeros_like(final)
     with torch.autocast(device_type=pixels.device.type, enabled=False):
@@ -174,9 +176,8 @@ def direct_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean
             change = torch.zeros_like(z)
             heads = [h for l, h in targets.heads if l == layer]
             change[:, heads] = new[:, heads] - z[:, heads]
-            block = vit.blocks[layer]
-            out = vit.merge_heads(change) @ block.out.weight.T  # no bias: it does not change
-            delta += out * block.ls1 if block.ls1 is not None else out
+            # the block's own output map, without its bias (which does not change)
+            delta += vit.blocks[layer].attn_output(vit.merge_heads(change), bias=False)
         for name in targets.points():
             if not name.endswith("hook_z"):
                 act = cache[name].float()

@@ -176,7 +176,8 @@ class _SegMaps:
     def __call__(self, pixels: torch.Tensor) -> dict:
         from .decompose import decompose_pixels
 
-        d = decompose_pixels(self.vit, pixels, layers=self.layers, spatial=True, precision=self.precision)
+        d = decompose_pixels(self.vit, pixels, layers=self.layers, spatial=True, precision=self.precision,
+                             checked=True)  # the model's precision, checked when it was set
         tokens = d.head_tokens[:, :, 1:] if d.class_token else d.head_tokens  # [B, L, P, H, D]: patches only
         maps, chosen = [], []
         for classes in self.classes:

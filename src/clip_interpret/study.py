@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from .conventions import DEFAULT_CONVENTION
 from .errors import ClipInterpretError
 from .runstore.store import atomic_write_json, read_run_manifest
 
@@ -278,7 +279,8 @@ def analyze(model_spec, images: str, out: str | Path, pool: str = "general", lab
         existing = _read(out / "manifest.json")
         was_complete = isinstance(existing, dict) and bool(existing.get("complete"))
         if convention is None:
-            convention = existing.get("convention", "centred") if isinstance(existing, dict) else "centred"
+            convention = existing.get("convention", DEFAULT_CONVENTION) if isinstance(existing, dict) \
+                else DEFAULT_CONVENTION
         run = index_images(model, images, out, layers=layers, batch_size=batch_size, progress=progress, workers=workers,
                            decode=decode, draft=draft, convention=convention, engine=engine)
         say(1, "index", not was_complete, f"{len(run)} images, layers {run.layers}", t0)

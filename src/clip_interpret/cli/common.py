@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..conventions import CONVENTIONS, DEFAULT_CONVENTION
 from ..errors import ClipInterpretError
 
 # The library's names for the options' choices and help, here without importing torch so that the parser
@@ -14,7 +15,6 @@ from ..errors import ClipInterpretError
 # (device.PRECISIONS, device.DEVICE_HELP, decompose.CONVENTIONS, analyses.DEFAULT_K and METRICS).
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
-CONVENTIONS = ("centred", "published")
 DEFAULT_K = {"property": 4, "image": 8, "text": 3}
 METRICS = ("dot", "cosine")
 
@@ -41,9 +41,9 @@ def add_compute_options(p, pipeline: bool = False) -> None:
                        help="pil decoding: decode JPEGs at least twice the input size at 1/2, 1/4 or 1/8 scale")
 
 
-def add_convention_option(p, default: str | None = "centred") -> None:
+def add_convention_option(p, default: str | None = DEFAULT_CONVENTION) -> None:
     """--convention: how the pieces share the attention output bias and LN_post's mean and bias."""
-    told = "default centred" if default else "default: an existing run's, else centred"
+    told = f"default {default}" if default else f"default: an existing run's, else {DEFAULT_CONVENTION}"
     p.add_argument("--convention", choices=list(CONVENTIONS), default=default,
                    help=f"centred (each piece centred by its own mean, b_O and LN_post's bias as pieces of their "
                         f"own) or published (the original code's shares: per-head values as in the paper's tool); "

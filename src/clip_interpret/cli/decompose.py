@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..conventions import DEFAULT_CONVENTION
 from ..errors import ClipInterpretError
 from .common import add_compute_options, add_convention_option, ensure_dir, load, pipeline_options, slug
 
 
 def _decompose_report(model, images, texts, layers, spatial, out: Path | None, top: int, skip_bad: bool,
-                      heat_heads=None, pipeline: dict | None = None, convention: str = "centred") -> dict:
+                      heat_heads=None, pipeline: dict | None = None, convention: str = DEFAULT_CONVENTION) -> dict:
     from ..decompose import decompose
     from ..images import load_image
 

@@ -17,24 +17,28 @@ final LayerNorm applied to every token):
 
 One block loop (``run``) serves every forward, as TransformerLens owns its
 transformer: each activation has a name (``blocks.{l}.attn.hook_z``, ...; see
-``hook_names()``) where hooks can read or replace it.
+``hook_names()``) where hooks can read or replace it. The model only computes:
+nothing here knows about the decomposition.
 
 * ``forward``: the plain forward; attention goes through PyTorch's fused kernel
   and, in a CLS-pooled tower, the last block computes only its CLS row (the only
   row that reaches the embedding; an attention-pooled tower reads every row).
 * ``run_with_cache(pixels, names_filter)`` and ``run_with_hooks(pixels, fwd_hooks)``:
   the same loop with callbacks; a full attention pattern is materialised only where
-  it is hooked or cached.
-* the decomposition (``clip_interpret.decompose``) asks the loop for the heads'
-  results of the analysed layers (with the explicit CLS attention row in a
-  CLS-pooled tower) and for every layer's outputs at the rows that reach the
-  embedding, and maps what it leaves (``Trace``) into the joint space.
+  it is hooked or cached, the CLS query's row alone (``attn.hook_cls_pattern``)
+  where that is.
+* each ``Block`` knows its attention output map (``out_weight()``, ``out_bias()``:
+  the output projection with its LayerScale; ``attn_output()``: the forward's
+  arithmetic of it), which the forward, the decomposition and the interventions share.
+* the decomposition (``clip_interpret.decompose``) reads what it needs through
+  hook points (``HookPoints.add``: hooks that need only the rows reaching the
+  embedding, so the last block is still cut short) and maps it into the joint space.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +97,7 @@ def activation(name: str):
 
 
 class Block(nn.Module):
-    """One residual block; parameters only, the arithmetic is in HookedViT."""
+    """One residual block: its parameters and its attention output map (the loop is in HookedViT)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -109,6 +113,25 @@ class Block(nn.Module):
             self.ls2 = nn.Parameter(torch.ones(w))
         else:
             self.ls1 = self.ls2 = None
+
+    def _scale1(self, t: torch.Tensor) -> torch.Tensor:
+        """The attention branch's LayerScale over the output dimension (the last), when the tower has one."""
+        return t * self.ls1 if self.ls1 is not None else t
+
+    def out_weight(self) -> torch.Tensor:
+        """The attention output map's weight, the projection with its LayerScale: [width_out, width_in],
+        its input columns grouped by head (``ls1 * W_O``)."""
+        weight = self.out.weight
+        return weight * self.ls1[:, None] if self.ls1 is not None else weight
+
+    def out_bias(self) -> torch.Tensor:
+        """The attention output map's bias with its LayerScale (``ls1 * b_O``), [width]."""
+        return self._scale1(self.out.bias)
+
+    def attn_output(self, merged: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The heads' merged results [..., width] -> the update added to the stream, as the forward
+        computes it: ``ls1 * (W_O z + b_O)`` (without ``b_O`` when not ``bias``: a change of z)."""
+        return self._scale1(F.linear(merged, self.out.weight, self.out.bias if bias else None))
 
 
 class AttentionPool(nn.Module):
@@ -147,7 +170,7 @@ class HookedViT(nn.Module):
         self.pool = AttentionPool(cfg) if cfg.pool == "map" else None
         self.proj = nn.Parameter(torch.zeros(w, cfg.output_dim)) if cfg.proj else None
         self._act = activation(cfg.act)
-        self._names = [tuple(f"blocks.{layer}.{point}" for point in BLOCK_POINTS) for layer in range(cfg.layers)]
+        self._names = [{point: f"blocks.{layer}.{point}" for point in BLOCK_POINTS} for layer in range(cfg.layers)]
 
     @property
     def device(self) -> torch.device:
@@ -199,15 +222,13 @@ class HookedViT(nn.Module):
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
     def attn_out(self, block: Block, z: torch.Tensor) -> torch.Tensor:
-        """Per-head attention results [B, H, T, d] -> residual update [B, T, width]."""
-        out = block.out(self.merge_heads(z))
-        return out * block.ls1 if block.ls1 is not None else out
+        """Per-head attention results [B, H, T, d] -> residual update [B, T, width] (``Block.attn_output``)."""
+        return block.attn_output(self.merge_heads(z))
 
-    def head(self, x: torch.Tensor, points: "HookPoints | None" = None, trace: "Trace | None" = None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, points: "HookPoints | None" = None) -> torch.Tensor:
         """The final stream [B, rows, width] -> image embedding [B, output_dim] (not normalised), in
         float32: LN_post of the CLS row and the projection, or the attention-pooling head. A CLS-pooled
-        tower reads only row 0, so ``x`` may hold that row alone. ``trace`` keeps the pooling
-        head's activations that the decomposition needs."""
+        tower reads only row 0, so ``x`` may hold that row alone."""
         hook = points if points is not None else _no_hook
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -218,10 +239,10 @@ class HookedViT(nn.Module):
             if self.pool is None:
                 out = self.norm(self.ln_post, x)
             else:
-                out = self._attention_pool(x, hook, trace)
+                out = self._attention_pool(x, hook)
             return out @ self.proj.float() if self.proj is not None else out
 
-    def _attention_pool(self, x: torch.Tensor, hook, trace: "Trace | None") -> torch.Tensor:
+    def _attention_pool(self, x: torch.Tensor, hook) -> torch.Tensor:
         """The final stream [B, T, width] -> the MAP head's output ``y + MLP(LN(y))`` [B, width]:
         one learned query attends to LN_post of every token."""
         cfg, pool = self.cfg, self.pool
@@ -238,97 +259,73 @@ class HookedViT(nn.Module):
         y = hook("pool.hook_attn_out", pool.out(hooked_z.transpose(1, 2).reshape(b, w)))
         post = hook("pool.mlp.hook_post", self._act(pool.fc1(hook("pool.ln.hook_normalized", self.norm(pool.ln, y)))))
         mlp = hook("pool.hook_mlp_out", pool.fc2(post))
-        if trace is not None:
-            trace.pool = PoolTrace(pattern=pattern[:, :, 0], values=hooked_v, z=hooked_z[:, :, 0], mlp=mlp,
-                                   linear=hooked_normed is normed and hooked_v is v and hooked_z is z)
         return y + mlp
 
     # ---------------------------------------------------------------- forwards
     def hook_names(self) -> list[str]:
         """Every hook point, in the order a forward meets them."""
         names = ["hook_embed"]
+        points = [p for p in BLOCK_POINTS if self.cfg.class_token or p != CLS_PATTERN]
         for layer in range(self.cfg.layers):
-            names += [f"blocks.{layer}.{point}" for point in BLOCK_POINTS]
+            names += [f"blocks.{layer}.{point}" for point in points]
         return names + list(FINAL_POINTS if self.pool is None else POOL_POINTS)
 
-    def run(self, pixels: torch.Tensor, points: "HookPoints | None" = None, head_layers=(), token_z: bool = False,
-            pieces: bool = False, cls_only_last: bool = True) -> "Trace":
-        """The one block loop. Every forward goes through it: the plain forward, the hooked and
-        cached forwards, and the decomposition.
+    def run(self, pixels: torch.Tensor, points: "HookPoints | None" = None) -> torch.Tensor:
+        """The one block loop: pixels -> image embedding [B, output_dim] (not normalised). Every
+        forward goes through it: the plain forward, the hooked and cached forwards, and the
+        decomposition, which reads what it needs through ``points``.
 
-        ``points``: hooks and cache of named activations (``HookPoints``). ``head_layers``: layers
-        whose heads' results are kept (``Trace.head_z``): in a CLS-pooled tower the CLS attention
-        row is computed explicitly and each head's CLS result is kept (split by source token with
-        ``token_z``); in an attention-pooled tower each head's result at every token.
-        ``pieces``: keep what else the decomposition maps (the stream's start and each layer's
-        attention and MLP outputs, at the rows that reach the embedding).
-        ``cls_only_last``: in a CLS-pooled tower the last block computes only its CLS row, the
-        only one that reaches the embedding (off when a hook or the cache asks for a last-block
-        activation).
+        ``points``: hooks and cache of named activations (``HookPoints``). Attention runs in
+        PyTorch's fused kernel, except in a layer whose full pattern is hooked or cached (then
+        computed explicitly) or whose CLS query row alone is (``attn.hook_cls_pattern``: that row
+        explicitly, the other rows fused). In a CLS-pooled tower the last block computes only its
+        CLS row, the only one that reaches the embedding, unless ``points`` asks for a last-block
+        activation at every row (``fwd_hooks`` or the cache; ``HookPoints.add`` hooks do not).
         """
         cfg = self.cfg
-        head_layers = frozenset(head_layers)
-        by_cls = self.pool is None
         scale = cfg.head_dim ** -0.5
         last = cfg.layers - 1
         hook = points if points is not None else _no_hook
+        wants = points.wants if points is not None else _wants_nothing
         x = hook("hook_embed", self.embed(pixels))
-        rows = slice(0, 1) if by_cls else slice(None)  # the rows that reach the embedding
-        trace = Trace(resid0=x[:, rows] if pieces else None)
-        cls_only_last = by_cls and cls_only_last and not (points is not None and points.wants_block(last))
+        cut_last = self.pool is None and not (points is not None and points.wants_every_row(last))
         for index, block in enumerate(self.blocks):
             names = self._names[index]
-            only_cls = cls_only_last and index == last
-            x = hook(names[0], x)  # hook_resid_pre
-            h = hook(names[1], self.norm(block.ln1, x))  # ln1.hook_normalized
+            only_cls = cut_last and index == last
+            x = hook(names["hook_resid_pre"], x)
+            h = hook(names["ln1.hook_normalized"], self.norm(block.ln1, x))
             q, k, v = self.qkv(block, h, cls_query_only=only_cls)
-            q, k, v = hook(names[2], q), hook(names[3], k), hook(names[4], v)
-            explicit = index in head_layers
-            if points is not None and points.wants(names[5]):  # the full pattern, asked for
-                pattern = hook(names[5], torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
+            q, k, v = hook(names["attn.hook_q"], q), hook(names["attn.hook_k"], k), hook(names["attn.hook_v"], v)
+            if wants(names["attn.hook_pattern"]):  # the full pattern, asked for
+                pattern = hook(names["attn.hook_pattern"],
+                               torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
+                if wants(names[CLS_PATTERN]):
+                    row = pattern[:, :, :1]
+                    hooked_row = hook(names[CLS_PATTERN], row)
+                    if hooked_row is not row:
+                        pattern = torch.cat([hooked_row, pattern[:, :, 1:]], dim=2)
                 z = pattern @ v
-                cls_pattern = pattern[:, :, :1]
-            elif explicit and by_cls:  # only the CLS query row, explicitly: its weights split the CLS result by token
-                cls_pattern = torch.softmax((q[:, :, :1] * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype)
+            elif wants(names[CLS_PATTERN]):  # only the CLS query's row, explicitly; the other rows fused
+                cls_pattern = hook(names[CLS_PATTERN],
+                                   torch.softmax((q[:, :, :1] * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
                 z_cls = cls_pattern @ v
                 z = z_cls if only_cls else torch.cat([z_cls, F.scaled_dot_product_attention(q[:, :, 1:], k, v)],
                                                      dim=2)
             else:
                 z = F.scaled_dot_product_attention(q, k, v)
-            hooked_z = hook(names[6], z)
-            if explicit and by_cls:
-                if token_z and hooked_z is not z:
-                    raise ClipInterpretError(f"a hook on {names[6]} changes the heads' results: they no longer "
-                                             "split by token; decompose that layer without spatial=True")
-                trace.head_z[index] = cls_pattern.transpose(-1, -2) * v if token_z else hooked_z[:, :, 0]
-            elif explicit:
-                trace.head_z[index] = hooked_z
-            z = hooked_z
-            attn = self.attn_out(block, z)
-            if explicit and z.dtype != torch.float32:
-                # the output projection of the rows that reach the embedding in float32, as the
-                # decomposition maps its pieces: they then sum to the embedding this forward computes,
-                # in any precision
-                with torch.autocast(device_type=z.device.type, enabled=False):
-                    attn = torch.cat([self.attn_out(block, z[:, :, :1].float()), attn[:, 1:].float()], dim=1) \
-                        if by_cls else self.attn_out(block, z.float())
-            attn = hook(names[7], attn)  # hook_attn_out
-            if pieces and not explicit:
-                trace.attn[index] = attn[:, rows]
-            x = hook(names[8], (x[:, :1] if only_cls else x) + attn)  # hook_resid_mid
-            post = hook(names[10], self._act(block.fc1(hook(names[9], self.norm(block.ln2, x)))))  # mlp.hook_post
+            z = hook(names["attn.hook_z"], z)
+            attn = hook(names["hook_attn_out"], block.attn_output(self.merge_heads(z)))
+            x = hook(names["hook_resid_mid"], (x[:, :1] if only_cls else x) + attn)
+            post = hook(names["mlp.hook_post"], self._act(block.fc1(hook(names["ln2.hook_normalized"],
+                                                                         self.norm(block.ln2, x)))))
             mlp = block.fc2(post)
-            mlp = hook(names[11], mlp * block.ls2 if block.ls2 is not None else mlp)  # hook_mlp_out
-            if pieces:
-                trace.mlp.append(mlp[:, rows])
-            x = hook(names[12], x + mlp)  # hook_resid_post
-        trace.final = x
-        trace.embedding = hook("hook_image_embed", self.head(x, points, trace))
-        return trace
+            mlp = hook(names["hook_mlp_out"], mlp * block.ls2 if block.ls2 is not None else mlp)
+            x = hook(names["hook_resid_post"], x + mlp)
+        return hook("hook_image_embed", self.head(x, points))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embedding [B, output_dim], not normalised (as native ``encode_image``)."""
-        return self.run(pixels).embedding
+        return self.run(pixels)
 
     @torch.no_grad()
     def run_with_cache(self, pixels: torch.Tensor, names_filter=None, fwd_hooks=()):
@@ -338,7 +335,8 @@ class HookedViT(nn.Module):
         name -> bool. ``fwd_hooks`` run as in ``run_with_hooks`` (the cache holds what they
         returned). Names are listed by ``hook_names()``: ``hook_embed``; per block
         ``blocks.{l}.hook_resid_pre``, ``ln1.hook_normalized``, ``attn.hook_q/k/v``
-        [B, H, T, d], ``attn.hook_pattern`` [B, H, T, T], ``attn.hook_z`` [B, H, T, d],
+        [B, H, T, d], ``attn.hook_pattern`` [B, H, T, T], ``attn.hook_cls_pattern`` [B, H, 1, T]
+        (the CLS query's row; towers with a CLS token), ``attn.hook_z`` [B, H, T, d],
         ``hook_attn_out``, ``hook_resid_mid``, ``ln2.hook_normalized``, ``mlp.hook_post``,
         ``hook_mlp_out``, ``hook_resid_post``; then ``ln_post.hook_scale`` [B] and
         ``hook_image_embed``. An attention-pooled tower has, after the blocks,
@@ -348,19 +346,20 @@ class HookedViT(nn.Module):
         ``pool.hook_mlp_out`` and ``hook_image_embed``.
         """
         points = HookPoints(self, fwd_hooks, names_filter, cache=ActivationCache())
-        return self.run(pixels, points).embedding, points.cache
+        return self.run(pixels, points), points.cache
 
     @torch.no_grad()
     def run_with_hooks(self, pixels: torch.Tensor, fwd_hooks) -> torch.Tensor:
         """The forward with hooks: ``fwd_hooks`` is a list of ``(name, fn)``; ``fn(activation, name)``
         returns a replacement tensor (or None to leave it). Returns the embedding (not normalised)."""
-        return self.run(pixels, HookPoints(self, fwd_hooks)).embedding
+        return self.run(pixels, HookPoints(self, fwd_hooks))
 
 
 POOLS = ("cls", "map")
+CLS_PATTERN = "attn.hook_cls_pattern"  # the CLS query's attention row (towers with a CLS token)
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
-                "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
-                "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+                "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 FINAL_POINTS = ("ln_post.hook_scale", "hook_image_embed")
 POOL_POINTS = ("ln_post.hook_scale", "ln_post.hook_normalized", "pool.hook_k", "pool.hook_v", "pool.hook_pattern",
                "pool.hook_z", "pool.hook_attn_out", "pool.ln.hook_normalized", "pool.mlp.hook_post",
@@ -371,31 +370,8 @@ def _no_hook(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-@dataclass
-class PoolTrace:
-    """The attention-pooling head's activations that the decomposition reads (float32)."""
-
-    pattern: torch.Tensor  # [B, Hp, T]: the query's attention over the tokens
-    values: torch.Tensor  # [B, Hp, T, d]: each token's value (LN_post, W_V, b_V)
-    z: torch.Tensor  # [B, Hp, d]: each pooling head's result, as hooks left it
-    mlp: torch.Tensor  # [B, width]: the pooling MLP's output
-    linear: bool = True  # False when a hook replaced LN_post, the values or the result: the tokens'
-    #                      pieces then no longer reach the result through W_V and the pattern
-
-
-@dataclass
-class Trace:
-    """What one pass of the loop leaves: the final stream and the embedding, and for the
-    decomposition the pieces at the rows that reach the embedding ([B, R, width]: R = 1, the
-    CLS row, in a CLS-pooled tower; every token in an attention-pooled one)."""
-
-    resid0: torch.Tensor | None = None  # the stream's start (with ``pieces``)
-    attn: dict = field(default_factory=dict)  # layer -> its attention output (other than head_layers)
-    mlp: list = field(default_factory=list)  # per layer (with ``pieces``)
-    head_z: dict = field(default_factory=dict)  # layer -> [B, H, d] CLS / [B, H, T, d] per source token or row
-    final: torch.Tensor | None = None  # the stream leaving the last block (its CLS row alone when cut short)
-    embedding: torch.Tensor | None = None  # [B, output_dim], not normalised
-    pool: PoolTrace | None = None
+def _wants_nothing(name: str) -> bool:
+    return False
 
 
 class ActivationCache(dict):
@@ -416,7 +392,11 @@ class ActivationCache(dict):
 
 class HookPoints:
     """The hooks and the cache of one pass: ``points(name, value)`` runs the hooks on a named
-    activation (each may return a replacement) and keeps the result when the cache wants it."""
+    activation (each may return a replacement) and keeps the result when the cache wants it.
+
+    ``add(name, fn)`` adds a hook that needs only the rows reaching the embedding (a reader such
+    as the decomposition): it does not stop the last block of a CLS-pooled tower from computing
+    its CLS row alone, as ``fwd_hooks`` and the cache on a last-block activation do."""
 
     def __init__(self, vit: HookedViT, fwd_hooks=(), names_filter=None, cache: dict | None = None):
         known = vit.hook_names()
@@ -442,14 +422,26 @@ class HookPoints:
                 raise ClipInterpretError(f"unknown hook point {unknown[0]!r} in names_filter; "
                                          "HookedViT.hook_names() lists them")
             self.keep = chosen.__contains__
+        self._known = known
         self._wanted = {name for name in known if name in self.hooks or self.keep(name)}
+        self._every_row = set(self._wanted)  # what fwd_hooks and the cache ask for: every row they compute
+
+    def add(self, name: str, fn, first: bool = False) -> None:
+        """One more hook on ``name``, after those already there (before them when ``first``), that
+        needs only the rows reaching the embedding (see the class doc)."""
+        if name not in self._known:
+            raise ClipInterpretError(f"unknown hook point {name!r}; HookedViT.hook_names() lists them")
+        hooks = self.hooks.setdefault(name, [])
+        hooks.insert(0, fn) if first else hooks.append(fn)
+        self._wanted.add(name)
 
     def wants(self, name: str) -> bool:
         return name in self._wanted
 
-    def wants_block(self, layer: int) -> bool:
+    def wants_every_row(self, layer: int) -> bool:
+        """Whether ``fwd_hooks`` or the cache ask for an activation of block ``layer`` (at every row)."""
         prefix = f"blocks.{layer}."
-        return any(name.startswith(prefix) for name in self._wanted)
+        return any(name.startswith(prefix) for name in self._every_row)
 
     def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
         for fn in self.hooks.get(name, ()):

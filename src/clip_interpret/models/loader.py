@@ -69,7 +69,7 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", p
 
     device, precision = resolve_device(device), check_precision(precision)  # bad values fail before loading
     if isinstance(spec, ClipModel):
-        return spec.to(device, precision)
+        return _place(spec, device, precision)
     if isinstance(spec, nn.Module):
         kind = type(spec).__name__
         if hasattr(spec, "visual") and hasattr(spec, "encode_text"):
@@ -80,7 +80,7 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", p
         else:
             raise ModelLoadError(f"cannot use a {kind} as a CLIP model; pass an open_clip CLIP, a Hugging Face "
                                  "CLIPModel / SiglipModel or a spec string")
-        return model.to(device, precision)
+        return _place(model, device, precision)
     if not isinstance(spec, str):
         raise ModelLoadError(f"expected a model spec string or a model object, got {type(spec).__name__}")
     parsed = parse_spec(spec)
@@ -92,4 +92,10 @@ def load_model(spec: Any, tokenizer=None, device: str | torch.device = "auto", p
             model = load_open_clip(spec, parsed, tokenizer)
         else:
             model = load_hf(spec, parsed, tokenizer)
-    return model.to(device, precision)
+    return _place(model, device, precision)
+
+
+def _place(model: ClipModel, device: torch.device, precision: str) -> ClipModel:
+    """The model on ``device`` with compute ``precision``, both checked already by ``load_model``."""
+    model.precision = precision
+    return model.to(device)

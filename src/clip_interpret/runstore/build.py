@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..conventions import DEFAULT_CONVENTION
 from ..decompose import check_convention, decompose_pixels, resolve_layers
-from ..device import check_precision, is_out_of_memory, out_of_memory_error
+from ..device import is_out_of_memory, out_of_memory_error, resolve_precision
 from ..engine import Engine, resolve_engine
 from ..errors import ClipInterpretError
 from ..pipeline import DEFAULT_TIMEOUT_S, pixel_batches, resolve_decoder, resolve_workers
@@ -56,7 +57,8 @@ def _manifest(model, source: ImageSource, layers, other_layers, storage: str, sh
 
 
 _CHECKED = {"version": None, "layers": None, "dtype": None, "shard_size": None, "preprocess": None,
-            "precision": "fp32", "convention": "centred"}  # key -> its value in runs written before the key existed
+            "precision": "fp32", "convention": DEFAULT_CONVENTION}  # key -> its value in runs written before the
+#                                                                          key existed
 
 
 def _check_resume(existing: dict, fresh: dict, out: Path) -> None:
@@ -99,11 +101,11 @@ class _Rows:
     precision: str
     layout: dict
     storage: str
-    convention: str = "centred"
+    convention: str = DEFAULT_CONVENTION
 
-    def __call__(self, pixels: torch.Tensor):
+    def __call__(self, pixels: torch.Tensor):  # precision and convention were checked once, by index_images
         d = decompose_pixels(self.vit, pixels, layers=self.layers, precision=self.precision,
-                             convention=self.convention)
+                             convention=self.convention, checked=True)
         return _rows(d, self.layout, STORAGE_DTYPES[self.storage]), d.embedding
 
 
@@ -174,7 +176,7 @@ class ShardJob:
     decode: str = "auto"
     draft: bool = False
     timeout: float = DEFAULT_TIMEOUT_S
-    convention: str = "centred"
+    convention: str = DEFAULT_CONVENTION
 
     @property
     def n_shards(self) -> int:
@@ -301,7 +303,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
                  stop_after_shards: int | None = None, workers: int | None = None, decode: str = "auto",
                  draft: bool = False, precision: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  dtype: str | None = None, engine: str | Engine = "local", ray_address: str | None = None,
-                 gpus_per_worker: float = 0, cpus_per_worker: float = 1, convention: str = "centred") -> Run:
+                 gpus_per_worker: float = 0, cpus_per_worker: float = 1, convention: str = DEFAULT_CONVENTION) -> Run:
     """Decompose every image of ``source`` into the run directory ``out`` and return the Run.
 
     Resumes an interrupted run (only unfinished shards are redone, whichever engine wrote
@@ -325,7 +327,7 @@ def index_images(model, source: str | ImageSource, out: str | Path, layers=None,
     if batch_size < 1 or shard_size < 1:
         raise ClipInterpretError("batch size and shard size must be at least 1")
     engine = resolve_engine(engine, ray_address, workers, gpus_per_worker, cpus_per_worker)
-    precision = check_precision(precision or getattr(model, "precision", "fp32"))
+    precision = resolve_precision(model, precision)
     check_convention(convention)
     src = open_source(source) if isinstance(source, str) else source
     chosen = resolve_layers(layers, model.vit.cfg.layers)

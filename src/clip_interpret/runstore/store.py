@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..conventions import DEFAULT_CONVENTION
 from ..errors import ClipInterpretError
 
 MANIFEST_VERSION = 1
@@ -189,7 +190,7 @@ class ManifestFacts:
     @property
     def convention(self) -> str:
         """How the pieces were split (``centred`` or ``published``; see ``clip_interpret.decompose``)."""
-        return self.manifest.get("convention", "centred")
+        return self.manifest.get("convention", DEFAULT_CONVENTION)
 
     @property
     def precision(self) -> str:
@@ -542,7 +543,7 @@ def index_command(run_dir: Path, manifest: dict) -> str:
     if manifest["layers"] != resolve_layers(None, manifest["n_layers"]):
         words += ["--layers", ",".join(map(str, manifest["layers"]))]
     for option, key, default in (("--storage", "dtype", "fp16"), ("--shard-size", "shard_size", 1024),
-                                 ("--precision", "precision", "fp32"), ("--convention", "convention", "centred")):
+                                 ("--precision", "precision", "fp32"), ("--convention", "convention", DEFAULT_CONVENTION)):
         value = manifest.get(key, default)
         if value != default and value is not None:
             words += [option, str(value)]
@@ -649,7 +650,7 @@ def check_same_convention(runs) -> None:
     found = {}
     for run in runs:
         manifest = run.manifest if isinstance(run, Run) else read_manifest(run)
-        found[str(run.path if isinstance(run, Run) else run)] = manifest.get("convention", "centred")
+        found[str(run.path if isinstance(run, Run) else run)] = manifest.get("convention", DEFAULT_CONVENTION)
     if len(set(found.values())) > 1:
         listed = ", ".join(f"{path} ({convention})" for path, convention in found.items())
         raise ClipInterpretError(f"these runs split their pieces by different conventions: {listed}; index them "

@@ -79,7 +79,8 @@ class _Forward:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         from ..decompose import decompose_pixels
 
-        d = decompose_pixels(self.vit, pixels, layers="all" if self.heads else None, precision=self.precision)
+        d = decompose_pixels(self.vit, pixels, layers="all" if self.heads else None, precision=self.precision,
+                             checked=True)  # the model's precision, checked when it was set
         return d.heads if self.heads else d.embedding
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..device import PRECISIONS, compute
 from ..errors import ClipInterpretError
 from .world import PROPERTIES, generate, property_name, value_phrases
 
@@ -94,8 +95,8 @@ class TrainConfig:
             problems.append(f"--contrast-n-free must be between 1 and the {len(free)} properties of --contrast-free")
         if self.probe_weight < 0 or self.prompt_weight < 0:
             problems.append("--probe-weight and --prompt-weight must be >= 0")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"--precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if problems:
             raise ClipInterpretError("; ".join(problems))
 
@@ -294,14 +295,6 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _autocast(device: torch.device, precision: str):
-    import contextlib
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _config_diffs(saved: dict, cfg: TrainConfig) -> list[str]:
     """Differences between a checkpoint's config and ``cfg`` (keys added since count as their defaults)."""
     defaults = TrainConfig().to_dict()
@@ -383,7 +376,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), checkpoint_ever
             group["lr"] = lr_at(step, cfg)
         pixels = preprocess.normalise(crops.to(device, non_blocking=True))
         labels = labels.to(device)
-        with _autocast(device, cfg.precision):
+        with compute(device, cfg.precision):
             image_raw = model.encode_image(pixels)
             image_features = F.normalize(image_raw, dim=-1)
             text_features = model.encode_text(tokens.to(device, non_blocking=True), normalize=True)
