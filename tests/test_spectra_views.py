@@ -64,6 +64,7 @@ def test_the_report_has_a_table_per_head_with_its_directions_escaped(toy_run, to
     finally:
         (run.path / "spectra-evil.json").unlink()
     assert "<script" not in page  # every pool text is escaped
+    assert not re.findall(r'(?:src|href)="(?!data:)', page)  # still self-contained
     assert re.findall(r'<h4 id="spectra-(L\d\.H\d)">', page) == list(evil_spectra.heads)  # 16 heads, in order
     assert "another model than the run" not in page
     for name, head in evil_spectra.heads.items():
@@ -125,7 +126,8 @@ def test_cli_spectra_run_writes_the_runs_spectra_file(toy_run, toy_model, tiny_m
     assert err.startswith("error: run ") and "other weights" in err and err.count("\n") == 1
     assert not list(other.glob("spectra-*.json"))
     assert main(["spectra"]) == 2
-    assert capsys.readouterr().err == "error: give a MODEL (e.g. toy), or --run RUN to read the heads of a run's model\n"
+    err = capsys.readouterr().err
+    assert err == "error: give a MODEL (e.g. toy), or --run RUN to read the heads of a run's model\n"
 
 
 def test_the_app_lists_a_heads_directions_computed_once_per_model(toy_run, toy_model):

@@ -22,13 +22,13 @@ from .errors import ClipInterpretError
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;
 line-height:1.4;padding:0 1em}
-h1{font-size:1.6em}h4{margin:1.2em 0 .2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ddd;padding:.25em .5em;
 vertical-align:top}th{background:#f4f4f4;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#17803d;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#777}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:1em 0}
 .maps{display:flex;flex-wrap:wrap;gap:1em}.maps figure{margin:0;max-width:520px}
-.maps img{width:100%}figcaption{font-size:.8em;color:#555}
+.maps img{width:100%}figcaption{font-size:.8em;color:#555}h4{margin:1.2em 0 .2em}
 """
 
 

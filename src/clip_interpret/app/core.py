@@ -97,7 +97,8 @@ class RunEntry:
         return (labelled or names or [ALL_HEADS])[0]
 
     def spectra_files(self) -> dict[str, Path]:
-        """The run folder's spectra results (``clip-interpret spectra --run``) by pool: {"toy": .../spectra-toy.json}."""
+        """The run folder's spectra results (``clip-interpret spectra --run``) by pool:
+        ``{"toy": RUN/spectra-toy.json}``."""
         if not self.usable:
             return {}
         return {p.stem[len("spectra-"):]: p for p in sorted(self.path.glob("spectra-*.json")) if p.is_file()}
