@@ -338,6 +338,8 @@ def test_no_answer_of_the_app_names_a_server_path(server):
         answers.append(_call(server["url"], "text_neighbours", [run, text, "L5.H3", 3]))
     assert '"url"' in answers[-3] and "score" in answers[-3]  # a gallery of images, and its table
     assert "damaged" in answers[-2] and "Error" in answers[-2]
+    answers.append(_call(server["url"], "spectra", ["toy", "L4.H1", "toy"]))  # the Spectra tab's table
+    assert "label from the weights" in answers[-1] and "singular value" in answers[-1], answers[-1][:500]
     for answer in answers:
         for form in _server_paths(server):
             assert form not in answer, (form, answer[:500])
@@ -488,6 +490,15 @@ def test_browser_runs_all_five_tabs(server, tmp_path_factory):
                                       (other, "a green square", "a yellow cross")):
                 who.wait_for_function(f"document.querySelector('#txt-msg').innerText.includes({mine!r})")
                 assert theirs not in who.inner_text("#txt-msg")
+
+            page.get_by_role("tab", name="Spectra").click()  # a head's directions, read from its weights
+            assert page.input_value("#spec-heads input") == "L3.H0 (shape)"
+            page.click("#spec-run")
+            page.wait_for_function("document.querySelector('#spec-msg').innerText.includes('label from the weights')")
+            assert "L3.H0" in page.inner_text("#spec-msg") and "the run's label: shape" in page.inner_text("#spec-msg")
+            table = page.inner_text("#spec-table")
+            assert "singular value" in table and "texts (weight)" in table and table.count("%") >= 5, table
+            page.screenshot(path=str(shots / "spectra.png"), full_page=True)
 
             page.click("#run-choice input")
             page.get_by_role("option", name="broken (unavailable)").click()

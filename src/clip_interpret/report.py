@@ -2,8 +2,9 @@
 
 Sections: model card, mean-ablation table, interpretability scores with their
 chart, faithfulness per labeller, the per-head table (TextSpan descriptions,
-labels, confidence, judgements, ablation verdict) and heat maps for a few sample
-images. Images are embedded as base64 PNG data URLs.
+labels, confidence, judgements, ablation verdict), the heads read from their
+weights (a table per head, when the run holds ``spectra-POOL.json``) and heat maps
+for a few sample images. Images are embedded as base64 PNG data URLs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ vertical-align:top}th{background:#f4f4f4;text-align:left}td.n{text-align:right;f
 .ok{color:#17803d;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#777}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:1em 0}
 .maps{display:flex;flex-wrap:wrap;gap:1em}.maps figure{margin:0;max-width:520px}
-.maps img{width:100%}figcaption{font-size:.8em;color:#555}
+.maps img{width:100%}figcaption{font-size:.8em;color:#555}h4{margin:1.2em 0 .2em}
 """
 
 
@@ -193,6 +194,86 @@ def _heads_table(labels: dict[str, dict], faith: dict | None, textspan: dict | N
     return marks + _table(header, rows, numeric_from=99)
 
 
+def _spectra_tables(data: dict, run, labels: dict[str, dict]) -> str:
+    """One spectra result (``clip-interpret spectra --run``): a table per head of its directions, with the
+    label read from the weights beside the run's labels of that head."""
+    from .labels.store import normalise_property
+
+    def norm(label):
+        return normalise_property(label) if label else None
+
+    pool = data.get("pool") or {}
+    heads = data.get("heads") or {}
+    text = (f"<p>Pool <b>{_esc(Path(str(pool.get('name', '?'))).name)}</b> ({_esc(pool.get('size', '?'))} texts), "
+            f"{_esc(data.get('k', '?'))} directions a head, at most {_esc(data.get('n_texts', '?'))} texts a "
+            f"direction, texts {'centred' if data.get('center', True) else 'as they are'}; model "
+            f"<code>{_esc(data.get('model', '?'))}</code>.</p>")
+    fingerprint = data.get("fingerprint")
+    if (fingerprint and fingerprint != run.fingerprint) or (not fingerprint and data.get("model") != run.model_spec):
+        text += ("<div class=note>This spectra result was computed from another model than the run's "
+                 f"({_esc(data.get('model'))}): its heads are not the run's heads.</div>")
+    agreement = []
+    for name, entry in labels.items():
+        run_labels = {h: norm(e.get("label")) for h, e in (entry.get("heads") or {}).items()
+                      if isinstance(e, dict) and e.get("label")}
+        both = [h for h, head in heads.items() if h in run_labels and head.get("label")]
+        same = sum(norm(heads[h]["label"]) == run_labels[h] for h in both)
+        agreement.append(f"{_esc(name)}: {same}/{len(both)}")
+    if agreement:
+        text += ("<p>Heads whose label from the weights is the run's label (heads labelled by both): "
+                 + "; ".join(agreement) + ".</p>")
+    for head, entry in heads.items():
+        mine = entry.get("label")
+        beside = []
+        for name, run_entry in labels.items():
+            theirs = ((run_entry.get("heads") or {}).get(head) or {}).get("label")
+            if theirs:
+                mark = (" <span class=ok>&#10003;</span>" if mine and norm(mine) == norm(theirs)
+                        else " <span class=bad>&#10007;</span>")
+                beside.append(f"{_esc(name)} label: <b>{_esc(theirs)}</b>{mark}")
+        confidence = entry.get("confidence")
+        shown = (f"<b>{_esc(mine)}</b> ({confidence:.0%})" if mine and isinstance(confidence, (int, float))
+                 else f"<b>{_esc(mine)}</b>" if mine else "<span class=muted>none (untagged pool)</span>")
+        rows = []
+        for j, d in enumerate(entry.get("directions") or []):
+            texts = "<br>".join(f"{_esc(t)} <span class=muted>({w:.2f})</span>" if isinstance(w, (int, float))
+                                else _esc(t) for t, w in zip(d.get("texts") or [], d.get("weights") or []))
+            sign = d.get("sign")
+            rows.append([str(j + 1), f"{d['singular']:.4f}" if isinstance(d.get("singular"), (int, float)) else "?",
+                         "+" if sign == 1 else "-" if sign == -1 else "?",
+                         _pct(d["fit"]) if isinstance(d.get("fit"), (int, float)) else "?",
+                         texts or "<span class=muted>-</span>"])
+        text += (f"<h4 id=\"spectra-{_esc(head)}\">{_esc(head)}</h4><p>label from the weights: {shown}"
+                 + "".join(f"; {b}" for b in beside) + "</p>"
+                 + _table(["direction", "singular value", "sign", "fit (share captured)", "texts (weight)"], rows,
+                          numeric_until=4))
+    return text
+
+
+def _spectra_section(run, labels: dict[str, dict]) -> str:
+    """Every spectra result in the run folder (``spectra-POOL.json``), or how to make one."""
+    from .spectra import SPECTRA_GLOB
+
+    files = sorted(run.path.glob(SPECTRA_GLOB))
+    if not files:
+        return ("<p class=muted>No spectra in this run (<code>clip-interpret spectra --run RUN</code>: every head "
+                "read from its weights, no images).</p>")
+    parts = ["<p>Each head's top singular directions in the joint space, read from its weights alone (no "
+             "images; docs/spectra.md), each explained by a sparse non-negative combination of pool texts. "
+             "Fit: the share of the direction (cosine&sup2;) the combination captures; sign: the direction's sign "
+             "that was fitted. Singular values are up to LN_post's per-image scale.</p>"]
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("heads"), dict):
+                raise ValueError("no heads")
+            parts.append(f"<h3>{_esc(path.name)}</h3>" + _spectra_tables(data, run, labels))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            parts.append(f"<p class=bad>{_esc(path.name)} cannot be read ({_esc(type(err).__name__)}: "
+                         f"{_esc(err)}); write it again with <code>clip-interpret spectra --run RUN</code>.</p>")
+    return "\n".join(parts)
+
+
 def _heatmaps(run, model, labels: dict | None, textspan: dict | None, n_images: int = 3) -> str:
     """Per sample image: the map of the heads carrying its best-matching labelled property."""
     if model is None or not textspan:
@@ -276,6 +357,7 @@ def write_report(run, model, out: str | Path | None = None, n_images: int = 3) -
         "<h2>Interpretability scores</h2>", _metrics_section(metrics, chart),
         "<h2>Faithfulness of the labels</h2>", _faithfulness_section(faith),
         "<h2>Heads</h2>", _heads_table(labels, faith, textspan, (metrics or {}).get("judgements")),
+        "<h2>Heads read from their weights (spectra)</h2>", _spectra_section(run, labels),
         "<h2>Heat maps</h2>", _heatmaps(run, model, (primary or {}).get("heads"), textspan, n_images),
         "<p class=muted>Written by clip-interpret. Pieces and scores follow docs/decomposition.md and "
         "docs/study.md.</p></body></html>",

@@ -49,6 +49,7 @@ from .errors import ClipInterpretError
 
 DEFAULT_K = 5
 DEFAULT_TEXTS = 5
+SPECTRA_GLOB = "spectra-*.json"  # a run folder's spectra results (``spectra_file_name``)
 
 
 def _value_output(vit, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,6 +149,14 @@ class Spectra:
                 "approximation": "LN_post's per-image scale (and, in an attention-pooled tower, each pooling "
                                  "head's pattern and the pooling MLP) are not in the map: directions are unit, "
                                  "singular values are up to that scale", "heads": heads}
+
+
+def spectra_file_name(pool_spec: str) -> str:
+    """The file a run folder keeps a pool's spectra in: ``spectra-toy.json``, ``spectra-general.json``,
+    ``spectra-<file stem>.json`` (the naming of the run's TextSpan files)."""
+    from .study import pool_file_name
+
+    return "spectra-" + pool_file_name(pool_spec)[len("textspan-"):]
 
 
 def head_svd(vit, layer: int, head: int, k: int, carry: torch.Tensor | None = None) -> dict:

@@ -26,6 +26,8 @@ from ..labels import LABELS_FILE, head_labels, normalise_property
 
 ALL_HEADS = "all heads"
 ALL_LAYERS = "all layers"
+SPECTRA_POOLS = ("toy", "general")  # the pools the app computes spectra with; a run's own files add theirs
+SPECTRA_COLUMNS = ["direction", "singular value", "sign", "fit", "texts (weight)"]
 UPLOAD_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # by content, not by name
 MAX_UPLOAD_PIXELS = 50_000_000  # a 50 MP photo; below the library's guard (89 MP): decoding is what takes memory
 _DECODING = threading.BoundedSemaphore(2)  # uploads decoded at once, whatever the number of sessions
@@ -94,6 +96,25 @@ class RunEntry:
         labelled = [n for n in names if n in self.labels]
         return (labelled or names or [ALL_HEADS])[0]
 
+    def spectra_files(self) -> dict[str, Path]:
+        """The run folder's spectra results (``clip-interpret spectra --run``) by pool:
+        ``{"toy": RUN/spectra-toy.json}``."""
+        if not self.usable:
+            return {}
+        return {p.stem[len("spectra-"):]: p for p in sorted(self.path.glob("spectra-*.json")) if p.is_file()}
+
+    def spectra_pools(self) -> list[str]:
+        """The pools the Spectra tab offers: the run's own spectra files first, then the built-in pools."""
+        return list(dict.fromkeys([*self.spectra_files(), *SPECTRA_POOLS])) if self.usable else []
+
+    def default_spectra_pool(self) -> str | None:
+        """The toy pool for the toy model, else the run's first spectra file, else the general pool."""
+        if not self.usable:
+            return None
+        if self.run.model_spec == "toy":
+            return "toy"
+        return next(iter(self.spectra_files()), "general")
+
     def properties(self) -> list[str]:
         return sorted({normalise_property(label) for label in self.labels.values()})
 
@@ -141,6 +162,9 @@ class Registry:
         self._loader = loader or load_model
         self._models: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._spectra: dict[tuple[str, str], dict] = {}  # (weights fingerprint, pool) -> spectra JSON
+        self._spectra_lock = threading.Lock()
+        self.spectra_computed = 0  # how many spectra this process computed (the rest came from the cache or files)
         self.entries: dict[str, RunEntry] = {}
         for raw in paths:
             path = Path(raw)
@@ -200,6 +224,40 @@ class Registry:
         if not entry.usable:
             raise ClipInterpretError(f"run {entry.key} cannot be used: {entry.error}")
         return entry
+
+    def spectra(self, entry: RunEntry, pool) -> tuple[dict, str]:
+        """(a run's spectra for ``pool``, as ``Spectra.to_json``; where they come from): the run's own
+        ``spectra-POOL.json`` when it holds one made with the run's weights, else computed from the run's
+        model (every head, the pool's defaults) once per model and pool in this process."""
+        files = entry.spectra_files()
+        pool = str(pool or "")
+        if pool not in files and pool not in SPECTRA_POOLS:
+            raise ClipInterpretError(f"unknown pool {pool!r}; choose one of {', '.join(entry.spectra_pools())}")
+        if pool in files:
+            import json
+
+            try:
+                data = json.loads(files[pool].read_text())
+            except (OSError, ValueError) as err:
+                raise ClipInterpretError(f"cannot read {files[pool].name} of run {entry.key}: {err}; write it again "
+                                         "with clip-interpret spectra --run RUN") from None
+            if not isinstance(data, dict) or not isinstance(data.get("heads"), dict):
+                raise ClipInterpretError(f"{files[pool].name} of run {entry.key} holds no heads; write it again "
+                                         "with clip-interpret spectra --run RUN")
+            fingerprint = data.get("fingerprint")
+            if fingerprint == entry.run.fingerprint or (not fingerprint and data.get("model") == entry.run.model_spec):
+                return data, f"the run's {files[pool].name}"
+            if pool not in SPECTRA_POOLS:
+                raise ClipInterpretError(f"{files[pool].name} of run {entry.key} was made with another model than "
+                                         "the run's; write it again with clip-interpret spectra --run RUN")
+        from ..spectra import head_spectra
+
+        key = (entry.run.fingerprint, pool)
+        with self._spectra_lock:  # one computation per model and pool, whoever asks first
+            if key not in self._spectra:
+                self._spectra[key] = head_spectra(entry.model, pool=pool).to_json()
+                self.spectra_computed += 1
+        return self._spectra[key], "the model's weights (computed once, kept for this app's other requests)"
 
     @property
     def query_side(self) -> int:
@@ -370,6 +428,38 @@ def run_text_neighbours(registry: Registry, key, text, heads, k):
     result = analyses.text_neighbours(entry.model, entry.run, text or "", entry.heads(heads), k=_k(k, 3),
                                       store=entry.store)
     return neighbours_gallery(result), registry.public(neighbours_text(result, entry))
+
+
+def run_spectra(registry: Registry, key, head, pool=None):
+    """A head's directions read from its weights: (rows of ``SPECTRA_COLUMNS``, a markdown summary)."""
+    import html
+
+    entry = registry.get(key)
+    head = head[0] if isinstance(head, (list, tuple)) and len(head) == 1 else head
+    if head in (None, "", [], ()) or not isinstance(head, str) or head == ALL_HEADS or head.startswith("layer:"):
+        raise ClipInterpretError("choose one head (e.g. L4.H2): the Spectra tab lists one head's directions")
+    data, origin = registry.spectra(entry, pool or entry.default_spectra_pool())
+    found = data["heads"].get(head)
+    if not isinstance(found, dict):
+        raise ClipInterpretError(f"head {head} is not in these spectra; choose one of "
+                                 f"{', '.join(list(data['heads'])[:3])}, ... (the model's heads)")
+    rows = []
+    for j, d in enumerate(found.get("directions") or []):
+        texts = "; ".join(f"{t} ({w:.2f})" for t, w in zip(d.get("texts") or [], d.get("weights") or []))
+        rows.append([j + 1, round(float(d["singular"]), 4), "+" if d.get("sign", 1) > 0 else "-",
+                     f"{float(d['fit']):.1%}", texts or "-"])
+    label, confidence = found.get("label"), found.get("confidence") or 0.0
+    mine = f"**{html.escape(str(label))}** ({confidence:.0%})" if label else "none (the pool is untagged)"
+    theirs = entry.labels.get(head)
+    beside = (f"; the run's label: **{html.escape(theirs)}**"
+              + (" (the same)" if label and normalise_property(label) == normalise_property(theirs) else "")
+              if theirs else "")
+    pool_info = data.get("pool") or {}
+    text = (f"**{head}**: label from the weights {mine}{beside}. Its top {len(rows)} singular directions in the "
+            f"joint space, each explained by at most {data.get('n_texts', '?')} texts of pool "
+            f"{html.escape(Path(str(pool_info.get('name', pool))).name)} ({pool_info.get('size', '?')} texts); "
+            f"fit: the share of the direction the texts capture. From {origin}.")
+    return rows, registry.public(text)
 
 
 def pick_run_image(registry: Registry, key, index) -> tuple[int, Image.Image]:

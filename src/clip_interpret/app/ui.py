@@ -1,5 +1,5 @@
 """The gradio page: a run chooser, a query image (uploaded, or picked from the run by number),
-and the five analyses as tabs.
+the five analyses as tabs, and a Spectra tab that lists a head's directions read from its weights.
 
 Each browser session keeps its query in a server-side ``gr.State`` (a run image number, or the
 uploaded image itself, decoded once and shrunk); results go back as in-memory images, so no two
@@ -283,6 +283,20 @@ def build(registry: core.Registry) -> gr.Blocks:
                 txt_k = gr.Number(value=3, precision=0, minimum=1, maximum=core.analyses.MAX_K, label="k")
                 txt_go = gr.Button("Find neighbours", variant="primary", elem_id="txt-run")
                 txt_out = outputs("txt", 3)
+            with gr.Tab("Spectra", elem_id="tab-spectra"):
+                gr.Markdown("One head read from its weights alone, no image: its top singular directions in the joint "
+                            "space, each explained by a few texts of a pool (docs/spectra.md). From the run's "
+                            "spectra file when it has one (`clip-interpret spectra --run RUN`), else computed from "
+                            "the model once (seconds).")
+                spec_heads = head_picker("spec", multiselect=False)
+                spec_pool = gr.Dropdown(entry.spectra_pools() if usable else [],
+                                        value=entry.default_spectra_pool() if usable else None, label="Pool",
+                                        elem_id="spec-pool")
+                spec_go = gr.Button("List the directions", variant="primary", elem_id="spec-run")
+                spec_out = (gr.Dataframe(headers=core.SPECTRA_COLUMNS, datatype=["number", "number", "str", "str", "str"],
+                                         interactive=False, wrap=True, elem_id="spec-table",
+                                         column_widths=["8%", "12%", "6%", "8%", "66%"]),
+                            gr.Markdown(elem_id="spec-msg", elem_classes="ci-msg"))
 
         # --------------------------------------------------------------- events
         def on_upload(payload):
@@ -332,7 +346,9 @@ def build(registry: core.Registry) -> gr.Blocks:
             ok = picked is not None and picked.usable
             props_now = picked.properties() if ok else []
             updates = [describe(picked),
-                       gr.Dropdown(choices=props_now, value=props_now[0] if props_now else None)]
+                       gr.Dropdown(choices=props_now, value=props_now[0] if props_now else None),
+                       gr.Dropdown(choices=picked.spectra_pools() if ok else [],
+                                   value=picked.default_spectra_pool() if ok else None)]
             updates += [gr.Dropdown(choices=picked.layer_choices() if ok else [], value=core.ALL_LAYERS)
                         for _ in layer_boxes]
             for _, multi in head_boxes:
@@ -343,7 +359,7 @@ def build(registry: core.Registry) -> gr.Blocks:
                 return updates + [None, None, "Pick a query image of this run, or upload one."]
             return updates + [gr.skip()] * 3
 
-        run_box.change(on_run, [run_box, query], [run_info, prop, *layer_boxes, *[h for h, _ in head_boxes],
+        run_box.change(on_run, [run_box, query], [run_info, prop, spec_pool, *layer_boxes, *[h for h, _ in head_boxes],
                                                   browser, query, preview, query_msg], preprocess=False)
 
         def analysis(fn):
@@ -358,7 +374,8 @@ def build(registry: core.Registry) -> gr.Blocks:
                  [run_box, query, con_a, con_b, con_heads], con_out, "contrastive_segmentation"),
                 (img_go, lambda r, key, q, h, k, m: core.run_image_neighbours(r, key, _query(q), h, k, m),
                  [run_box, query, img_heads, img_k, img_metric], img_out, "image_neighbours"),
-                (txt_go, core.run_text_neighbours, [run_box, txt_text, txt_heads, txt_k], txt_out, "text_neighbours")):
+                (txt_go, core.run_text_neighbours, [run_box, txt_text, txt_heads, txt_k], txt_out, "text_neighbours"),
+                (spec_go, core.run_spectra, [run_box, spec_heads, spec_pool], spec_out, "spectra")):
             button.click(analysis(fn), inputs, list(out), api_name=name, preprocess=False)
         # a new query (or none): the results and messages of the tabs that use it no longer apply
         about_query = [*prop_out, *seg_out, *con_out, *img_out]
