@@ -55,8 +55,8 @@ SPECTRA_GLOB = "spectra-*.json"  # a run folder's spectra results (``spectra_fil
 def _value_output(vit, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Head (layer, head)'s value-output map from the normalised input ``xhat``, float32 on the CPU:
     ``(v_in [width, d], w_out [d, width], constant [width])`` with ``M = v_in @ w_out`` and the head's
-    write ``xbar @ M + constant``. The one place that reads the weights (as decompose.py does: the
-    block's ``out`` columns of the head, times LayerScale)."""
+    write ``xbar @ M + constant``. The output side is the block's own output map (``out_weight()``:
+    the projection's columns of the head, with LayerScale), as for the forward and the decomposition."""
     cfg = vit.cfg
     block = vit.blocks[layer]
     w, d = cfg.width, cfg.head_dim
@@ -64,9 +64,7 @@ def _value_output(vit, layer: int, head: int) -> tuple[torch.Tensor, torch.Tenso
     w_v = block.qkv.weight[rows].detach().float().cpu()  # [d, width]
     b_v = block.qkv.bias[rows].detach().float().cpu()
     gamma, beta = block.ln1.weight.detach().float().cpu(), block.ln1.bias.detach().float().cpu()
-    w_o = block.out.weight[:, head * d:(head + 1) * d].detach().float().cpu()  # [width, d]
-    if block.ls1 is not None:  # LayerScale scales the block's attention output
-        w_o = w_o * block.ls1.detach().float().cpu()[:, None]
+    w_o = block.out_weight()[:, head * d:(head + 1) * d].detach().float().cpu()  # [width, d]
     v_in = gamma[:, None] * w_v.T
     return v_in, w_o.T.contiguous(), (beta @ w_v.T + b_v) @ w_o.T
 
