@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/gpu.py   # on a CPU: a quick check of the script; its figures are for GPUs
 	$(PY) bench/scale.py
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) out

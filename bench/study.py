@@ -74,7 +74,7 @@ def main() -> None:
                   f"| {chance['mean']:.0%} / {chance['p95']:.0%} | {chance['p_value']:.3g} "
                   f"| {c['share_confirmed_by_accuracy']:.0%} |")
         print("\nThe llm labeller needs a chat endpoint, which this machine does not have; its protocol, retries, "
-              "timeouts and cache are tested against a local server (tests/test_llm.py).")
+              "timeouts and cache are tested against a local server (tests/study/test_llm.py).")
 
 
 _MODEL = None

@@ -13,7 +13,7 @@ open_clip, timm or torch (importing them takes seconds): the table of `clip-inte
 ``compute_model_table()`` decides every architecture it can this way and asks open_clip itself (the old way,
 seconds) only about the undecided ones, or about all when the files are not laid out as expected;
 ``model_table()`` caches its answer.
-tests/test_cli.py checks that the table is the one open_clip gives.
+tests/cli/test_cli.py checks that the table is the one open_clip gives.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-# Copies of the loader's names, here without importing it (torch); tests/test_cli.py checks them against
+# Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and _NATIVE_REFUSED (a native VisionTransformer's config fields the HookedViT
 # cannot express) and models.PAPER_MODELS.
 CONFIG_DIR = Path(__file__).parent / "models" / "configs"

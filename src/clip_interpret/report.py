@@ -206,7 +206,7 @@ def _spectra_tables(data: dict, run, labels: dict[str, dict]) -> str:
     heads = data.get("heads") or {}
     text = (f"<p>Pool <b>{_esc(Path(str(pool.get('name', '?'))).name)}</b> ({_esc(pool.get('size', '?'))} texts), "
             f"{_esc(data.get('k', '?'))} directions a head, at most {_esc(data.get('n_texts', '?'))} texts a "
-            f"direction, texts {'centred' if data.get('center', True) else 'as they are'}; model "
+            f"direction, texts {'mean-centred' if data.get('center', True) else 'as they are'}; model "
             f"<code>{_esc(data.get('model', '?'))}</code>.</p>")
     fingerprint = data.get("fingerprint")
     if (fingerprint and fingerprint != run.fingerprint) or (not fingerprint and data.get("model") != run.model_spec):

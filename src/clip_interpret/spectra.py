@@ -152,9 +152,9 @@ class Spectra:
 def spectra_file_name(pool_spec: str) -> str:
     """The file a run folder keeps a pool's spectra in: ``spectra-toy.json``, ``spectra-general.json``,
     ``spectra-<file stem>.json`` (the naming of the run's TextSpan files)."""
-    from .study import pool_file_name
+    from .pools import pool_slug
 
-    return "spectra-" + pool_file_name(pool_spec)[len("textspan-"):]
+    return f"spectra-{pool_slug(pool_spec)}.json"
 
 
 def head_svd(vit, layer: int, head: int, k: int, carry: torch.Tensor | None = None) -> dict:

@@ -54,11 +54,10 @@ def up_to_date(path: Path, stamp: dict, force: bool = False, key: str = "stamp")
 
 
 def pool_file_name(pool_spec: str) -> str:
-    import re
+    """The run's file of a pool's TextSpan result: ``textspan-toy.json``, ``textspan-<file stem>.json``."""
+    from .pools import pool_slug
 
-    stem = pool_spec if pool_spec in ("general", "toy") else Path(pool_spec).stem
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()[:40] or "pool"
-    return f"textspan-{slug}.json"
+    return f"textspan-{pool_slug(pool_spec)}.json"
 
 
 # ------------------------------------------------------------------- steps

@@ -38,18 +38,18 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    previous_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-    try:
-        return args.func(args)
-    except ClipInterpretError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = previous_format
+    with warnings.catch_warnings():  # restored after the command; a fresh once-per-place memory for it
+        # every warning the command meets is one line on stderr, as it happens (also when the caller,
+        # e.g. a test runner, records warnings instead of printing them)
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args)
+        except ClipInterpretError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from ..conventions import CONVENTIONS, DEFAULT_CONVENTION
 from ..errors import ClipInterpretError
 
 # The library's names for the options' choices and help, here without importing torch so that the parser
-# (and every --help) is built in a fraction of a second; tests/test_cli.py checks them against the library's
+# (and every --help) is built in a fraction of a second; tests/cli/test_cli.py checks them against the library's
 # (device.PRECISIONS, device.DEVICE_HELP, decompose.CONVENTIONS, analyses.DEFAULT_K and METRICS).
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"

@@ -22,6 +22,14 @@ from ..errors import ClipInterpretError
 HERE = Path(__file__).resolve().parent
 
 
+def pool_slug(pool_spec: str) -> str:
+    """A pool's short name in file names: ``general``, ``toy``, or a user file's stem made safe."""
+    import re
+
+    stem = pool_spec if pool_spec in ("general", "toy") else Path(pool_spec).stem
+    return re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()[:40] or "pool"
+
+
 @dataclass
 class Pool:
     name: str

@@ -32,7 +32,7 @@ def _one_line_error(capsys, *needles):
     return err
 
 
-def _png(i: int) -> bytes:
+def toy_png(i: int) -> bytes:
     buffer = io.BytesIO()
     generate(i, seed=4).image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -116,7 +116,7 @@ N_ROWS = 7  # row 3 holds broken bytes
 
 
 def _rows():
-    return [BROKEN if i == 3 else _png(i) for i in range(N_ROWS)]
+    return [BROKEN if i == 3 else toy_png(i) for i in range(N_ROWS)]
 
 
 def _reference(model, tmp_path):
@@ -124,7 +124,7 @@ def _reference(model, tmp_path):
     lines = []
     for i in range(N_ROWS):
         if i != 3:
-            (tmp_path / f"ref{i}.png").write_bytes(_png(i))
+            (tmp_path / f"ref{i}.png").write_bytes(toy_png(i))
             lines.append(f"ref{i}.png")
     (tmp_path / "ref.txt").write_text("\n".join(lines))
     return index_images(model, str(tmp_path / "ref.txt"), tmp_path / "ref", progress=False)
@@ -164,8 +164,8 @@ def test_a_struct_row_without_bytes_reads_the_file_its_path_names(model, tmp_pat
     """Hugging Face datasets leave ``bytes`` empty when the image stays in its file (``path``)."""
     import pyarrow as pa
 
-    (tmp_path / "on-disk.png").write_bytes(_png(1))
-    column = pa.array([{"bytes": _png(0), "path": "zero.png"}, {"bytes": None, "path": "on-disk.png"},
+    (tmp_path / "on-disk.png").write_bytes(toy_png(1))
+    column = pa.array([{"bytes": toy_png(0), "path": "zero.png"}, {"bytes": None, "path": "on-disk.png"},
                        {"bytes": None, "path": None}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     table = _parquet(tmp_path / "t.parquet", {"image": column})
     run = index_images(model, table, tmp_path / "run", progress=False)
@@ -176,7 +176,7 @@ def test_a_struct_row_without_bytes_reads_the_file_its_path_names(model, tmp_pat
 def test_repeated_struct_paths_fall_back_to_row_names(tmp_path):
     import pyarrow as pa
 
-    column = pa.array([{"bytes": _png(i), "path": p} for i, p in enumerate(["a.png", "a.png", "b.png"])],
+    column = pa.array([{"bytes": toy_png(i), "path": p} for i, p in enumerate(["a.png", "a.png", "b.png"])],
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     table = _parquet(tmp_path / "t.parquet", {"image": column})
     assert open_source(table).names == [f"{table}#0", f"{table}#1", "b.png"]

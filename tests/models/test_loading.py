@@ -12,7 +12,7 @@ from clip_interpret import load_model
 from clip_interpret.errors import ClipInterpretError, ModelLoadError
 from clip_interpret.models import hub, loader, parse_spec
 
-from .conftest import make_hf_clip, make_open_clip
+from tests.helpers import make_hf_clip, make_open_clip
 
 
 @pytest.mark.parametrize("spec, fields", [

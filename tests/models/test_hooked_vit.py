@@ -7,7 +7,7 @@ from clip_interpret import load_model
 from clip_interpret.errors import ModelLoadError, UnsupportedModelError
 from clip_interpret.models.convert import from_open_clip
 
-from .conftest import jitter, make_hf_clip, make_open_clip
+from tests.helpers import jitter, make_hf_clip, make_open_clip
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

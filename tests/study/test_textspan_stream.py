@@ -1,7 +1,5 @@
 """TextSpan from statistics streamed shard by shard equals TextSpan on the whole matrix in memory."""
 
-import warnings
-
 import numpy as np
 import pytest
 

@@ -166,7 +166,7 @@ def test_csv_table_of_labelled_images_gives_one_task_per_property(tmp_path, caps
     bad = tmp_path / "bad.csv"
     bad.write_text("name,color\na.png,red\n")
     assert main(["index", "--model", "toy", "--images", str(bad), "--out", str(tmp_path / "r2")]) == 2
-    assert "needs an 'image' column" in capsys.readouterr().err
+    assert "needs an image column named 'image', 'file', 'path' or 'filename'" in capsys.readouterr().err
 
 
 def test_a_grown_run_a_new_pool_and_new_labels_rerun_exactly_what_depends_on_them(tmp_path):
@@ -258,12 +258,12 @@ def test_a_hugging_face_siglip_folder_is_indexed_and_analysed(tmp_path):
 
     from clip_interpret.runstore import open_run
 
-    from .conftest import make_hf_siglip
-    from .test_siglip import _tiny_tokenizer
+    from tests.helpers import make_hf_siglip
+    from tests.helpers import tiny_tokenizer
 
     folder = tmp_path / "siglip"
     make_hf_siglip(seed=2).save_pretrained(folder)
-    _tiny_tokenizer(folder)
+    tiny_tokenizer(folder)
     run = tmp_path / "run"
     assert main(["index", "--model", f"hf:{folder}", "--images", "toyworld:24:1", "--out", str(run),
                  "--layers", "all", "--storage", "fp32", "--workers", "0"]) == 0

@@ -9,7 +9,7 @@ from clip_interpret import decompose, load_model
 from clip_interpret.decompose import resolve_layers
 from clip_interpret.errors import ClipInterpretError, ImageLoadError
 
-from .conftest import explicit_forward, make_open_clip
+from tests.helpers import explicit_forward, make_open_clip
 
 LAYER_CHOICES = [None, "all", [0], [-1], [0, 2], "1,2"]
 

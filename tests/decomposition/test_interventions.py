@@ -8,7 +8,7 @@ from clip_interpret.errors import ClipInterpretError
 from clip_interpret.interventions import (Targets, activations, direct_effect, hooks, mean_activations,
                                           total_effect)
 
-from .conftest import explicit_forward
+from tests.helpers import explicit_forward
 
 
 def unit(x):

@@ -9,8 +9,8 @@ from clip_interpret.errors import ModelLoadError
 from clip_interpret.models import open_clip_architectures
 from clip_interpret.models.loader import arch_preprocess_cfg, open_clip_tokenizer, registered_open_clip
 
-from .conftest import make_open_clip
-from .test_siglip import _tiny_tokenizer
+from tests.helpers import make_open_clip
+from tests.helpers import tiny_tokenizer
 
 
 def test_every_listed_architecture_gets_its_own_tokenizer():
@@ -77,7 +77,7 @@ def test_without_its_tokenizer_an_architecture_loads_image_only(tiny_hf_tokenize
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--tokenizer /path/to/folder" in errors[0]
     # given a tokenizer folder, the text tower works
-    _tiny_tokenizer(tmp_path / "tok")
+    tiny_tokenizer(tmp_path / "tok")
     assert load_model(spec, tokenizer=str(tmp_path / "tok")).encode_text(["a red square"]).shape == (1, 32)
 
 
@@ -97,7 +97,7 @@ def test_a_tokenizer_folder_serves_an_architecture_with_its_own_settings(tmp_pat
     from open_clip.tokenizer import HFTokenizer
 
     folder = tmp_path / "tokenizer"
-    _tiny_tokenizer(folder)
+    tiny_tokenizer(folder)
     model = load_model("open_clip:ViT-B-16-SigLIP", tokenizer=str(folder))
     assert model.random_weights and model.vit.cfg.pool == "map"
     assert model.preprocess.resize_mode == "squash" and model.preprocess.mean == (0.5, 0.5, 0.5)
@@ -111,7 +111,7 @@ def test_a_tokenizer_folder_serves_an_architecture_with_its_own_settings(tmp_pat
 
 
 def test_an_architecture_whose_text_tower_is_not_here_says_so(tmp_path):
-    _tiny_tokenizer(tmp_path / "tok")
+    tiny_tokenizer(tmp_path / "tok")
     with pytest.raises(ModelLoadError, match="text tower is the Hugging Face model 'roberta-base'.*huggingface-cli"):
         load_model("open_clip:roberta-ViT-B-32", tokenizer=str(tmp_path / "tok"))
 
@@ -126,7 +126,7 @@ def test_in_memory_models_with_another_vocabulary_need_their_tokenizer(tmp_path)
     with pytest.raises(ClipInterpretError, match="cannot encode texts.*tokenizer=") as err:
         image_only.encode_text(["a red square"])
     assert "get_tokenizer" not in str(err.value)  # open_clip.get_tokenizer may need the internet
-    _tiny_tokenizer(tmp_path / "tok")
+    tiny_tokenizer(tmp_path / "tok")
     model = load_model(native, tokenizer=str(tmp_path / "tok"))
     assert model.encode_text(["a red square"]).shape == (1, 32)
     assert load_model(make_open_clip("test-vit-tiny-map")).text.context_length == 16  # the CLIP vocabulary: BPE

@@ -160,12 +160,12 @@ def test_a_worker_killed_mid_shard_leaves_every_image_exactly_once(cluster, mode
 
 def test_a_killed_driver_is_resumed_by_another(cluster, model, reference, tmp_path):
     out = tmp_path / "run"
-    code = ("import sys, tests.test_ray as t; from clip_interpret import load_model; "
+    code = ("import sys, tests.runstore.test_ray as t; from clip_interpret import load_model; "
             "from clip_interpret.runstore import index_images; "
             f"index_images(load_model('{TINY}'), t.slow('{SPEC}', 0.01), r'{out}', shard_size={SHARD}, "
             f"progress=False, engine='ray', ray_address='{cluster}', workers=2)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
-                            cwd=Path(__file__).parent.parent)
+                            cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and len(list((out / "shards").glob("*.json"))) < 2:
         time.sleep(0.05)
@@ -236,7 +236,7 @@ def test_textspan_ablation_and_faithfulness_on_ray_equal_the_local_figures(clust
 
 
 def test_cli_index_and_the_study_on_ray(cluster, tmp_path, capsys):
-    from tests.test_sources import write_tars
+    from tests.helpers import write_tars
 
     write_tars(tmp_path)
     out = tmp_path / "run"

@@ -263,6 +263,9 @@ def test_app_binds_localhost_says_which_run_failed_and_limits_uploads(server):
     import urllib.error
     import urllib.request
 
+    deadline = time.monotonic() + 20  # the server may answer a moment before its URL line is written
+    while "http://127.0.0.1:" not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     text = server["log"].read_text()
     assert "run broken" in text and "unavailable" in text and "http://127.0.0.1:" in text
     status, _ = _post_upload(server["url"], "big.png", b"\0" * (2 << 20))

@@ -11,7 +11,7 @@ from clip_interpret.errors import ClipInterpretError
 from clip_interpret.pools import Pool
 from clip_interpret.spectra import edit_head, head_spectra, head_svd, sparse_fit
 
-from .conftest import explicit_forward
+from tests.helpers import explicit_forward
 
 
 def _pixels(model, n=3, seed=0):

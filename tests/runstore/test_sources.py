@@ -1,7 +1,5 @@
 """Sources for large collections: WebDataset tar shards and Parquet/CSV tables of paths."""
 
-import io
-import json
 import tarfile
 
 import numpy as np
@@ -14,45 +12,14 @@ from clip_interpret.runstore import index_images, open_source
 from clip_interpret.runstore.sources import expand_braces
 from clip_interpret.toyworld import generate
 
+from tests.helpers import BROKEN, toy_png, write_tars
+
 TINY = "open_clip:test-vit-tiny"
-BROKEN = b"\xff\xd8\xff\xe0 not really a jpeg"
 
 
 @pytest.fixture(scope="module")
 def model():
     return load_model(TINY)
-
-
-def _png(i: int) -> bytes:
-    buffer = io.BytesIO()
-    generate(i, seed=5).image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_tars(folder, n_tars: int = 3, per_tar: int = 4, broken: int | None = 5) -> list[int]:
-    """WebDataset shards shard-0.tar ...: per sample KEY.png (KEY.jpg broken), KEY.cls, KEY.json and a
-    caption KEY.txt; returns the toy image number of each sample, in order."""
-    numbers = []
-    for t in range(n_tars):
-        with tarfile.open(folder / f"shard-{t}.tar", "w") as tar:
-            for j in range(per_tar):
-                i = t * per_tar + j
-                key = f"sample{i:04d}"
-                if i == broken:
-                    _add(tar, f"{key}.jpg", BROKEN)
-                else:
-                    _add(tar, f"{key}.png", _png(i))
-                _add(tar, f"{key}.cls", str(i % 2).encode())
-                _add(tar, f"{key}.json", json.dumps({"color": ["red", "blue", "green"][i % 3], "id": i}).encode())
-                _add(tar, f"{key}.txt", f"caption number {i}".encode())
-                numbers.append(i)
-    return numbers
 
 
 def test_brace_patterns_expand_in_order():
@@ -90,7 +57,7 @@ def _image_list(folder):
     lines = []
     for i in range(12):
         if i != 5:
-            (folder / f"img{i}.png").write_bytes(_png(i))
+            (folder / f"img{i}.png").write_bytes(toy_png(i))
             lines.append(f"img{i}.png")
     listing.write_text("\n".join(lines))
     return listing

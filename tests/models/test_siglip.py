@@ -13,7 +13,7 @@ from clip_interpret.models import open_clip_architectures
 from clip_interpret.models.convert import from_hf_siglip, from_open_clip
 from clip_interpret.models.loader import registered_open_clip
 
-from .conftest import explicit_forward, jitter, make_hf_siglip
+from tests.helpers import explicit_forward, jitter, make_hf_siglip, tiny_tokenizer
 
 TINY_TEXT = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
 
@@ -177,7 +177,7 @@ def naive_pieces(vit, pixels):
 
 @pytest.fixture(scope="module")
 def hf_siglip_model():
-    return load_model(make_hf_siglip(seed=4), tokenizer=_tiny_tokenizer())
+    return load_model(make_hf_siglip(seed=4), tokenizer=tiny_tokenizer())
 
 
 @pytest.mark.parametrize("which", ["map_model", "hf_siglip_model"])
@@ -315,23 +315,6 @@ def test_interventions_on_an_attention_pooled_tower(map_model):
 
 
 # ------------------------------------------------------------------ text and scores
-def _tiny_tokenizer(folder=None, extra: int = 0):
-    """A word-level Hugging Face tokenizer of 69 ids (a stand-in for SigLIP's SentencePiece one);
-    ``extra`` more words make its vocabulary that much larger."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(50)] + \
-        "a an the photo of dog cat red blue green square circle big small striped dotted".split() + \
-        [f"x{i}" for i in range(extra)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
-    if folder is not None:
-        fast.save_pretrained(folder)
-    return fast
-
-
 def test_hf_siglip_folder_text_and_sigmoid_scores_match_native(tmp_path):
     native = make_hf_siglip(seed=5)
     native.save_pretrained(tmp_path / "siglip")
@@ -339,10 +322,10 @@ def test_hf_siglip_folder_text_and_sigmoid_scores_match_native(tmp_path):
         image_only = load_model(f"hf:{tmp_path / 'siglip'}")  # image work needs no tokenizer
     with pytest.raises(ClipInterpretError, match="image-only.*cannot encode texts.*--tokenizer /path/to/folder"):
         image_only.encode_text(["a red square"])
-    _tiny_tokenizer(tmp_path / "siglip")  # its own tokenizer, saved with it
+    tiny_tokenizer(tmp_path / "siglip")  # its own tokenizer, saved with it
     model = load_model(f"hf:{tmp_path / 'siglip'}")
     texts = ["a photo of a dog", "a red square"]
-    ids = _tiny_tokenizer()(texts, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    ids = tiny_tokenizer()(texts, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
     x = pixels_for(model.vit, n=2)
     with torch.no_grad():
         out = native(input_ids=ids, pixel_values=x)  # SigLIP's text tower reads the ids alone, as trained
@@ -359,9 +342,9 @@ def test_in_memory_siglip_needs_a_tokenizer(tmp_path):
         image_only = load_model(native)
     with pytest.raises(ClipInterpretError, match='tokenizer="/path/to/folder"'):
         image_only.encode_text(["a cat"])
-    _tiny_tokenizer(tmp_path / "tok")
+    tiny_tokenizer(tmp_path / "tok")
     by_folder = load_model(native, tokenizer=str(tmp_path / "tok"))
-    by_object = load_model(native, tokenizer=_tiny_tokenizer())
+    by_object = load_model(native, tokenizer=tiny_tokenizer())
     assert torch.allclose(by_folder.encode_text(["a cat"]), by_object.encode_text(["a cat"]))
 
 
@@ -436,18 +419,18 @@ def test_a_given_tokenizer_must_fit_the_text_towers_vocabulary(tmp_path):
     with pytest.raises(ModelLoadError, match="vocabulary of 49,408 tokens.*100 token embeddings"):
         load_model(make_open_clip_tiny_text(), tokenizer=clip_bpe)
     big = tmp_path / "big"
-    _tiny_tokenizer(big, extra=50_000)
+    tiny_tokenizer(big, extra=50_000)
     with pytest.raises(ModelLoadError, match="vocabulary of 50,069 tokens.*49,408 token embeddings"):
         load_model("open_clip:test-vit-tiny-map", tokenizer=str(big))
     # a tokenizer that does not say its size: its ids are checked as they come
     model = load_model(make_open_clip_tiny_text(), tokenizer=lambda texts: torch.tensor([[1, 150, 2, 0, 0, 0, 0, 0]]))
     with pytest.raises(ClipInterpretError, match="token id 150.*100 token embeddings"):
         model.encode_text(["one"])
-    fits = load_model(make_hf_siglip(seed=8), tokenizer=_tiny_tokenizer())  # 69 tokens of 100: taken
+    fits = load_model(make_hf_siglip(seed=8), tokenizer=tiny_tokenizer())  # 69 tokens of 100: taken
     assert fits.encode_text(["a red square"]).shape == (1, 48)
 
 
 def make_open_clip_tiny_text():
-    from .conftest import make_open_clip
+    from tests.helpers import make_open_clip
 
     return make_open_clip("test-vit-tiny-map", text_cfg=dict(TINY_TEXT))

@@ -12,7 +12,7 @@ from clip_interpret.errors import ClipInterpretError
 from clip_interpret.runstore import index_images, open_run
 from clip_interpret.runstore.store import check_same_convention
 
-from .conftest import make_open_clip
+from tests.helpers import make_open_clip
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -12,50 +11,7 @@ from clip_interpret.errors import ClipInterpretError
 from clip_interpret.labels.llm import (LLMConfig, LLMUnreachable, build_messages, default_examples, llm_labels,
                                        parse_answer, published_labels)
 
-
-class ChatServer:
-    """Answers POST /v1/chat/completions with ``script(request, n)``: a dict (JSON reply content),
-    a string (raw content), ("status", code), or ("sleep", seconds, content)."""
-
-    def __init__(self, script):
-        self.script = script
-        self.requests = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                if self.path != "/v1/chat/completions":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                action = outer.script(body, len(outer.requests))
-                if isinstance(action, tuple) and action[0] == "status":
-                    self.send_response(action[1])
-                    self.end_headers()
-                    return
-                if isinstance(action, tuple) and action[0] == "sleep":
-                    time.sleep(action[1])
-                    action = action[2]
-                content = action if isinstance(action, str) else json.dumps(action)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+from tests.helpers import ChatServer
 
 
 @pytest.fixture

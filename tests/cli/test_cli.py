@@ -357,7 +357,7 @@ def test_full_and_unmodified_rows_agree_on_an_fp32_run(toy_runs):
 def test_loading_is_quiet_and_an_in_memory_model_does_not_claim_loaded_weights(tmp_path, capfd):
     """No transformers "Loading weights" bar on stderr; the repr of a model given in memory (here with random
     weights) does not say its weights were loaded."""
-    from tests.conftest import make_hf_clip, make_open_clip
+    from tests.helpers import make_hf_clip, make_open_clip
 
     make_hf_clip().save_pretrained(tmp_path / "hf")
     capfd.readouterr()

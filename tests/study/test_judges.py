@@ -7,7 +7,7 @@ from clip_interpret.labels.labellers import taxonomy_labels
 from clip_interpret.labels.llm import LLMConfig
 from clip_interpret.metrics import scores
 
-from .test_llm import ChatServer
+from tests.helpers import ChatServer
 
 
 def _textspan(heads: dict[str, list[tuple[str, str]]]) -> dict:

@@ -56,7 +56,7 @@ def test_fp16_storage_at_vit_b16_size_keeps_pieces_and_ablation_figures(tmp_path
     it quick, a one-layer text tower): the fp16 run's pieces and mean-ablation table match fp32."""
     from clip_interpret.ablation import ablation_study
 
-    from .conftest import make_open_clip
+    from tests.helpers import make_open_clip
 
     text = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=1)
     b16 = load_model(make_open_clip("ViT-B-16", force_image_size=64, text_cfg=text))

@@ -10,7 +10,7 @@ from clip_interpret.device import available_devices, check_precision, out_of_mem
 from clip_interpret.errors import ClipInterpretError
 from clip_interpret.runstore import index_images
 
-from .conftest import make_open_clip
+from tests.helpers import make_open_clip
 
 # total() against the float32 native embedding, relative (docs/decomposition.md)
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
