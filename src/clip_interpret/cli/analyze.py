@@ -85,7 +85,7 @@ def register(sub) -> None:
     add_engine_options(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (a few minutes on CPU)")
+    p = sub.add_parser("demo", help="the main job: the whole study on the bundled toy CLIP (about 15 s on 2 CPU cores)")
     p.add_argument("--model", default="toy", help="model spec (default: the bundled toy CLIP)")
     p.add_argument("--out", default="out/demo", help="run folder (default out/demo)")
     p.add_argument("--n", type=int, default=5000, help="held-out toy-world images (default 5000)")
