@@ -101,6 +101,8 @@ def explicit_forward(vit, pixels, hook=None):
     r = x[:, 0]
     cache["ln_post.hook_scale"] = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
     emb = torch.nn.functional.layer_norm(r, (cfg.width,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps) @ vit.proj
+    if getattr(vit, "proj_bias", None) is not None:  # EVA01's head: a Linear with a bias
+        emb = emb + vit.proj_bias
     cache["hook_image_embed"] = emb
     return emb, cache
 

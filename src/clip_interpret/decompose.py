@@ -14,7 +14,8 @@ out by attention). LN_post is linear once its per-image scale sigma(r) is frozen
 **Convention.** Each piece c is centred by its *own* mean (the centring map C is
 linear, so the centred pieces sum to the centred stream), scaled by gamma/sigma,
 projected by P and divided by the norm of the image embedding. The constant
-``P^T beta / ||emb||`` and the attention output biases ``ls1 * b_O`` are kept as
+``(P^T beta + b_P) / ||emb||`` (b_P: the projection's bias, EVA01's; zero in
+other towers) and the attention output biases ``ls1 * b_O`` are kept as
 named pieces of their own instead of being spread over heads. With these
 conventions the pieces sum *exactly* to the unit image embedding, and dotting
 with a unit text embedding splits the cosine similarity additively.
@@ -495,7 +496,7 @@ def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spati
         other_attn = emb.new_zeros(batch, 0, emb.shape[-1])
     mlps = _map(torch.stack([m[:, 0] for m in read.mlp], dim=1), g_centered, scale)
     cls_embed = _map(read.resid0[:, 0], g_centered, scale)
-    constant = (vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
+    constant = _projected_bias(vit, vit.ln_post.bias @ vit.proj).expand(batch, -1) / norm[:, None]
     heads, tokens = torch.stack(head_pieces, dim=1), torch.stack(token_pieces, dim=1) if spatial else None
     if published:
         mean_term = -(r.mean(dim=-1) / scale)[:, None] * g.sum(dim=0)
@@ -506,6 +507,11 @@ def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spati
         pool_mlp=emb.new_zeros(batch, 0, emb.shape[-1]), constant=constant, embedding=emb / norm[:, None],
         head_tokens=tokens,
     )
+
+
+def _projected_bias(vit, constant: torch.Tensor) -> torch.Tensor:
+    """A constant in the joint space plus the projection's own bias, when the tower has one (EVA01's head)."""
+    return constant + vit.proj_bias if getattr(vit, "proj_bias", None) is not None else constant
 
 
 def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
@@ -566,7 +572,8 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
     pool_bias = pool.out.bias
     pool_mlp = read.pool_mlp.float()
     if vit.proj is not None:
-        constant, pool_bias, pool_mlp = constant @ vit.proj, pool_bias @ vit.proj, pool_mlp @ vit.proj
+        constant, pool_bias = _projected_bias(vit, constant @ vit.proj), pool_bias @ vit.proj
+        pool_mlp = pool_mlp @ vit.proj
     pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooling head's result
     scaled = 1 / norm.view(-1, 1, 1)
     return dict(

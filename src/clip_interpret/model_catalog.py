@@ -6,7 +6,9 @@ open_clip, timm or torch (importing them takes seconds): the table of `clip-inte
 * a native image tower is judged by its config (``native_tower_problem``, which the loader uses too);
 * a timm trunk by its model function in ``timm/models/vision_transformer.py`` (read as a syntax tree: the
   keyword arguments it gives ``VisionTransformer``), with the checks ``convert.check_timm_trunk`` makes on
-  the built trunk; a function written otherwise, or an argument not known here, is *undecided*;
+  the built trunk; a function written otherwise, or an argument not known here, is *undecided*; an ``Eva``
+  trunk (``timm/models/eva.py``: EVA01, EVA02, Perception Encoder) likewise, with ``convert.eva_missing``'s
+  checks: refused by an argument that gives it a piece not expressed (rotary embeddings, SwiGLU, ...);
 * the pretrained tags: ``open_clip/pretrained.py`` run on its own, its optional imports that load torch or
   reach the Hub (safetensors.torch, huggingface_hub; used only to download) refused.
 
@@ -48,6 +50,26 @@ PAPER_MODELS = (  # the paper's six models (arXiv 2409.06579)
 _TIMM_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
               "img_size": None, "qkv_bias": None, "init_values": None, "pre_norm": None, "global_pool": None,
               "class_token": (False,), "reg_tokens": (0,), "act_layer": ("gelu", "gelu_tanh")}
+
+
+# Eva model function arguments (timm/models/eva.py) and the values convert.eva_missing accepts (None: any);
+# _EVA_REFUSED: arguments whose value, when not the default given here, gives a piece not expressed
+_EVA_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
+             "img_size": None, "qkv_bias": None, "qkv_fused": None, "init_values": None, "global_pool": None,
+             "use_pre_transformer_norm": None}
+_EVA_REFUSED = {"use_rot_pos_emb": False, "swiglu_mlp": False, "scale_mlp": False, "scale_attn_inner": False,
+                "use_post_norm": False, "qk_norm": False, "attn_type": "eva", "class_token": True, "num_reg_tokens": 0,
+                "no_embed_class": False, "use_abs_pos_emb": True, "attn_only_layer_scale": False,
+                "dynamic_img_size": False, "use_fc_norm": None, "gated_attn": False}
+_NOT_LITERAL = object()
+
+
+class EvaFunction:
+    """A registered timm Eva model function: its ``model_args`` ({keyword: value, or _NOT_LITERAL}), or None
+    when it is not written as ``model_args = dict(...)`` passed to ``_create_eva``."""
+
+    def __init__(self, args: dict | None):
+        self.args = args
 
 
 class CatalogError(Exception):
@@ -106,6 +128,59 @@ def timm_vit_functions(timm_dir: Path) -> dict:
     return functions
 
 
+def timm_eva_functions(timm_dir: Path) -> dict:
+    """timm's registered Eva model functions (``timm/models/eva.py``): name -> EvaFunction; none if the file
+    is absent."""
+    path = timm_dir / "models" / "eva.py"
+    if not path.is_file():
+        return {}
+    functions = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) \
+                and any(isinstance(d, ast.Name) and d.id == "register_model" for d in node.decorator_list):
+            functions[node.name] = EvaFunction(_eva_model_args(node))
+    return functions
+
+
+def _eva_model_args(node: ast.FunctionDef) -> dict | None:
+    assigns = [s for s in node.body
+               if isinstance(s, ast.Assign) and [ast.unparse(t) for t in s.targets] == ["model_args"]]
+    if len(assigns) != 1 or not isinstance(assigns[0].value, ast.Call) or ast.unparse(assigns[0].value.func) != "dict" \
+            or assigns[0].value.args:
+        return None
+    calls = [c for c in ast.walk(node) if isinstance(c, ast.Call) and ast.unparse(c.func) == "_create_eva"]
+    if len(calls) != 1 or "**dict(model_args, **kwargs)" not in [ast.unparse(k) for k in calls[0].keywords]:
+        return None
+    args = {}
+    for keyword in assigns[0].value.keywords:
+        if keyword.arg is None:
+            return None
+        try:
+            args[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:  # a computed ratio, a partial, kwargs.pop(...)
+            args[keyword.arg] = _NOT_LITERAL
+    return args
+
+
+def _eva_decision(function: EvaFunction, pool: str, proj) -> bool | str:
+    """``openclip.eva_problem``'s judgement from an Eva model function's arguments."""
+    if pool != "token" or proj not in (None, "linear"):
+        return False
+    args = function.args
+    if args is None or os.environ.get("TIMM_USE_NAFLEX", "0") == "1":
+        return UNDECIDED
+    decided = True
+    for key, value in args.items():
+        if key in _EVA_REFUSED:
+            if value is _NOT_LITERAL:
+                decided = UNDECIDED if decided is True else decided
+            elif value != _EVA_REFUSED[key]:
+                return False
+        elif key not in _EVA_ARGS:
+            decided = UNDECIDED if decided is True else decided
+    return decided
+
+
 def _plain_model_args(node: ast.FunctionDef) -> dict | None:
     body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
     if len(body) != 3 or not isinstance(body[0], ast.Assign) or not isinstance(body[1], ast.Assign):
@@ -135,6 +210,8 @@ def timm_tower_decision(vision: dict, functions: dict) -> bool | str:
     proj, proj_bias = vision.get("timm_proj", "linear"), bool(vision.get("timm_proj_bias", False))
     if name.startswith("clip_interpret_"):  # our own tiny trunks (tests), registered with timm at run time
         return UNDECIDED
+    if isinstance(functions.get(name), EvaFunction):
+        return _eva_decision(functions[name], pool, vision.get("timm_proj", "linear"))
     if name not in functions:
         return False  # not a timm VisionTransformer
     if pool != "map" or proj not in ("none", "linear") or (proj == "linear" and proj_bias):
@@ -182,7 +259,7 @@ def pretrained_tags(open_clip_dir: Path) -> dict:
 def static_table() -> tuple[dict, list[str]]:
     """The table from the files alone, and the architectures it could not decide (their rows are missing)."""
     open_clip_dir, timm_dir = _package_dir("open_clip"), _package_dir("timm")
-    functions = timm_vit_functions(timm_dir)
+    functions = {**timm_eva_functions(timm_dir), **timm_vit_functions(timm_dir)}
     tags = pretrained_tags(open_clip_dir)
     rows, undecided = [], []
     for arch, config in model_configs(open_clip_dir).items():
@@ -202,7 +279,8 @@ def static_table() -> tuple[dict, list[str]]:
 
 def _row(arch: str, config: dict, tags: list) -> list:
     """[arch, pool, tokenizer, tags]: CLS or MAP pooling, the text tower's tokenizer, pretrained tags."""
-    pool = "map" if config["vision_cfg"].get("timm_model_name") else "cls"
+    vision = config["vision_cfg"]
+    pool = "map" if vision.get("timm_model_name") and vision.get("timm_pool", "avg") == "map" else "cls"
     tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
     return [arch, pool, tokenizer, list(tags)]
 

@@ -36,7 +36,8 @@ def test_models_lists_the_paper_models(capsys):
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "[" in line}
     assert "[map] [timm/ViT-B-16-SigLIP] webli" in lines["ViT-B-16-SigLIP"]
     assert "[cls] [CLIP BPE]" in lines["ViT-bigG-14"] and "[facebook/xlm-v-base]" in lines["ViT-H-14-worldwide"]
-    assert not any(name.startswith(("EVA", "PE-", "RN50", "convnext")) for name in lines)
+    assert "[cls] [CLIP BPE]" in lines["EVA01-g-14"] and "[cls] [CLIP BPE]" in lines["EVA01-g-14-plus"]
+    assert not any(name.startswith(("EVA02", "PE-", "RN50", "convnext")) for name in lines)
 
 
 def test_decompose_writes_json_and_heatmaps(images, tmp_path, capsys):
@@ -264,6 +265,32 @@ def test_timm_model_functions_are_read_as_the_trunk_check_would_judge_them(tmp_p
     assert decide("plain", pool="token") is False and decide("plain", proj="mlp") is False
     assert decide("regs") is False and decide("with_cls") is False and decide("convnext_base") is False
     assert decide("rms") == UNDECIDED and decide("other") == UNDECIDED
+
+
+def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path):
+    from clip_interpret.model_catalog import UNDECIDED, timm_eva_functions, timm_tower_decision
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "eva.py").write_text(
+        "@register_model\ndef eva01(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, mlp_ratio=96 / 64)\n"
+        "    model = _create_eva('eva01', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "    return model\n"
+        "@register_model\ndef eva02(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, swiglu_mlp=True,\n"
+        "                      norm_layer=partial(LayerNorm, eps=1e-5))\n"
+        "    return _create_eva('eva02', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "@register_model\ndef odd(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, norm_layer=RmsNorm)\n"
+        "    return _create_eva('odd', pretrained=pretrained, **dict(model_args, **kwargs))\n")
+    functions = timm_eva_functions(tmp_path)
+
+    def decide(name, pool="token", proj=None):
+        return timm_tower_decision({"timm_model_name": name, "timm_pool": pool, "timm_proj": proj}, functions)
+
+    assert decide("eva01") is True and decide("eva01", proj="linear") is True
+    assert decide("eva01", pool="avg") is False and decide("eva01", proj="mlp") is False
+    assert decide("eva02") is False and decide("odd") == UNDECIDED
 
 
 def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):

@@ -19,7 +19,7 @@ def cmd_models(args) -> int:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet (RN50, ...); EVA/EVA02 and Perception Encoder towers (rotary position embeddings, "
+    print("Not supported: ResNet (RN50, ...); EVA02 and Perception Encoder towers (rotary position embeddings, "
           "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; average-pooled "
           "towers (CLIPA); qk-norm / scaled-cosine attention blocks.")
     return 0

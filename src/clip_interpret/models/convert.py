@@ -17,7 +17,8 @@ SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
     "LayerScale, any patch and image size; Hugging Face CLIP vision towers) and ViTs without a CLS token "
     "pooled by a MAP attention head (SigLIP and SigLIP 2: open_clip's timm VisionTransformer trunks with "
-    "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid)"
+    "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid); EVA01-CLIP towers "
+    "(open_clip's timm Eva trunks with plain pre-norm blocks, absolute position embeddings and CLS pooling)"
 )
 
 
@@ -62,7 +63,7 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
     ``TimmModel`` whose trunk is a timm ``VisionTransformer`` pooled by a MAP head (SigLIP)."""
     kind = type(visual).__name__
     if kind == "TimmModel":
-        return _from_timm(visual)
+        return _from_eva(visual) if type(visual.trunk).__name__ == "Eva" else _from_timm(visual)
     if kind != "VisionTransformer":
         raise _unsupported(f"open_clip {kind} (a ResNet tower has no attention heads to decompose)")
     if getattr(visual, "attn_pool", None) is not None:
@@ -192,9 +193,9 @@ def _copy_bias(dst: torch.Tensor, src: torch.Tensor | None) -> None:
 def check_timm_trunk(trunk: nn.Module) -> None:
     """Refuse a timm trunk the HookedViT cannot express, naming what it has (works on the meta device)."""
     kind = type(trunk).__name__
-    if kind in ("Eva", "EVA"):
-        raise _unsupported("timm Eva trunk (EVA/EVA02 and Perception Encoder towers: rotary position "
-                           "embeddings and SwiGLU MLPs)")
+    if kind == "Eva":
+        check_eva_trunk(trunk)
+        return
     if kind != "VisionTransformer":
         raise _unsupported(f"timm {kind} trunk (no ViT attention heads to decompose)")
     if getattr(trunk, "global_pool", "") != "map" or getattr(trunk, "attn_pool", None) is None:
@@ -250,7 +251,153 @@ def _timm_projection(visual: nn.Module) -> torch.Tensor | None:
 def check_open_clip_tower(visual: nn.Module) -> None:
     """Refuse an open_clip ``TimmModel`` the converter cannot express (works on the meta device)."""
     check_timm_trunk(visual.trunk)
-    _timm_projection(visual)
+    if type(visual.trunk).__name__ == "Eva":
+        _eva_projection(visual)
+    else:
+        _timm_projection(visual)
+
+
+# ----------------------------------------------------------------- EVA01 (timm Eva)
+def eva_missing(trunk: nn.Module) -> list[str]:
+    """What a timm ``Eva`` trunk has that the HookedViT does not express (empty: an EVA01-like trunk,
+    plain pre-norm blocks, absolute position embeddings, CLS pooling). Judged on block 0 and the
+    trunk's modules, so it works on the meta device and on a one-block build."""
+    missing = []
+    if getattr(trunk, "rope", None) is not None:
+        missing.append("rotary position embeddings (use_rot_pos_emb)")
+    block = trunk.blocks[0]
+    attn = block.attn
+    if type(block).__name__ == "EvaBlockPostNorm":
+        missing.append("post-norm blocks (use_post_norm)")
+    elif type(block).__name__ != "EvaBlock":
+        missing.append(f"{type(block).__name__} blocks")
+    if type(attn).__name__ != "EvaAttention":
+        missing.append(f"{type(attn).__name__} attention (attn_type='rope')")
+    else:
+        if not isinstance(attn.norm, nn.Identity):
+            missing.append("a LayerNorm over the concatenated heads (scale_attn_inner)")
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            missing.append("qk-norm")
+        if getattr(attn, "gate", None) is not None:
+            missing.append("gated attention")
+        if attn.head_dim * attn.num_heads != trunk.embed_dim:
+            missing.append("a head width other than width / heads")
+    mlp = block.mlp
+    if type(mlp).__name__ in ("SwiGLU", "GluMlp"):
+        missing.append("a SwiGLU MLP (swiglu_mlp)")
+    elif type(mlp).__name__ != "Mlp":
+        missing.append(f"a {type(mlp).__name__} MLP")
+    if not isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None))):
+        missing.append("a LayerNorm inside the MLP (scale_mlp)")
+    if getattr(block, "gamma_1", None) is not None and getattr(block, "gamma_2", None) is None:
+        missing.append("LayerScale on the attention branch only")
+    pool = getattr(trunk, "global_pool", "")
+    if pool != "token" or getattr(trunk, "attn_pool", None) is not None:
+        missing.append(f"global_pool={pool!r} (only 'token', CLS pooling, for Eva trunks)")
+    if trunk.cls_token is None:
+        missing.append("no class token")
+    if trunk.reg_token is not None:
+        missing.append("register tokens")
+    if trunk.pos_embed is None or getattr(trunk, "no_embed_class", False):
+        missing.append("no position embedding of the class token")
+    if getattr(trunk, "dynamic_img_size", False):
+        missing.append("dynamic_img_size")
+    patch = trunk.patch_embed
+    if type(patch).__name__ != "PatchEmbed" or not isinstance(patch.proj, nn.Conv2d) \
+            or not isinstance(patch.norm, nn.Identity) or getattr(patch, "dynamic_img_pad", False):
+        missing.append(f"patch embedding {type(patch).__name__} other than a plain convolution")
+    if not isinstance(trunk.norm, nn.LayerNorm):
+        missing.append(f"final norm {type(trunk.norm).__name__} (only a LayerNorm)")
+    if not isinstance(trunk.fc_norm, nn.Identity):
+        missing.append("a norm after pooling (fc_norm)")
+    if not isinstance(trunk.norm_pre, (nn.Identity, nn.LayerNorm)):
+        missing.append(f"pre-norm {type(trunk.norm_pre).__name__}")
+    if not missing:
+        norms = [block.norm1, block.norm2, trunk.norm] + ([trunk.norm_pre] if isinstance(trunk.norm_pre, nn.LayerNorm)
+                                                           else [])
+        if len({float(n.eps) for n in norms}) != 1:
+            missing.append("LayerNorms with different eps")
+        _activation_name(mlp.act)
+    return missing
+
+
+def check_eva_trunk(trunk: nn.Module) -> None:
+    """Refuse a timm ``Eva`` trunk with a piece the HookedViT does not express, naming every such piece."""
+    missing = eva_missing(trunk)
+    if missing:
+        raise _unsupported(f"timm Eva trunk with {', '.join(missing)} (EVA02 / Perception Encoder pieces not yet "
+                           "decomposed)")
+
+
+def _eva_projection(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one linear map after an Eva trunk's pooled CLS row as ([width, D], bias or None): the trunk's
+    classifier head (open_clip's ``timm_proj: null``, EVA01-CLIP's, with its bias) or open_clip's
+    ``proj: linear``."""
+    layers = [m for m in (visual.trunk.head, *visual.head) if not isinstance(m, (nn.Dropout, nn.Identity))]
+    if len(layers) == 1 and isinstance(layers[0], nn.Linear):
+        return layers[0].weight.T, layers[0].bias
+    raise _unsupported("an Eva trunk whose projection is not one linear map (proj 'mlp', 'none' or two maps)")
+
+
+def _from_eva(visual: nn.Module) -> HookedViT:
+    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with EVA01's plain pre-norm
+    blocks (fused or separate q/k/v, the key without a bias), CLS pooling and a linear head."""
+    check_open_clip_tower(visual)
+    trunk = visual.trunk
+    proj, proj_bias = _eva_projection(visual)
+    blocks = trunk.blocks
+    first = blocks[0]
+    layer_scale = first.gamma_1 is not None
+    cfg = ViTConfig(
+        image_size=_pair(trunk.patch_embed.img_size),
+        patch_size=_pair(trunk.patch_embed.patch_size),
+        width=trunk.embed_dim,
+        layers=len(blocks),
+        heads=first.attn.num_heads,
+        mlp_width=first.mlp.fc1.out_features,
+        output_dim=proj.shape[1],
+        act=_activation_name(first.mlp.act),
+        ln_pre=isinstance(trunk.norm_pre, nn.LayerNorm),
+        layer_scale=layer_scale,
+        ln_eps=float(first.norm1.eps),
+        patch_bias=trunk.patch_embed.proj.bias is not None,
+        proj_bias=proj_bias is not None,
+    )
+    vit = HookedViT(cfg)
+    _copy(vit.patch_embed.weight, trunk.patch_embed.proj.weight)
+    if cfg.patch_bias:
+        _copy(vit.patch_embed.bias, trunk.patch_embed.proj.bias)
+    _copy(vit.cls_embedding, trunk.cls_token)
+    _copy(vit.pos_embedding, trunk.pos_embed)
+    if cfg.ln_pre:
+        _copy_ln(vit.ln_pre, trunk.norm_pre)
+    for ours, theirs in zip(vit.blocks, blocks):
+        attn = theirs.attn
+        _copy_ln(ours.ln1, theirs.norm1)
+        if attn.qkv is not None:
+            _copy(ours.qkv.weight, attn.qkv.weight)
+            biases = (attn.q_bias, attn.k_bias, attn.v_bias)
+        else:
+            _copy(ours.qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            biases = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
+        w = cfg.width
+        for part, bias in enumerate(biases):  # EVA's key has no bias (a zero buffer)
+            _copy_bias(ours.qkv.bias[part * w:(part + 1) * w], bias)
+        _copy(ours.out.weight, attn.proj.weight)
+        _copy_bias(ours.out.bias, attn.proj.bias)
+        _copy_ln(ours.ln2, theirs.norm2)
+        _copy(ours.fc1.weight, theirs.mlp.fc1.weight)
+        _copy_bias(ours.fc1.bias, theirs.mlp.fc1.bias)
+        _copy(ours.fc2.weight, theirs.mlp.fc2.weight)
+        _copy_bias(ours.fc2.bias, theirs.mlp.fc2.bias)
+        if layer_scale:
+            _copy(ours.ls1, theirs.gamma_1)
+            _copy(ours.ls2, theirs.gamma_2)
+    _copy_ln(vit.ln_post, trunk.norm)
+    _copy(vit.proj, proj)
+    if proj_bias is not None:
+        _copy(vit.proj_bias, proj_bias)
+    return vit.eval()
 
 
 def _from_timm(visual: nn.Module) -> HookedViT:

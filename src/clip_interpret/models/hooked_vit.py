@@ -6,7 +6,7 @@ own. The layout follows the CLIP ViT:
 
     z = ln_pre(patch_embed(x) ++ cls + pos)
     for each block:  z += ls1 * Attn(LN1(z));  z += ls2 * MLP(LN2(z))
-    emb = LN_post(z[:, 0]) @ proj                                   (pool "cls")
+    emb = LN_post(z[:, 0]) @ proj [+ b_proj]                        (pool "cls")
 
 or, for towers that pool by attention (SigLIP's MAP head; no CLS token, the
 final LayerNorm applied to every token):
@@ -68,6 +68,7 @@ class ViTConfig:
     pool_heads: int = 0  # the pooling head's attention heads ("map")
     pool_mlp_width: int = 0  # its MLP's hidden width ("map")
     proj: bool = True  # a projection to the joint space after pooling (SigLIP towers have none)
+    proj_bias: bool = False  # a bias after the projection (EVA01-CLIP's timm head, a Linear with bias)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -169,6 +170,7 @@ class HookedViT(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
         self.pool = AttentionPool(cfg) if cfg.pool == "map" else None
         self.proj = nn.Parameter(torch.zeros(w, cfg.output_dim)) if cfg.proj else None
+        self.proj_bias = nn.Parameter(torch.zeros(cfg.output_dim)) if cfg.proj and cfg.proj_bias else None
         self._act = activation(cfg.act)
         self._names = [{point: f"blocks.{layer}.{point}" for point in BLOCK_POINTS} for layer in range(cfg.layers)]
 
@@ -240,7 +242,10 @@ class HookedViT(nn.Module):
                 out = self.norm(self.ln_post, x)
             else:
                 out = self._attention_pool(x, hook)
-            return out @ self.proj.float() if self.proj is not None else out
+            if self.proj is None:
+                return out
+            out = out @ self.proj.float()
+            return out + self.proj_bias.float() if self.proj_bias is not None else out
 
     def _attention_pool(self, x: torch.Tensor, hook) -> torch.Tensor:
         """The final stream [B, T, width] -> the MAP head's output ``y + MLP(LN(y))`` [B, width]:

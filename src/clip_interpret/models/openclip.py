@@ -69,10 +69,12 @@ def timm_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
 
     from .convert import check_timm_trunk
 
+    from .tiny_towers import EVA_TRUNKS
+
+    if name in timm.list_models(module="eva") or name in EVA_TRUNKS:
+        return eva_problem(name, pool, proj, proj_bias)
     if name not in timm.list_models(module="vision_transformer") + timm.list_models(module="tiny_towers"):
-        kind = "an Eva trunk (EVA/EVA02, Perception Encoder: rotary position embeddings, SwiGLU MLPs)" \
-            if name in timm.list_models(module="eva") else "a timm trunk that is not a VisionTransformer"
-        return f"the timm tower {name!r}, {kind}"
+        return f"the timm tower {name!r}, a timm trunk that is not a VisionTransformer"
     if pool != "map":
         return f"the timm tower {name!r} pooled by {pool or 'its default'!r} (only 'map', SigLIP's attention pooling)"
     if proj not in ("none", "linear") or (proj == "linear" and proj_bias):
@@ -83,6 +85,31 @@ def timm_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
         check_timm_trunk(trunk)
     except UnsupportedModelError as err:
         return str(err).split(". Supported:")[0].removeprefix("unsupported image tower: ")
+    return None
+
+
+def eva_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
+    """An open_clip tower on a timm Eva trunk (EVA01, EVA02, Perception Encoder): built on the meta device
+    with one block, as open_clip builds it (``proj`` null: the trunk's classifier head is the projection)."""
+    import timm
+
+    from .convert import eva_missing
+
+    if proj not in (None, "linear"):
+        return (f"the timm tower {name!r} with projection {proj!r} (Eva trunks: only null, the trunk's head, "
+                "or 'linear')")
+    kwargs = dict(num_classes=1) if proj is None else dict(num_classes=0)
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(name, global_pool=pool, depth=1, **kwargs)
+        if type(trunk).__name__ != "Eva":  # TIMM_USE_NAFLEX=1 builds Eva names as NaFlexVit
+            return f"the timm tower {name!r}, built by timm as a {type(trunk).__name__} (not an Eva trunk)"
+        missing = eva_missing(trunk)
+    except UnsupportedModelError as err:
+        return str(err).split(". Supported:")[0].removeprefix("unsupported image tower: ")
+    if missing:
+        return (f"the timm tower {name!r}, an Eva trunk with {', '.join(missing)} (EVA02 / Perception Encoder "
+                "pieces, not yet decomposed)")
     return None
 
 

@@ -1,13 +1,17 @@
-"""A tiny timm trunk for the test configs (``test-vit-tiny-map``), registered with timm.
+"""Tiny timm trunks for the test configs (``test-vit-tiny-map``, ``test-vit-tiny-eva``), registered with timm.
 
 timm's own SigLIP trunks (``vit_*_siglip_*``) are too large for a test suite, and open_clip
 passes no size arguments to timm; so, as the tiny ``test-*`` open_clip configs do, a tiny
 trunk of the same kind is registered under its own name: a ViT without a class token, pooled
-by a MAP attention head, tanh-GELU and LayerNorm eps 1e-6 (as SigLIP).
+by a MAP attention head, tanh-GELU and LayerNorm eps 1e-6 (as SigLIP); and a timm ``Eva`` trunk with
+EVA01-CLIP's layout (plain pre-norm blocks, fused q/k/v with q and v biases, CLS pooling, GELU).
 """
 
 from timm.models import register_model
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
+
+EVA_TRUNKS = ("clip_interpret_test_eva_tiny",)  # timm Eva trunks registered here (judged as eva.py's are)
 
 
 @register_model
@@ -18,3 +22,12 @@ def clip_interpret_test_map_tiny(pretrained: bool = False, **kwargs) -> VisionTr
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0, class_token=False,
                 global_pool="map", act_layer="gelu_tanh")
     return VisionTransformer(**dict(args, **kwargs))
+
+
+@register_model
+def clip_interpret_test_eva_tiny(pretrained: bool = False, **kwargs) -> Eva:
+    """EVA01's layout in small: 3 layers x 4 heads, width 32, MLP 96, 32x32 images in 8x8 patches, CLS pooling."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=3.0, global_pool="token")
+    return Eva(**dict(args, **kwargs))
