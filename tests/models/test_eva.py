@@ -232,3 +232,18 @@ def test_index_ablate_and_textspan_on_a_tiny_eva_tower(tmp_path, capsys, monkeyp
     assert saved["n_images"] == 40
     assert main(["textspan", str(run), "--pool", "toy", "--m", "2", "--rank", "8"]) == 0
     assert (run / "textspan-toy.json").is_file()
+
+
+def test_the_projection_bias_joins_the_constant_in_both_conventions(eva_model):
+    """EVA01's head is a Linear with a bias b_P: the constant is (P^T beta + b_P) / ||emb|| (centred), shared
+    out with the rest in the published convention; both sum exactly to the unit embedding."""
+    vit = eva_model.vit
+    x = pixels_for(vit, n=2, seed=4)
+    emb, _ = explicit_forward(vit, x)
+    norm = emb.norm(dim=-1, keepdim=True)
+    centred = decompose_pixels(vit, x, layers="all")
+    assert torch.allclose(centred.constant, (vit.ln_post.bias @ vit.proj + vit.proj_bias) / norm, atol=1e-6)
+    assert vit.proj_bias.abs().max() > 1e-3  # jittered: a dropped bias would show
+    published = decompose_pixels(vit, x, layers="all", convention="published")
+    for d in (centred, published):
+        assert rel_err(d.total(), emb / norm) < 1e-5
