@@ -364,6 +364,12 @@ def _read(value, name):
     """A hook that only asks the loop for its activation."""
 
 
+# the rows of a stream activation [B, T, ...] that reach the embedding, per pooling: the CLS row; the mean of
+# the patch rows (in float32); every row (the attention-pooling head reads each)
+_ROWS = {"cls": lambda value: value[:, :1], "avg": lambda value: value[:, 1:].float().mean(dim=1, keepdim=True),
+         "map": lambda value: value}
+
+
 class _Readout:
     """What the decomposition reads from one pass of the model's block loop, through hook points
     added after ``fwd_hooks`` (so it reads what they left), at the rows that reach the embedding
@@ -380,8 +386,10 @@ class _Readout:
         from .models.hooked_vit import CLS_PATTERN, HookPoints
 
         self.points = points = HookPoints(vit, fwd_hooks)
-        by_cls = vit.pool is None
-        self.rows = slice(0, 1) if by_cls else slice(None)
+        kind = vit.cfg.pool
+        by_cls = kind == "cls"
+        by_row = vit.pool is None  # one pooled row through LN_post: the CLS row, or the patch rows' mean ("avg")
+        self._rows = _ROWS[kind]
         self.resid0 = self.final = self.embedding = None
         self.attn, self.mlp, self.head_z = {}, [], {}
         self._z, self._seen, self._v, self._cls = {}, {}, {}, {}  # held from one hook point to a later one
@@ -391,19 +399,21 @@ class _Readout:
         for layer, block in enumerate(vit.blocks):
             name = f"blocks.{layer}."
             if layer in chosen:
-                if by_cls and spatial:
+                if by_row and spatial:
                     points.add(name + "attn.hook_v", self._keep_in("_v", layer, rows=False))
                     points.add(name + "attn.hook_z", self._see, first=True)
                 if by_cls:  # the loop computes the CLS query's row explicitly: it splits the CLS result by token
                     points.add(name + CLS_PATTERN, self._keep_in("_cls", layer, rows=False) if spatial else _read)
-                points.add(name + "attn.hook_z", self._heads(layer, by_cls, spatial))
+                elif by_row and spatial:  # the patch queries' mean attention row splits their mean result
+                    points.add(name + "attn.hook_pattern", self._mean_row(layer))
+                points.add(name + "attn.hook_z", self._heads(layer, by_row, spatial))
                 points.add(name + "hook_attn_out", self._in_float32(vit, block, layer, by_cls), first=True)
             else:
                 points.add(name + "hook_attn_out", self._keep_in("attn", layer))
             points.add(name + "hook_mlp_out", self._append_mlp)
-        points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final", rows=False))
+        points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final"))
         points.add("hook_image_embed", self._keep("embedding", rows=False))
-        if not by_cls:
+        if not by_row:
             for point in ("ln_post.hook_normalized", "pool.hook_v", "pool.hook_z"):
                 points.add(point, self._see, first=True)
                 points.add(point, self._check_same)
@@ -414,16 +424,16 @@ class _Readout:
 
     def _keep(self, attr: str, rows: bool = True):
         def keep(value, name):
-            setattr(self, attr, value[:, self.rows] if rows else value)
+            setattr(self, attr, self._rows(value) if rows else value)
         return keep
 
     def _keep_in(self, attr: str, layer: int, rows: bool = True):
         def keep(value, name):
-            getattr(self, attr)[layer] = value[:, self.rows] if rows else value
+            getattr(self, attr)[layer] = self._rows(value) if rows else value
         return keep
 
     def _append_mlp(self, value, name):
-        self.mlp.append(value[:, self.rows])
+        self.mlp.append(self._rows(value))
 
     def _see(self, value, name):
         """The activation as the loop computed it, before any ``fwd_hooks``."""
@@ -433,10 +443,15 @@ class _Readout:
         if value is not self._seen.pop(name):
             self.pool_linear = False
 
-    def _heads(self, layer: int, by_cls: bool, spatial: bool):
+    def _mean_row(self, layer: int):
+        def keep(pattern, name):  # [B, H, T, T] -> the patch queries' mean row [B, H, 1, T]
+            self._cls[layer] = pattern[:, :, 1:].float().mean(dim=2, keepdim=True)
+        return keep
+
+    def _heads(self, layer: int, by_row: bool, spatial: bool):
         def keep(z, name):
             self._z[layer] = z
-            if not by_cls:
+            if not by_row:
                 self.head_z[layer] = z
             elif spatial:
                 if z is not self._seen.pop(name):
@@ -444,7 +459,7 @@ class _Readout:
                                              "split by token; decompose that layer without spatial=True")
                 self.head_z[layer] = self._cls.pop(layer).transpose(-1, -2) * self._v.pop(layer)
             else:
-                self.head_z[layer] = z[:, :, 0]
+                self.head_z[layer] = self._rows(z.transpose(1, 2)).transpose(1, 2)[:, :, 0]
         return keep
 
     def _in_float32(self, vit, block, layer: int, by_cls: bool):

@@ -62,9 +62,23 @@ def native_tower_problem(vision: dict) -> str | None:
     refused = [k for k in NATIVE_REFUSED if vision.get(k)]
     if refused:
         return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
-    if vision.get("pool_type", "tok") != "tok":
-        return f"a VisionTransformer with pool_type={vision['pool_type']!r} (only CLS-token pooling)"
+    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
+    if pool not in ("cls", "avg"):
+        return f"a VisionTransformer with {pool}"
     return None
+
+
+def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
+    """The HookedViT pooling of an open_clip VisionTransformer's ``pool_type`` and ``final_ln_after_pool``:
+    "cls" or "avg", or, when it has none, why (a phrase; ``convert.from_open_clip`` refuses with it too).
+    ``tok`` takes the CLS row, where LN_post before or after the pooling is the same; ``avg`` (the mean of the
+    patch tokens) is expressed with LN_post after the pooling (CLIPA): one frozen scale per image."""
+    if pool_type == "tok":
+        return "cls"
+    if pool_type == "avg":
+        return "avg" if final_ln_after_pool else ("pool_type='avg' and LN_post before the pooling (only "
+                                                  "final_ln_after_pool, as CLIPA has it, is supported)")
+    return f"pool_type={pool_type!r} (only CLS-token pooling, or 'avg' with final_ln_after_pool)"
 
 
 def _package_dir(name: str) -> Path:
@@ -201,8 +215,11 @@ def static_table() -> tuple[dict, list[str]]:
 
 
 def _row(arch: str, config: dict, tags: list) -> list:
-    """[arch, pool, tokenizer, tags]: CLS or MAP pooling, the text tower's tokenizer, pretrained tags."""
-    pool = "map" if config["vision_cfg"].get("timm_model_name") else "cls"
+    """[arch, pool, tokenizer, tags]: CLS, average (CLIPA) or MAP pooling, the text tower's tokenizer,
+    pretrained tags."""
+    vision = config["vision_cfg"]
+    pool = "map" if vision.get("timm_model_name") else \
+        native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
     tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
     return [arch, pool, tokenizer, list(tags)]
 
