@@ -46,6 +46,14 @@ reduced precision, an analysed layer's output projection at the rows that reach
 the embedding is recomputed in float32 (a hook on ``hook_attn_out``), as the pieces
 are mapped: they then sum to the embedding that pass computes.
 
+**Average pooling** (CLIPA: the mean of the patch rows, the CLS row left out, then
+LN_post on that one vector). The mean is a fixed weight 1/N per patch row, so the
+pooled row is a sum of the same pieces as the CLS row, each the patches' mean;
+LN_post's scale is frozen per image on the pooled row and the CLS-pooled map
+applies unchanged. A head splits over source tokens by the patch queries' mean
+attention row ``mean_{i>=1} A[l,h][i, :]`` (it sums to one); the readout keeps the
+patches' mean of each activation as the loop produces it.
+
 **Attention pooling** (SigLIP's MAP head: no CLS token, LN_post on every token,
 one learned query over them, then ``y + MLP(LN(y))``). Freeze the pooling pattern
 ``A[p, i]`` (pooling head p, token i) and each token's LN_post scale ``sigma_i``;
@@ -165,14 +173,15 @@ class Decomposition:
     ``heads``: [B, L, H, D], each analysed head's contribution (summed over tokens).
     ``head_tokens``: [B, L, T, H, D] per token, only when ``spatial`` (``None`` otherwise);
     ``head_tokens.sum(2)`` equals ``heads``. T = CLS + patches (the CLS row's source tokens)
-    in a CLS-pooled tower; the patches (the stream positions the pooling head reads) in an
+    in a CLS-pooled tower, and in an average-pooled one (the source tokens of the patch queries'
+    mean row); the patches (the stream positions the pooling head reads) in an
     attention-pooled one (``class_token`` False).
     ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
     ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
     not analysed (the earlier layers under the default choice).
     ``mlps``: [B, n_layers, D], every block's MLP output.
     ``cls_embed``: [B, D], the token embedding: the CLS token's (class + position, after
-    ln_pre), or in an attention-pooled tower every patch token's (patch + position).
+    ln_pre), in an average-pooled tower the patch tokens' mean, or in an attention-pooled tower every patch token's (patch + position).
     ``pool_mlp``: [B, 1, D], the pooling head's MLP (nonlinear: one piece); [B, 0, D] when
     the tower pools by its CLS token.
     ``constant``: [B, D], the constant terms: ``P^T beta / ||emb||`` (CLS pooling), or what

@@ -27,6 +27,8 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
+from .tower_pools import native_pool
+
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and _NATIVE_REFUSED (a native VisionTransformer's config fields the HookedViT
 # cannot express) and models.PAPER_MODELS.
@@ -66,19 +68,6 @@ def native_tower_problem(vision: dict) -> str | None:
     if pool not in ("cls", "avg"):
         return f"a VisionTransformer with {pool}"
     return None
-
-
-def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
-    """The HookedViT pooling of an open_clip VisionTransformer's ``pool_type`` and ``final_ln_after_pool``:
-    "cls" or "avg", or, when it has none, why (a phrase; ``convert.from_open_clip`` refuses with it too).
-    ``tok`` takes the CLS row, where LN_post before or after the pooling is the same; ``avg`` (the mean of the
-    patch tokens) is expressed with LN_post after the pooling (CLIPA): one frozen scale per image."""
-    if pool_type == "tok":
-        return "cls"
-    if pool_type == "avg":
-        return "avg" if final_ln_after_pool else ("pool_type='avg' and LN_post before the pooling (only "
-                                                  "final_ln_after_pool, as CLIPA has it, is supported)")
-    return f"pool_type={pool_type!r} (only CLS-token pooling, or 'avg' with final_ln_after_pool)"
 
 
 def _package_dir(name: str) -> Path:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..model_catalog import native_pool
+from ..tower_pools import native_pool
 from .hooked_vit import HookedViT, ViTConfig
 
 SUPPORTED = (

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
-from ..model_catalog import native_pool
+from ..tower_pools import native_pool
 from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
