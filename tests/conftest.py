@@ -30,6 +30,15 @@ def tiny_ls_model():
 
 
 @pytest.fixture(scope="session")
+def avg_model():
+    """A ClipModel over a jittered random test-vit-tiny-avg: CLIPA's layout (no ln_pre, average pooling over
+    the patch tokens, LN_post after the pooling), 3 layers x 4 heads, width 64, non-square 40x32 images."""
+    from clip_interpret import load_model
+
+    return load_model(make_open_clip("test-vit-tiny-avg", seed=2))
+
+
+@pytest.fixture(scope="session")
 def map_model():
     """A ClipModel over a jittered random test-vit-tiny-map: no CLS token, MAP attention pooling (SigLIP's
     layout), 3 layers x 4 heads, width 32, 32x32 images, a pooling head of 4 heads."""

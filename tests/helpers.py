@@ -72,7 +72,8 @@ def explicit_forward(vit, pixels, hook=None):
     shortcut): the reference for the decomposition, the hooks and the interventions.
     ``hook(name, value)`` may replace ``attn.hook_z`` [B, H, T, d], ``hook_attn_out`` and
     ``hook_mlp_out`` of any block, and in an attention-pooled tower ``ln_post.hook_normalized``,
-    ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's)."""
+    ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's). An average-pooled tower
+    (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post."""
     hook = hook or (lambda name, value: value)
     cfg = vit.cfg
     x = vit.embed(pixels)
@@ -98,7 +99,7 @@ def explicit_forward(vit, pixels, hook=None):
         cache[f"{name}.hook_resid_post"] = x
     if vit.pool is not None:
         return _explicit_pool(vit, x, hook, cache)
-    r = x[:, 0]
+    r = x[:, 0] if cfg.pool == "cls" else x[:, 1:].sum(dim=1) / (x.shape[1] - 1)  # "avg": the patches' mean
     cache["ln_post.hook_scale"] = torch.sqrt(r.var(dim=-1, unbiased=False) + cfg.ln_eps)
     emb = torch.nn.functional.layer_norm(r, (cfg.width,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps) @ vit.proj
     if getattr(vit, "proj_bias", None) is not None:  # EVA01's head: a Linear with a bias

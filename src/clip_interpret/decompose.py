@@ -47,6 +47,14 @@ reduced precision, an analysed layer's output projection at the rows that reach
 the embedding is recomputed in float32 (a hook on ``hook_attn_out``), as the pieces
 are mapped: they then sum to the embedding that pass computes.
 
+**Average pooling** (CLIPA: the mean of the patch rows, the CLS row left out, then
+LN_post on that one vector). The mean is a fixed weight 1/N per patch row, so the
+pooled row is a sum of the same pieces as the CLS row, each the patches' mean;
+LN_post's scale is frozen per image on the pooled row and the CLS-pooled map
+applies unchanged. A head splits over source tokens by the patch queries' mean
+attention row ``mean_{i>=1} A[l,h][i, :]`` (it sums to one); the readout keeps the
+patches' mean of each activation as the loop produces it.
+
 **Attention pooling** (SigLIP's MAP head: no CLS token, LN_post on every token,
 one learned query over them, then ``y + MLP(LN(y))``). Freeze the pooling pattern
 ``A[p, i]`` (pooling head p, token i) and each token's LN_post scale ``sigma_i``;
@@ -166,14 +174,15 @@ class Decomposition:
     ``heads``: [B, L, H, D], each analysed head's contribution (summed over tokens).
     ``head_tokens``: [B, L, T, H, D] per token, only when ``spatial`` (``None`` otherwise);
     ``head_tokens.sum(2)`` equals ``heads``. T = CLS + patches (the CLS row's source tokens)
-    in a CLS-pooled tower; the patches (the stream positions the pooling head reads) in an
+    in a CLS-pooled tower, and in an average-pooled one (the source tokens of the patch queries'
+    mean row); the patches (the stream positions the pooling head reads) in an
     attention-pooled one (``class_token`` False).
     ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
     ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
     not analysed (the earlier layers under the default choice).
     ``mlps``: [B, n_layers, D], every block's MLP output.
     ``cls_embed``: [B, D], the token embedding: the CLS token's (class + position, after
-    ln_pre), or in an attention-pooled tower every patch token's (patch + position).
+    ln_pre), in an average-pooled tower the patch tokens' mean, or in an attention-pooled tower every patch token's (patch + position).
     ``pool_mlp``: [B, 1, D], the pooling head's MLP (nonlinear: one piece); [B, 0, D] when
     the tower pools by its CLS token.
     ``constant``: [B, D], the constant terms: ``P^T beta / ||emb||`` (CLS pooling), or what
@@ -365,6 +374,12 @@ def _read(value, name):
     """A hook that only asks the loop for its activation."""
 
 
+# the rows of a stream activation [B, T, ...] that reach the embedding, per pooling: the CLS row; the mean of
+# the patch rows (in float32); every row (the attention-pooling head reads each)
+_ROWS = {"cls": lambda value: value[:, :1], "avg": lambda value: value[:, 1:].float().mean(dim=1, keepdim=True),
+         "map": lambda value: value}
+
+
 class _Readout:
     """What the decomposition reads from one pass of the model's block loop, through hook points
     added after ``fwd_hooks`` (so it reads what they left), at the rows that reach the embedding
@@ -381,8 +396,10 @@ class _Readout:
         from .models.hooked_vit import CLS_PATTERN, HookPoints
 
         self.points = points = HookPoints(vit, fwd_hooks)
-        by_cls = vit.pool is None
-        self.rows = slice(0, 1) if by_cls else slice(None)
+        kind = vit.cfg.pool
+        by_cls = kind == "cls"
+        by_row = vit.pool is None  # one pooled row through LN_post: the CLS row, or the patch rows' mean ("avg")
+        self._rows = _ROWS[kind]
         self.resid0 = self.final = self.embedding = None
         self.attn, self.mlp, self.head_z = {}, [], {}
         self._z, self._seen, self._v, self._cls = {}, {}, {}, {}  # held from one hook point to a later one
@@ -392,19 +409,21 @@ class _Readout:
         for layer, block in enumerate(vit.blocks):
             name = f"blocks.{layer}."
             if layer in chosen:
-                if by_cls and spatial:
+                if by_row and spatial:
                     points.add(name + "attn.hook_v", self._keep_in("_v", layer, rows=False))
                     points.add(name + "attn.hook_z", self._see, first=True)
                 if by_cls:  # the loop computes the CLS query's row explicitly: it splits the CLS result by token
                     points.add(name + CLS_PATTERN, self._keep_in("_cls", layer, rows=False) if spatial else _read)
-                points.add(name + "attn.hook_z", self._heads(layer, by_cls, spatial))
+                elif by_row and spatial:  # the patch queries' mean attention row splits their mean result
+                    points.add(name + "attn.hook_pattern", self._mean_row(layer))
+                points.add(name + "attn.hook_z", self._heads(layer, by_row, spatial))
                 points.add(name + "hook_attn_out", self._in_float32(vit, block, layer, by_cls), first=True)
             else:
                 points.add(name + "hook_attn_out", self._keep_in("attn", layer))
             points.add(name + "hook_mlp_out", self._append_mlp)
-        points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final", rows=False))
+        points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final"))
         points.add("hook_image_embed", self._keep("embedding", rows=False))
-        if not by_cls:
+        if not by_row:
             for point in ("ln_post.hook_normalized", "pool.hook_v", "pool.hook_z"):
                 points.add(point, self._see, first=True)
                 points.add(point, self._check_same)
@@ -415,16 +434,16 @@ class _Readout:
 
     def _keep(self, attr: str, rows: bool = True):
         def keep(value, name):
-            setattr(self, attr, value[:, self.rows] if rows else value)
+            setattr(self, attr, self._rows(value) if rows else value)
         return keep
 
     def _keep_in(self, attr: str, layer: int, rows: bool = True):
         def keep(value, name):
-            getattr(self, attr)[layer] = value[:, self.rows] if rows else value
+            getattr(self, attr)[layer] = self._rows(value) if rows else value
         return keep
 
     def _append_mlp(self, value, name):
-        self.mlp.append(value[:, self.rows])
+        self.mlp.append(self._rows(value))
 
     def _see(self, value, name):
         """The activation as the loop computed it, before any ``fwd_hooks``."""
@@ -434,10 +453,15 @@ class _Readout:
         if value is not self._seen.pop(name):
             self.pool_linear = False
 
-    def _heads(self, layer: int, by_cls: bool, spatial: bool):
+    def _mean_row(self, layer: int):
+        def keep(pattern, name):  # [B, H, T, T] -> the patch queries' mean row [B, H, 1, T]
+            self._cls[layer] = pattern[:, :, 1:].float().mean(dim=2, keepdim=True)
+        return keep
+
+    def _heads(self, layer: int, by_row: bool, spatial: bool):
         def keep(z, name):
             self._z[layer] = z
-            if not by_cls:
+            if not by_row:
                 self.head_z[layer] = z
             elif spatial:
                 if z is not self._seen.pop(name):
@@ -445,7 +469,7 @@ class _Readout:
                                              "split by token; decompose that layer without spatial=True")
                 self.head_z[layer] = self._cls.pop(layer).transpose(-1, -2) * self._v.pop(layer)
             else:
-                self.head_z[layer] = z[:, :, 0]
+                self.head_z[layer] = self._rows(z.transpose(1, 2)).transpose(1, 2)[:, :, 0]
         return keep
 
     def _in_float32(self, vit, block, layer: int, by_cls: bool):

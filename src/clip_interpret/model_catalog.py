@@ -29,6 +29,8 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
+from .tower_pools import native_pool
+
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and _NATIVE_REFUSED (a native VisionTransformer's config fields the HookedViT
 # cannot express) and models.PAPER_MODELS.
@@ -84,8 +86,9 @@ def native_tower_problem(vision: dict) -> str | None:
     refused = [k for k in NATIVE_REFUSED if vision.get(k)]
     if refused:
         return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
-    if vision.get("pool_type", "tok") != "tok":
-        return f"a VisionTransformer with pool_type={vision['pool_type']!r} (only CLS-token pooling)"
+    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
+    if pool not in ("cls", "avg"):
+        return f"a VisionTransformer with {pool}"
     return None
 
 
@@ -278,9 +281,13 @@ def static_table() -> tuple[dict, list[str]]:
 
 
 def _row(arch: str, config: dict, tags: list) -> list:
-    """[arch, pool, tokenizer, tags]: CLS or MAP pooling, the text tower's tokenizer, pretrained tags."""
+    """[arch, pool, tokenizer, tags]: CLS, average (CLIPA) or MAP pooling, the text tower's tokenizer,
+    pretrained tags."""
     vision = config["vision_cfg"]
-    pool = "map" if vision.get("timm_model_name") and vision.get("timm_pool", "avg") == "map" else "cls"
+    if vision.get("timm_model_name"):
+        pool = "map" if vision.get("timm_pool", "avg") == "map" else "cls"
+    else:
+        pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
     tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
     return [arch, pool, tokenizer, list(tags)]
 

@@ -20,8 +20,8 @@ def pixels_for(model, n=3, seed=0):
 
 @pytest.mark.parametrize("spatial", [False, True])
 @pytest.mark.parametrize("layers", LAYER_CHOICES)
-def test_pieces_sum_to_the_unit_embedding(tiny_model, tiny_ls_model, layers, spatial):
-    for model in (tiny_model, tiny_ls_model):
+def test_pieces_sum_to_the_unit_embedding(tiny_model, tiny_ls_model, avg_model, layers, spatial):
+    for model in (tiny_model, tiny_ls_model, avg_model):
         x = pixels_for(model)
         d = decompose(model, x, layers=layers, spatial=spatial)
         native = model.encode_image(x)
@@ -47,6 +47,11 @@ def naive_pieces(vit, pixels):
     """Every piece from its definition, via the explicit cached forward."""
     emb, cache = explicit_forward(vit, pixels)
     cfg = vit.cfg
+    avg = cfg.pool == "avg"  # the pooled row: the mean of the patch rows, else the CLS row
+
+    def row(t):  # [B, T, ...] -> the pooled row [B, ...]
+        return t[:, 1:].sum(dim=1) / (t.shape[1] - 1) if avg else t[:, 0]
+
     sigma = cache["ln_post.hook_scale"]
     norm = emb.norm(dim=-1)
 
@@ -57,7 +62,8 @@ def naive_pieces(vit, pixels):
 
     heads = []
     for layer, block in enumerate(vit.blocks):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, 0]  # [B, H, T]
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # [B, H, T, T]
+        pattern = pattern[:, :, 1:].mean(dim=2) if avg else pattern[:, :, 0]  # [B, H, T]: the pooled query row
         v = cache[f"blocks.{layer}.attn.hook_v"]  # [B, H, T, d]
         per = []
         for h in range(cfg.heads):
@@ -71,15 +77,15 @@ def naive_pieces(vit, pixels):
             for block in vit.blocks]
     return dict(
         heads=torch.stack(heads, dim=1),
-        attn=[to_joint(cache[f"blocks.{l}.hook_attn_out"][:, 0]) for l in range(cfg.layers)],
+        attn=[to_joint(row(cache[f"blocks.{l}.hook_attn_out"])) for l in range(cfg.layers)],
         bias=bias,
-        mlps=torch.stack([to_joint(cache[f"blocks.{l}.hook_mlp_out"][:, 0]) for l in range(cfg.layers)], dim=1),
-        cls=to_joint(cache["hook_embed"][:, 0]),
+        mlps=torch.stack([to_joint(row(cache[f"blocks.{l}.hook_mlp_out"])) for l in range(cfg.layers)], dim=1),
+        cls=to_joint(row(cache["hook_embed"])),
         constant=(vit.ln_post.bias @ vit.proj) / norm[:, None],
     )
 
 
-@pytest.mark.parametrize("which", ["tiny_model", "tiny_ls_model"])
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_ls_model", "avg_model"])
 def test_each_piece_equals_its_definition(which, request):
     model = request.getfixturevalue(which)
     x = pixels_for(model, n=2, seed=3)

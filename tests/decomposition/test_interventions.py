@@ -15,9 +15,10 @@ def unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-@pytest.fixture(scope="module")
-def vit(tiny_ls_model):
-    return tiny_ls_model.vit  # 3 layers, LayerScale, no ln_pre, 48x32 images
+@pytest.fixture(scope="module", params=["tiny_ls_model", "avg_model"])
+def vit(request):
+    # 3 layers, no ln_pre, non-square images: LayerScale and CLS pooling, or CLIPA's average pooling
+    return request.getfixturevalue(request.param).vit
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +130,16 @@ def test_direct_effect_is_the_total_effect_with_everything_after_the_target_froz
     assert (direct - total_effect(vit, x, earlier, "mean", values)).abs().max() > 1e-3
 
 
-def test_direct_effect_is_the_cls_change_added_to_the_final_stream(vit, pixels):
+def test_direct_effect_is_the_pooled_change_added_to_the_final_stream(vit, pixels):
     x, _ = pixels
     targets = Targets.parse("L1.H1", vit.cfg)
     _, direct = direct_effect(vit, x, targets, "zero")
     _, cache = explicit_forward(vit, x)
     block, d = vit.blocks[1], vit.cfg.head_dim
-    z = cache["blocks.1.attn.hook_z"][:, 1, 0]  # head 1, CLS row
-    change = -(z @ block.out.weight[:, d:2 * d].T) * block.ls1
-    r = cache[f"blocks.{vit.cfg.layers - 1}.hook_resid_post"][:, 0] + change
+    z = cache["blocks.1.attn.hook_z"][:, 1]  # head 1, every row
+    change = -(z @ block.out.weight[:, d:2 * d].T) * (block.ls1 if block.ls1 is not None else 1)
+    final = cache[f"blocks.{vit.cfg.layers - 1}.hook_resid_post"] + change
+    r = final[:, 0] if vit.cfg.pool == "cls" else final[:, 1:].sum(dim=1) / (final.shape[1] - 1)  # CLS, or patches
     expected = torch.nn.functional.layer_norm(r, (vit.cfg.width,), vit.ln_post.weight, vit.ln_post.bias,
                                               vit.cfg.ln_eps) @ vit.proj
     assert torch.allclose(direct, unit(expected), atol=1e-6)

@@ -13,15 +13,16 @@ def cmd_models(args) -> int:
     for spec in table["paper"]:
         print(f"  {spec}")
     print("\nopen_clip architectures with a supported image tower (open_clip:ARCH/TAG, open_clip:ARCH@FILE, or "
-          "open_clip:ARCH for random weights);\n[pool] CLS token or MAP attention pooling (SigLIP), "
+          "open_clip:ARCH for random weights);\n[pool] CLS token, avg (the patch tokens' mean, LayerNorm after "
+          "it: CLIPA) or MAP attention pooling (SigLIP), "
           "[tokenizer] the text tower's (a Hugging Face one loads from its cache or the Hub, or --tokenizer FOLDER):")
     for arch, pool, tokenizer, tags in table["open_clip"]:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
     print("Not supported: ResNet (RN50, ...); EVA02 and Perception Encoder towers (rotary position embeddings, "
-          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; average-pooled "
-          "towers (CLIPA); qk-norm / scaled-cosine attention blocks.")
+          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; towers averaged "
+          "after their final LayerNorm; qk-norm / scaled-cosine attention blocks.")
     return 0
 
 

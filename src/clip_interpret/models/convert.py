@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..tower_pools import native_pool
 from .hooked_vit import HookedViT, ViTConfig
 
 SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
-    "LayerScale, any patch and image size; Hugging Face CLIP vision towers) and ViTs without a CLS token "
+    "LayerScale, any patch and image size; Hugging Face CLIP vision towers), open_clip VisionTransformers "
+    "average-pooled over the patch tokens with the final LayerNorm after pooling (CLIPA), and ViTs without a CLS token "
     "pooled by a MAP attention head (SigLIP and SigLIP 2: open_clip's timm VisionTransformer trunks with "
     "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid); EVA01-CLIP towers "
     "(open_clip's timm Eva trunks with plain pre-norm blocks, absolute position embeddings and CLS pooling)"
@@ -68,8 +70,9 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
         raise _unsupported(f"open_clip {kind} (a ResNet tower has no attention heads to decompose)")
     if getattr(visual, "attn_pool", None) is not None:
         raise _unsupported("attention pooling (attn_pool)")
-    if getattr(visual, "pool_type", "tok") != "tok":
-        raise _unsupported(f"pool_type={visual.pool_type!r} (only CLS-token pooling)")
+    pool = native_pool(getattr(visual, "pool_type", "tok"), bool(getattr(visual, "final_ln_after_pool", False)))
+    if pool not in ("cls", "avg"):
+        raise _unsupported(pool)
     blocks = visual.transformer.resblocks
     first = blocks[0]
     if type(first).__name__ != "ResidualAttentionBlock" or not isinstance(first.attn, nn.MultiheadAttention):
@@ -95,6 +98,7 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
         layer_scale=layer_scale,
         ln_eps=float(first.ln_1.eps),
         patch_bias=visual.conv1.bias is not None,
+        pool=pool,
     )
     vit = HookedViT(cfg)
     _copy(vit.patch_embed.weight, visual.conv1.weight)

@@ -7,6 +7,10 @@ own. The layout follows the CLIP ViT:
     z = ln_pre(patch_embed(x) ++ cls + pos)
     for each block:  z += ls1 * Attn(LN1(z));  z += ls2 * MLP(LN2(z))
     emb = LN_post(z[:, 0]) @ proj [+ b_proj]                        (pool "cls")
+    emb = LN_post(mean_{i>=1} z[:, i]) @ proj [+ b_proj]            (pool "avg")
+
+("avg": CLIPA's average pooling over the patch tokens, the CLS token left out, with
+LN_post applied after pooling, to the pooled vector; CLIPA has no ln_pre),
 
 or, for towers that pool by attention (SigLIP's MAP head; no CLS token, the
 final LayerNorm applied to every token):
@@ -22,7 +26,7 @@ nothing here knows about the decomposition.
 
 * ``forward``: the plain forward; attention goes through PyTorch's fused kernel
   and, in a CLS-pooled tower, the last block computes only its CLS row (the only
-  row that reaches the embedding; an attention-pooled tower reads every row).
+  row that reaches the embedding; an average- or attention-pooled tower reads every row).
 * ``run_with_cache(pixels, names_filter)`` and ``run_with_hooks(pixels, fwd_hooks)``:
   the same loop with callbacks; a full attention pattern is materialised only where
   it is hooked or cached, the CLS query's row alone (``attn.hook_cls_pattern``)
@@ -64,7 +68,8 @@ class ViTConfig:
     ln_eps: float = 1e-5
     patch_bias: bool = False
     class_token: bool = True
-    pool: str = "cls"  # "cls": the CLS row; "map": an attention-pooling head over every token (SigLIP)
+    pool: str = "cls"  # "cls": the CLS row; "avg": the mean of the patch rows, LN_post after it (CLIPA);
+    #                    "map": an attention-pooling head over every token (SigLIP)
     pool_heads: int = 0  # the pooling head's attention heads ("map")
     pool_mlp_width: int = 0  # its MLP's hidden width ("map")
     proj: bool = True  # a projection to the joint space after pooling (SigLIP towers have none)
@@ -158,8 +163,8 @@ class HookedViT(nn.Module):
         super().__init__()
         if cfg.pool not in POOLS:
             raise ValueError(f"unknown pooling {cfg.pool!r}; expected one of {', '.join(POOLS)}")
-        if cfg.pool == "cls" and not cfg.class_token:
-            raise ValueError("CLS pooling needs a class token")
+        if cfg.pool in ("cls", "avg") and not cfg.class_token:
+            raise ValueError(f"{cfg.pool!r} pooling needs a class token")
         self.cfg = cfg
         w = cfg.width
         self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
@@ -229,13 +234,15 @@ class HookedViT(nn.Module):
 
     def head(self, x: torch.Tensor, points: "HookPoints | None" = None) -> torch.Tensor:
         """The final stream [B, rows, width] -> image embedding [B, output_dim] (not normalised), in
-        float32: LN_post of the CLS row and the projection, or the attention-pooling head. A CLS-pooled
-        tower reads only row 0, so ``x`` may hold that row alone."""
+        float32: LN_post of the CLS row (or of the mean of the patch rows, pool "avg") and the projection,
+        or the attention-pooling head. A CLS-pooled tower reads only row 0, so ``x`` may hold that row alone."""
         hook = points if points is not None else _no_hook
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            if self.pool is None:
+            if self.cfg.pool == "cls":
                 x = x[:, 0]
+            elif self.cfg.pool == "avg":
+                x = x[:, 1:].mean(dim=1)  # the patch tokens; the CLS token is left out
             if points is not None and points.wants("ln_post.hook_scale"):
                 hook("ln_post.hook_scale", torch.sqrt(x.var(dim=-1, unbiased=False) + self.cfg.ln_eps))
             if self.pool is None:
@@ -293,7 +300,7 @@ class HookedViT(nn.Module):
         hook = points if points is not None else _no_hook
         wants = points.wants if points is not None else _wants_nothing
         x = hook("hook_embed", self.embed(pixels))
-        cut_last = self.pool is None and not (points is not None and points.wants_every_row(last))
+        cut_last = self.cfg.pool == "cls" and not (points is not None and points.wants_every_row(last))
         for index, block in enumerate(self.blocks):
             names = self._names[index]
             only_cls = cut_last and index == last
@@ -360,7 +367,7 @@ class HookedViT(nn.Module):
         return self.run(pixels, HookPoints(self, fwd_hooks))
 
 
-POOLS = ("cls", "map")
+POOLS = ("cls", "avg", "map")
 CLS_PATTERN = "attn.hook_cls_pattern"  # the CLS query's attention row (towers with a CLS token)
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
                 "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", "hook_attn_out", "hook_resid_mid",

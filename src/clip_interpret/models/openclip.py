@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
+from ..tower_pools import native_pool
 from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
@@ -58,8 +59,9 @@ def tower_problem(arch: str) -> str | None:
     refused = [k for k in _NATIVE_REFUSED if vision.get(k)]
     if refused:
         return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
-    if vision.get("pool_type", "tok") != "tok":
-        return f"a VisionTransformer with pool_type={vision['pool_type']!r} (only CLS-token pooling)"
+    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
+    if pool not in ("cls", "avg"):
+        return f"a VisionTransformer with {pool}"
     return None
 
 

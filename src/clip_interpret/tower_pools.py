@@ -1,0 +1,18 @@
+"""How an open_clip native VisionTransformer pools its tokens, from its config alone (no torch): shared by the
+converter (``models.convert``), the loader's refusals (``models.openclip.tower_problem``) and the torch-free
+table of ``clip-interpret models`` (``model_catalog``), so that the three judge alike."""
+
+from __future__ import annotations
+
+
+def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
+    """The HookedViT pooling of an open_clip VisionTransformer's ``pool_type`` and ``final_ln_after_pool``:
+    "cls" or "avg", or, when it has none, why (a phrase). ``tok`` takes the CLS row, where LN_post before or
+    after the pooling is the same; ``avg`` (the mean of the patch tokens) is expressed with LN_post after the
+    pooling (CLIPA): one frozen scale per image."""
+    if pool_type == "tok":
+        return "cls"
+    if pool_type == "avg":
+        return "avg" if final_ln_after_pool else ("pool_type='avg' and LN_post before the pooling (only "
+                                                  "final_ln_after_pool, as CLIPA has it, is supported)")
+    return f"pool_type={pool_type!r} (only CLS-token pooling, or 'avg' with final_ln_after_pool)"
