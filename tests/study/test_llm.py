@@ -2,6 +2,7 @@
 
 import json
 import socket
+import struct
 import threading
 import time
 
@@ -210,7 +211,8 @@ def test_label_command_with_a_local_llm_server(serve, toy_textspan_run, tmp_path
 # ------------------------------------------------------------ broken servers (issue 24, item 5)
 class RawServer:
     """A TCP server below HTTP: ``mode`` "hang" reads each request and never answers; "garbage"
-    answers raw bytes that are not HTTP; "reset" closes the connection without a word."""
+    answers raw bytes that are not HTTP; "reset" closes the connection without a word; "rst" closes it
+    with a TCP reset."""
 
     def __init__(self, mode):
         self.mode, self.stop, self.requests = mode, threading.Event(), 0
@@ -240,6 +242,8 @@ class RawServer:
                 continue
             if self.mode == "garbage":
                 conn.sendall(b"\x00\x01\x02 not http at all\r\n\r\n")
+            if self.mode == "rst":  # close with a TCP reset: the client meets ECONNRESET, not an empty reply
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
         for conn in held:
             conn.close()
@@ -295,7 +299,7 @@ def test_max_failures_counts_heads_in_a_row_and_zero_never_stops(serve):
         llm_labels(FIVE_HEADS, config(server.url, max_failures=-1), progress=False)
 
 
-@pytest.mark.parametrize("mode,reason", [("garbage", "not HTTP"), ("reset", "not HTTP")])
+@pytest.mark.parametrize("mode,reason", [("garbage", "not HTTP"), ("reset", "not HTTP"), ("rst", "not HTTP")])
 def test_a_server_that_does_not_speak_http_is_a_one_line_reason(raw_server, mode, reason):
     server = raw_server(mode)
     started = time.time()

@@ -201,6 +201,7 @@ def parse_answer(content: str, n_texts: int, properties: list[str] | None) -> di
 
 
 # ------------------------------------------------------------------- transport
+DROPPED = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)  # a server that took the connection
 def _one_line(what, limit: int = 160) -> str:
     """A reason on one line, cut to ``limit`` characters (servers may answer anything)."""
     text = " ".join(str(what).split()) or type(what).__name__
@@ -306,6 +307,8 @@ class ChatClient:
                 reason = err.reason
                 if isinstance(reason, (TimeoutError, socket.timeout)):
                     problems.append(f"no answer within {self.config.timeout:g} s")
+                elif isinstance(reason, DROPPED):  # reached, then dropped while the request was sent
+                    problems.append(f"the server's reply is not HTTP (the connection was dropped: {_one_line(reason)})")
                 else:
                     unreachable += 1
                     problems.append(f"cannot connect ({_one_line(reason)})")
@@ -313,6 +316,9 @@ class ChatClient:
                 problems.append(f"no answer within {self.config.timeout:g} s")
             except http.client.HTTPException as err:  # before OSError: RemoteDisconnected is both
                 problems.append(f"the server's reply is not HTTP ({type(err).__name__}: {_one_line(err)})")
+            except DROPPED as err:
+                # the server took the connection and dropped it: reached, but no HTTP reply (as RemoteDisconnected)
+                problems.append(f"the server's reply is not HTTP (the connection was dropped: {_one_line(err)})")
             except (ConnectionError, OSError) as err:
                 unreachable += 1
                 problems.append(f"connection failed ({_one_line(err)})")
