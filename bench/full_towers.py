@@ -6,7 +6,8 @@ while the native tower and ours are both held) and prints, per architecture, the
 error of our forward against open_clip's ``encode_image`` (target < 1e-5, fp32) and the largest
 gap between the sum of the decomposition's pieces (every layer) and the unit embedding.
 
-    python bench/full_towers.py [ARCH ...]   (default: ViT-H-14-quickgelu ViT-SO400M-14-SigLIP-384 ViT-bigG-14)
+    python bench/full_towers.py [ARCH ...]   (default: ViT-H-14-quickgelu ViT-SO400M-14-SigLIP-384 ViT-bigG-14
+                                              ViT-L-14-CLIPA EVA01-g-14)
 """
 
 from __future__ import annotations
@@ -43,5 +44,6 @@ if __name__ == "__main__":
     import logging
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
-    for name in sys.argv[1:] or ["ViT-H-14-quickgelu", "ViT-SO400M-14-SigLIP-384", "ViT-bigG-14"]:
+    for name in sys.argv[1:] or ["ViT-H-14-quickgelu", "ViT-SO400M-14-SigLIP-384", "ViT-bigG-14", "ViT-L-14-CLIPA",
+                                 "EVA01-g-14"]:
         print(check(name), flush=True)
