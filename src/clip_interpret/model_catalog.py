@@ -3,7 +3,7 @@ open_clip, timm or torch (importing them takes seconds): the table of `clip-inte
 
 * the architectures: open_clip's model configs (``open_clip/model_configs/*.json``) and ours
   (``clip_interpret/models/configs``), listed as ``open_clip.list_models()`` lists them;
-* a native image tower is judged by its config (``native_tower_problem``, which the loader uses too);
+* a native image tower is judged by its config (``tower_pools.native_tower_problem``, as the loader does);
 * a timm trunk by its model function in ``timm/models/vision_transformer.py`` (read as a syntax tree: the
   keyword arguments it gives ``VisionTransformer``), with the checks ``convert.check_timm_trunk`` makes on
   the built trunk; a function written otherwise, or an argument not known here, is *undecided*; an ``Eva``
@@ -29,14 +29,11 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-from .tower_pools import native_pool
+from .tower_pools import NATIVE_REFUSED, native_pool, native_tower_problem  # noqa: F401 (NATIVE_REFUSED: tests)
 
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
-# models.openclip.CONFIG_DIR and _NATIVE_REFUSED (a native VisionTransformer's config fields the HookedViT
-# cannot express) and models.PAPER_MODELS.
+# models.openclip.CONFIG_DIR and models.PAPER_MODELS. A native tower's judgement is tower_pools' (the loader's too).
 CONFIG_DIR = Path(__file__).parent / "models" / "configs"
-NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
-                  "attentional_pool", "block_type")
 UNDECIDED = "undecided"
 PAPER_MODELS = (  # the paper's six models (arXiv 2409.06579)
     "open_clip:ViT-B-16/openai",
@@ -76,20 +73,6 @@ class EvaFunction:
 
 class CatalogError(Exception):
     """The installed files are not laid out as this module expects: ask open_clip instead."""
-
-
-def native_tower_problem(vision: dict) -> str | None:
-    """Why a native (not timm) open_clip image tower, given its ``vision_cfg``, cannot be opened up, or None
-    (``models.openclip.tower_problem``'s judgement, from the config alone)."""
-    if isinstance(vision.get("layers"), (list, tuple)):
-        return "a ResNet image tower (no attention heads to decompose)"
-    refused = [k for k in NATIVE_REFUSED if vision.get(k)]
-    if refused:
-        return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
-    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
-    if pool not in ("cls", "avg"):
-        return f"a VisionTransformer with {pool}"
-    return None
 
 
 def _package_dir(name: str) -> Path:

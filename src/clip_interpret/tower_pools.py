@@ -1,8 +1,13 @@
-"""How an open_clip native VisionTransformer pools its tokens, from its config alone (no torch): shared by the
-converter (``models.convert``), the loader's refusals (``models.openclip.tower_problem``) and the torch-free
-table of ``clip-interpret models`` (``model_catalog``), so that the three judge alike."""
+"""How an open_clip native VisionTransformer pools its tokens, and whether it can be opened up at all, from
+its config alone (no torch): shared by the converter (``models.convert``), the loader's refusals
+(``models.openclip.tower_problem``) and the torch-free table of ``clip-interpret models``
+(``model_catalog``), so that the three judge alike."""
 
 from __future__ import annotations
+
+# a native VisionTransformer's config fields that the HookedViT cannot express
+NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+                  "attentional_pool", "block_type")
 
 
 def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
@@ -16,3 +21,16 @@ def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
         return "avg" if final_ln_after_pool else ("pool_type='avg' and LN_post before the pooling (only "
                                                   "final_ln_after_pool, as CLIPA has it, is supported)")
     return f"pool_type={pool_type!r} (only CLS-token pooling, or 'avg' with final_ln_after_pool)"
+
+
+def native_tower_problem(vision: dict) -> str | None:
+    """Why a native (not timm) open_clip image tower, given its ``vision_cfg``, cannot be opened up, or None."""
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "a ResNet image tower (no attention heads to decompose)"
+    refused = [k for k in NATIVE_REFUSED if vision.get(k)]
+    if refused:
+        return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
+    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
+    if pool not in ("cls", "avg"):
+        return f"a VisionTransformer with {pool}"
+    return None

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
-from ..tower_pools import native_pool
+from ..tower_pools import NATIVE_REFUSED as _NATIVE_REFUSED  # noqa: F401 (the name tests compare with)
+from ..tower_pools import native_tower_problem
 from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
@@ -27,8 +28,6 @@ RANDOM_INIT_SEED = 0
 CONFIG_DIR = Path(__file__).parent / "configs"
 CLIP_VOCAB = 49408  # the CLIP BPE tokenizer's vocabulary
 _registered = False
-_NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
-                   "attentional_pool", "block_type")
 
 
 def registered_open_clip():
@@ -51,18 +50,10 @@ def tower_problem(arch: str) -> str | None:
     no weights) and checked as the converter would."""
     open_clip = registered_open_clip()
     vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
-    if isinstance(vision.get("layers"), (list, tuple)):
-        return "a ResNet image tower (no attention heads to decompose)"
     if vision.get("timm_model_name"):
         return timm_problem(vision["timm_model_name"], vision.get("timm_pool", "avg"), vision.get("timm_proj", "linear"),
                              bool(vision.get("timm_proj_bias", False)))
-    refused = [k for k in _NATIVE_REFUSED if vision.get(k)]
-    if refused:
-        return f"a VisionTransformer with {refused[0]} (attentional pooling, qk-norm or scaled attention)"
-    pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
-    if pool not in ("cls", "avg"):
-        return f"a VisionTransformer with {pool}"
-    return None
+    return native_tower_problem(vision)
 
 
 @functools.lru_cache(maxsize=None)
