@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .conventions import DEFAULT_CONVENTION
 from .errors import ClipInterpretError
-from .runstore.store import atomic_write_json, read_run_manifest
+from .runstore.store import atomic_write_json, ensure_writable_dir, read_run_manifest
 
 STEPS = ("index", "ablate", "textspan", "label", "faithfulness", "metrics", "report")
 
@@ -357,13 +357,7 @@ def compare_runs(paths, published: bool = True, llm=None, out: str | Path | None
     if published:
         rows.update(published_scores())
     folder = Path(out) if out else paths[0]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ClipInterpretError(f"cannot write to output folder {folder}: {err.strerror or err}") from None
+    ensure_writable_dir(folder)
     chart = bar_chart(rows, folder / ("comparison.png" if len(paths) > 1 or out else "metrics.png"))
     atomic_write_json(chart.with_suffix(".json"), rows)
     return {"rows": rows, "results": results, "chart": chart, "table": chart.with_suffix(".json")}

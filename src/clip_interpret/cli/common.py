@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 from ..conventions import CONVENTIONS, DEFAULT_CONVENTION
-from ..errors import ClipInterpretError
 
 # The library's names for the options' choices and help, here without importing torch so that the parser
 # (and every --help) is built in a fraction of a second; tests/cli/test_cli.py checks them against the library's
@@ -140,13 +139,9 @@ def slug(text: str, limit: int = 40) -> str:
 
 
 def ensure_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ClipInterpretError(f"cannot write to output folder {out}: {err.strerror or err}") from None
+    from ..runstore.store import ensure_writable_dir  # here: the parser is built without numpy
+
+    ensure_writable_dir(out)
 
 
 def run_and_model(path: str, args, check=None):

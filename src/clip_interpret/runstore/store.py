@@ -58,6 +58,18 @@ def atomic_write_bytes(path: Path, write) -> None:
         raise ClipInterpretError(f"cannot write {path}: {err.strerror or err}") from None
 
 
+def ensure_writable_dir(folder: Path, what: str = "output folder") -> None:
+    """Make ``folder`` (and its parents) and check a file can be written there: one clear error up front
+    rather than a traceback after the work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ClipInterpretError(f"cannot write to {what} {folder}: {err.strerror or err}") from None
+
+
 def atomic_write_json(path: Path, data) -> None:
     payload = json.dumps(data, indent=1).encode()
     atomic_write_bytes(path, lambda handle: handle.write(payload))

@@ -399,15 +399,12 @@ def export(out_dir, n: int, seed: int = 0, masks: bool = True, progress: bool = 
     if int(n) <= 0:
         raise ClipInterpretError(f"--n must be > 0, got {n}")
     out = Path(out_dir)
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        if masks:
-            (out / "masks").mkdir(exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ClipInterpretError(f"cannot write to export folder {out}: {err.strerror or err}") from None
+    from ..runstore.store import ensure_writable_dir
+
+    ensure_writable_dir(out, "export folder")
+    (out / "images").mkdir(exist_ok=True)
+    if masks:
+        (out / "masks").mkdir(exist_ok=True)
     records = []
     for item in tqdm(ToyWorld(n, seed), total=n, desc="exporting toy world", unit="img", disable=not progress):
         name = f"{item.index:06d}.png"
