@@ -13,17 +13,16 @@ still match the README (so the list cannot drift from it): see REPLACE and SKIP.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import ChatServer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -53,35 +52,12 @@ def test_every_block_says_what_it_is():
     assert kinds.count("bash") >= 5 and kinds.count("python") >= 2
 
 
-class _StubChat:
-    """An OpenAI-compatible chat endpoint that labels every head with the first allowed property."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                ask = body["messages"][-1]["content"]
-                n = len(re.findall(r"^\d+\. ", ask, re.M))
-                allowed = re.search(r"Choose the property from: ([^.\n]+)", ask)
-                prop = allowed.group(1).split(", ")[0] if allowed else "colour"
-                content = json.dumps({"property": prop, "confidence": 0.9, "judgements": [True] * n})
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _label_with_the_first_allowed_property(body: dict, n: int) -> dict:
+    """The LLM stub's answer: every head gets the first allowed property, every text judged to fit."""
+    ask = body["messages"][-1]["content"]
+    allowed = re.search(r"Choose the property from: ([^.\n]+)", ask)
+    return {"property": allowed.group(1).split(", ")[0] if allowed else "colour", "confidence": 0.9,
+            "judgements": [True] * len(re.findall(r"^\d+\. ", ask, re.M))}
 
 
 def _serve_briefly(line: str) -> str:
@@ -136,7 +112,7 @@ def test_the_readme_runs_as_written(tmp_path):
         (scratch / name).symlink_to(ROOT / name)
     (scratch / ".venv").symlink_to(venv)
     text = README.read_text()
-    stub = _StubChat()
+    stub = ChatServer(_label_with_the_first_allowed_property)
     try:
         used = set()
         for old, (new, _) in REPLACE.items():
