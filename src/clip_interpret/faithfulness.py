@@ -17,7 +17,15 @@ own margin spread, and decides the verdict. Both are reported.
 A head labelled with property p is *confirmed* when p is one of the run's tasks
 and p's drop is positive and the largest of the head's drops over all tasks;
 *refuted* otherwise. Labels naming no task (e.g. "animal" on the toy world) are
-*untestable* here. On the toy world the tasks are the seven toy properties, so
+*untestable* here. Two verdict rules compare the drops (``VERDICTS``):
+
+    margin     the drops as they are (the head's most hurt task, in units of each
+               task's margin spread)
+    relative   each task's drop divided by that task's mean absolute drop over the
+               run's analysed heads: the task this head matters to most compared
+               with a typical head. Some tasks lose margin whenever any head is
+               removed (a binary task, a fragile one); this rule does not let that
+               general fragility outvote the head's specific effect. On the toy world the tasks are the seven toy properties, so
 this is a known-answer check of every labeller; on a labelled image folder the
 task is the folder's classes (property ``class``).
 
@@ -114,6 +122,35 @@ def head_ablation_drops(run, model, device=None, engine=None) -> dict:
             "stamp": run.stamp()}
 
 
+VERDICTS = ("margin", "relative")
+
+
+def verdict_scores(drops: dict, verdict: str = "margin") -> dict[str, dict[str, float]]:
+    """Per head, per task, the score a verdict rule compares (see the module doc): the margin drops
+    themselves (``margin``), or each divided by its task's mean absolute drop over the heads (``relative``)."""
+    rows = drops["drops"]
+    if verdict == "margin":
+        return rows
+    if verdict != "relative":
+        raise ClipInterpretError(f"unknown verdict rule {verdict!r}; expected one of {', '.join(VERDICTS)}")
+    scale = {t: float(np.mean([abs(row[t]) for row in rows.values()])) if rows else 0.0 for t in drops["tasks"]}
+    return {head: {t: (value / scale[t] if scale[t] > 0 else 0.0) for t, value in row.items()}
+            for head, row in rows.items()}
+
+
+def confident_labels(heads: dict[str, dict], min_confidence: float = 0.0) -> dict[str, str | None]:
+    """``{head: label}`` from a labels file's ``heads``, a label whose confidence is below ``min_confidence``
+    counted as an abstention (None). Labels without a confidence (manual ones) are kept."""
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ClipInterpretError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    out = {}
+    for head, entry in heads.items():
+        confidence = entry.get("confidence")
+        keep = confidence is None or float(confidence) >= min_confidence
+        out[head] = entry.get("label") if keep else None
+    return out
+
+
 def _verdicts(labels: dict[str, str | None], drops: dict) -> dict:
     """Per labelled head of ``drops``: its label and whether each task would confirm it."""
     tasks = {normalise_property(t): t for t in drops["tasks"]}
@@ -128,7 +165,8 @@ def _confirms(row: dict, task: str | None) -> bool:
     return task is not None and row[task] > 0 and row[task] >= max(row.values())
 
 
-def shuffled_baseline(labels: dict[str, str | None], drops: dict, permutations: int = 1000, seed: int = 0) -> dict:
+def shuffled_baseline(labels: dict[str, str | None], drops: dict, permutations: int = 1000, seed: int = 0,
+                      verdict: str = "margin") -> dict:
     """Chance baseline of the confirmed share: the same labels shuffled over the same (labelled)
     heads ``permutations`` times (seeded). Returns the share's mean, 95th percentile and the
     permutation p-value ``(1 + #{shuffled >= observed}) / (1 + permutations)``.
@@ -144,35 +182,41 @@ def shuffled_baseline(labels: dict[str, str | None], drops: dict, permutations: 
     tasks = sorted({t for _, t in given.values() if t is not None})
     testable = sum(t is not None for _, t in given.values())
     if not testable:
-        return {"permutations": permutations, "seed": seed, "mean": None, "p95": None, "p_value": None}
+        return {"permutations": permutations, "seed": seed, "verdict": verdict, "mean": None, "p95": None,
+                "p_value": None}
     # ok[i, j]: would head i be confirmed if it carried the j-th head's label?
     column = {t: k for k, t in enumerate(tasks)}
-    table = np.array([[_confirms(drops["drops"][h], t) for t in tasks] + [False] for h in heads])
+    rows = verdict_scores(drops, verdict)
+    table = np.array([[_confirms(rows[h], t) for t in tasks] + [False] for h in heads])
     label_col = np.array([column[t] if t is not None else len(tasks) for _, t in given.values()])
     observed = table[np.arange(len(heads)), label_col].sum()
     rng = np.random.default_rng(seed)
     order = np.argsort(rng.random((permutations, len(heads))), axis=1)  # one uniform permutation per row
     counts = table[np.arange(len(heads))[None, :], label_col[order]].sum(axis=1)
     shares = counts / testable
-    return {"permutations": permutations, "seed": seed, "mean": float(shares.mean()),
+    return {"permutations": permutations, "seed": seed, "verdict": verdict, "mean": float(shares.mean()),
             "p95": float(np.percentile(shares, 95)),
             "p_value": float((1 + (counts >= observed).sum()) / (1 + permutations))}
 
 
-def confirm_labels(labels: dict[str, str | None], drops: dict, permutations: int = 1000, seed: int = 0) -> dict:
-    """Per labelled head: its own task's drop, the task that dropped most, and the verdict
+def confirm_labels(labels: dict[str, str | None], drops: dict, permutations: int = 1000, seed: int = 0,
+                   verdict: str = "margin") -> dict:
+    """Per labelled head: its own task's drop, the task the verdict rule finds most hurt, and the verdict
     (``confirmed``, ``refuted`` or ``untestable``); the share confirmed among testable labels,
-    and its chance baseline (``chance``: see ``shuffled_baseline``)."""
+    and its chance baseline (``chance``: see ``shuffled_baseline``), both under the rule ``verdict``
+    (``margin`` or ``relative``, see the module doc; the accuracy-drop verdict is always the plain one)."""
+    scores = verdict_scores(drops, verdict)
     heads, confirmed, confirmed_acc, testable = {}, 0, 0, 0
     for head, (label, own) in _verdicts(labels, drops).items():
         row = drops["drops"][head]
-        worst = max(row, key=row.get)
+        score = scores[head]
+        worst = max(score, key=score.get)
         if own is None:
             heads[head] = {"label": label, "verdict": "untestable", "most_hurt": worst, "drop": None,
                            "max_drop": row[worst]}
             continue
         testable += 1
-        ok = _confirms(row, own)
+        ok = _confirms(score, own)
         acc = drops["accuracy_drops"][head]
         ok_acc = _confirms(acc, own)
         confirmed += ok
@@ -180,10 +224,11 @@ def confirm_labels(labels: dict[str, str | None], drops: dict, permutations: int
         heads[head] = {"label": label, "verdict": "confirmed" if ok else "refuted", "most_hurt": worst,
                        "drop": row[own], "max_drop": row[worst], "accuracy_drop": acc[own],
                        "confirmed_by_accuracy": bool(ok_acc)}
-    return {"heads": heads, "testable": testable, "confirmed": confirmed, "confirmed_by_accuracy": confirmed_acc,
+    return {"verdict": verdict, "heads": heads, "testable": testable, "confirmed": confirmed,
+            "confirmed_by_accuracy": confirmed_acc,
             "share_confirmed": confirmed / testable if testable else None,
             "share_confirmed_by_accuracy": confirmed_acc / testable if testable else None,
-            "chance": shuffled_baseline(labels, drops, permutations, seed)}
+            "chance": shuffled_baseline(labels, drops, permutations, seed, verdict)}
 
 
 def format_chance(chance: dict) -> str:

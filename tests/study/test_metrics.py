@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from clip_interpret.errors import ClipInterpretError
 from clip_interpret.faithfulness import confirm_labels, head_ablation_drops
 from clip_interpret.metrics import bar_chart, format_comparison, published_scores, scores
 
@@ -93,6 +94,44 @@ def test_confirm_labels_verdicts():
     assert out["heads"]["L0.H2"]["verdict"] == "refuted"  # no drop at all
     assert out["heads"]["L0.H3"]["verdict"] == "untestable"
     assert (out["testable"], out["confirmed"], out["share_confirmed"]) == (3, 1, pytest.approx(1 / 3))
+
+
+def test_relative_verdict_discounts_a_task_every_head_hurts():
+    """Every head costs 'size' some margin (a fragile task); L0.H0 costs colour far more than a typical head
+    does. The margin rule calls size most hurt; the relative rule (each task's drop over its mean absolute
+    drop across the heads) calls colour, the head's specific effect."""
+    from clip_interpret.faithfulness import verdict_scores
+
+    rows = {"L0.H0": {"color": 0.4, "size": 0.5}, "L0.H1": {"color": 0.0, "size": 0.5},
+            "L0.H2": {"color": 0.0, "size": 0.6}, "L0.H3": {"color": 0.0, "size": -0.4}}
+    drops = {"tasks": ["color", "size"], "drops": rows,
+             "accuracy_drops": {h: {"color": 0.0, "size": 0.0} for h in rows}}
+    labels = {"L0.H0": "color", "L0.H1": "size", "L0.H2": "size"}
+    margin = confirm_labels(labels, drops, permutations=50)
+    relative = confirm_labels(labels, drops, permutations=50, verdict="relative")
+    assert margin["heads"]["L0.H0"]["verdict"] == "refuted" and margin["heads"]["L0.H0"]["most_hurt"] == "size"
+    assert relative["heads"]["L0.H0"]["verdict"] == "confirmed" and relative["heads"]["L0.H0"]["most_hurt"] == "color"
+    assert relative["heads"]["L0.H1"]["verdict"] == "confirmed"  # a head with only a size drop stays size
+    assert (margin["confirmed"], relative["confirmed"]) == (2, 3)
+    assert relative["verdict"] == "relative" and relative["chance"]["verdict"] == "relative"
+    # the scale is the mean absolute drop over the heads: color 0.1, size 0.5
+    scores = verdict_scores(drops, "relative")
+    assert scores["L0.H0"] == {"color": pytest.approx(4.0), "size": pytest.approx(1.0)}
+    assert scores["L0.H3"]["size"] == pytest.approx(-0.8)
+    assert verdict_scores(drops, "margin") is rows
+    with pytest.raises(ClipInterpretError, match="unknown verdict rule 'median'"):
+        confirm_labels(labels, drops, verdict="median")
+
+
+def test_confident_labels_turn_low_confidence_labels_into_abstentions():
+    from clip_interpret.faithfulness import confident_labels
+
+    heads = {"L0.H0": {"label": "color", "confidence": 0.9}, "L0.H1": {"label": "shape", "confidence": 0.59},
+             "L0.H2": {"label": None, "confidence": 0.0}, "L0.H3": {"label": "size"}}  # manual: no confidence
+    assert confident_labels(heads) == {"L0.H0": "color", "L0.H1": "shape", "L0.H2": None, "L0.H3": "size"}
+    assert confident_labels(heads, 0.6) == {"L0.H0": "color", "L0.H1": None, "L0.H2": None, "L0.H3": "size"}
+    with pytest.raises(ClipInterpretError, match=r"min_confidence must be in \[0, 1\], got 1.5"):
+        confident_labels(heads, 1.5)
 
 
 def _random_drops(rng, n_heads: int, tasks: list[str]) -> dict:

@@ -108,7 +108,19 @@ def test_metrics_compares_runs(labelled_copy, tmp_path, capsys):
     assert main(["label", str(labelled_copy), "--labeller", "embedding", "--encoder", "minilm"]) == 0
     shutil.copytree(labelled_copy, other)
     assert main(["faithfulness", str(labelled_copy)]) == 0
-    assert "testable labels confirmed" in capsys.readouterr().out
+    plain = capsys.readouterr().out
+    assert "testable labels confirmed" in plain
+    assert main(["faithfulness", str(labelled_copy), "--verdict", "relative", "--min-confidence", "0.9"]) == 0
+    strict = capsys.readouterr().out
+    import re
+    counted = [int(n) for n in re.findall(r"of (\d+) testable labels", plain)]
+    kept = [int(n) for n in re.findall(r"of (\d+) testable labels", strict)]
+    below = [int(n) for n in re.findall(r"\((\d+) below it counted as abstentions\), relative verdict", strict)]
+    assert len(kept) == len(counted) == len(below) == 1  # the embedding labels
+    assert [k + b for k, b in zip(kept, below)] == counted  # every label either kept or abstained
+    with pytest.raises(SystemExit) as bad:
+        main(["faithfulness", str(labelled_copy), "--min-confidence", "1.5"])
+    assert bad.value.code == 2 and "--min-confidence: expected a number in [0, 1], got 1.5" in capsys.readouterr().err
     out_dir = tmp_path / "cmp"
     assert main(["metrics", str(labelled_copy), str(other), "--out", str(out_dir)]) == 0
     text = capsys.readouterr().out
