@@ -76,6 +76,8 @@ def joint_map(vit) -> torch.Tensor:
     if vit.pool is None:
         g = gamma[:, None] * proj
         return g - g.mean(dim=0, keepdim=True)
+    if vit.cfg.pool == "attn-pool":
+        return coca_joint_map(vit, gamma, proj)
     w = vit.cfg.width
     pool = vit.pool
     value_in = gamma[:, None] * pool.kv.weight[w:].detach().float().cpu().T
@@ -83,6 +85,16 @@ def joint_map(vit) -> torch.Tensor:
     out = pool.out.weight.detach().float().cpu().T
     carried = value_in @ out
     return carried @ proj if proj is not None else carried
+
+
+def coca_joint_map(vit, gamma: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``joint_map`` of a CoCa tower: LN_k (centring, gamma), the pooler's values and output projection, then the
+    pooled row's LayerNorm (centring, gamma) and the projection; the frozen scales left out, as above."""
+    pool, e = vit.pool, vit.cfg.pool_width
+    value_in = gamma[:, None] * pool.kv.weight[e:].detach().float().cpu().T
+    value_in = value_in - value_in.mean(dim=0, keepdim=True)
+    g = pool.ln.weight.detach().float().cpu()[:, None] * proj
+    return value_in @ pool.out.weight.detach().float().cpu().T @ (g - g.mean(dim=0, keepdim=True))
 
 
 @dataclass
