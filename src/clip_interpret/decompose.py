@@ -376,7 +376,8 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     with compute(device, precision):
         vit.run(pixels, read.points)
     with full_precision(device):
-        pieces = _multi_query_pieces if cfg.pool == "attn-pool" else _cls_pieces if vit.pool is None else _pooled_pieces
+        pieces = (_multi_query_pieces if cfg.pool == "attn-pool" else _cls_pieces if vit.pool is None
+                  else _pooled_pieces)
         parts = pieces(vit, read, chosen, others, spatial, published)
     return Decomposition(**parts, layers=chosen, other_layers=others, grid=cfg.grid, image_size=tuple(cfg.image_size),
                          class_token=cfg.class_token, precision=precision,

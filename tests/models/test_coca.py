@@ -254,3 +254,10 @@ def test_low_precision_pieces_sum_to_that_forwards_embedding(coca_model):
         d = decompose(coca_model, x, precision=precision, spatial=True)
         assert (d.total() - d.embedding).abs().max() < 1e-5
         assert rel_err(d.embedding, full.embedding) < 2e-2
+
+
+def test_the_published_convention_is_refused_for_the_attentional_pooler(coca_model):
+    x = pixels_for(coca_model.vit)
+    with pytest.raises(ClipInterpretError, match="pools by attention") as err:
+        decompose(coca_model, x, convention="published")
+    assert "\n" not in str(err.value)
