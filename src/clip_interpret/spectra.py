@@ -19,7 +19,9 @@ are those of ``M_h @ T`` with ``T = C diag(gamma_post) P`` (C: the centring). An
 (SigLIP's MAP head) carries r through LN_post at every token (each token's scale frozen, the same
 approximation), the pooling head's values and output, ``T = C diag(gamma_post) W_V^pool^T W_O^pool^T
 [P]``: exact when the pooling heads weigh the token alike (their patterns differ per image: the second
-approximation); the pooling MLP is nonlinear and left out (the third).
+approximation); the pooling MLP is nonlinear and left out (the third). CoCa's attentional pooler adds the
+pooled row's LayerNorm, its scale left out as LN_post's is: ``T = C diag(gamma_k) W_V^T W_O^T C diag(gamma) P``
+(``coca_joint_map``).
 
 **Directions.** The SVD of the carried map ``K_h = M_h T = U S V^T`` gives the joint-space directions
 (rows of V^T, unit) with their singular values; the input direction u_j makes the head write the
