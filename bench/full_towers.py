@@ -7,7 +7,9 @@ error of our forward against open_clip's ``encode_image`` (target < 1e-5, fp32) 
 gap between the sum of the decomposition's pieces (every layer) and the unit embedding.
 
     python bench/full_towers.py [ARCH ...]   (default: ViT-H-14-quickgelu ViT-SO400M-14-SigLIP-384 ViT-bigG-14
-                                              ViT-L-14-CLIPA EVA01-g-14)
+                                              ViT-L-14-CLIPA EVA01-g-14 coca_ViT-L-14)
+
+A CoCa model's caption decoder is built with one layer (it is not part of the image tower).
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ def check(arch: str) -> str:
 
     start = time.time()
     torch.manual_seed(0)
-    native = registered_open_clip().create_model(arch, pretrained=None, text_cfg=TINY_TEXT).eval()
+    open_clip = registered_open_clip()
+    decoder = open_clip.get_model_config(arch).get("multimodal_cfg")
+    small = dict(multimodal_cfg=dict(decoder, layers=1, width=16, heads=2)) if decoder else {}
+    native = open_clip.create_model(arch, pretrained=None, text_cfg=TINY_TEXT, **small).eval()
     vit = from_open_clip(native.visual)
     x = torch.randn(1, 3, *vit.cfg.image_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference, ours = native.encode_image(x), vit(x)
+        reference, ours = native.encode_image(x, normalize=False), vit(x)  # CoCa's normalises by default
     del native
     gc.collect()
     d = decompose_pixels(vit, x, layers="all")
@@ -45,5 +50,5 @@ if __name__ == "__main__":
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
     for name in sys.argv[1:] or ["ViT-H-14-quickgelu", "ViT-SO400M-14-SigLIP-384", "ViT-bigG-14", "ViT-L-14-CLIPA",
-                                 "EVA01-g-14"]:
+                                 "EVA01-g-14", "coca_ViT-L-14"]:
         print(check(name), flush=True)

@@ -48,6 +48,16 @@ def map_model():
 
 
 @pytest.fixture(scope="session")
+def coca_model():
+    """A ClipModel over a jittered random test-vit-tiny-coca: CoCa's layout (a CLS token, a multi-query attentional
+    pooler of width 24 with 4 heads over LN_k of every token, LN_post on its first query's row), 3 layers x 4 heads,
+    width 32, non-square 40x32 images."""
+    from clip_interpret import load_model
+
+    return load_model(make_open_clip("test-vit-tiny-coca", seed=3))
+
+
+@pytest.fixture(scope="session")
 def toy_model():
     """The bundled toy CLIP, loaded once for the session."""
     from clip_interpret import load_model

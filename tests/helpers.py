@@ -72,7 +72,8 @@ def explicit_forward(vit, pixels, hook=None):
     shortcut): the reference for the decomposition, the hooks and the interventions.
     ``hook(name, value)`` may replace ``attn.hook_z`` [B, H, T, d], ``hook_attn_out`` and
     ``hook_mlp_out`` of any block, and in an attention-pooled tower ``ln_post.hook_normalized``,
-    ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's). An average-pooled tower
+    ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's), in a CoCa tower
+    ``ln_post.hook_normalized``, ``pool.hook_z`` and ``pool.hook_attn_out``. An average-pooled tower
     (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post."""
     hook = hook or (lambda name, value: value)
     cfg = vit.cfg
@@ -97,6 +98,8 @@ def explicit_forward(vit, pixels, hook=None):
         cache[f"{name}.hook_mlp_out"] = mlp
         x = x + mlp
         cache[f"{name}.hook_resid_post"] = x
+    if vit.cfg.pool == "attn-pool":
+        return explicit_multi_query_pool(vit, x, hook, cache)
     if vit.pool is not None:
         return _explicit_pool(vit, x, hook, cache)
     r = x[:, 0] if cfg.pool == "cls" else x[:, 1:].sum(dim=1) / (x.shape[1] - 1)  # "avg": the patches' mean
@@ -136,6 +139,34 @@ def _explicit_pool(vit, x, hook, cache):
     cache["pool.hook_mlp_out"] = mlp
     emb = y + mlp
     emb = emb @ vit.proj if vit.proj is not None else emb
+    cache["hook_image_embed"] = emb
+    return emb, cache
+
+
+def explicit_multi_query_pool(vit, x, hook, cache):
+    """CoCa's attentional pooler written out for its first query: LN_k of every token, LN_q of the query,
+    each pooler head's softmax over the tokens, the output projection, the LayerNorm of the pooled row, P."""
+    cfg, pool = vit.cfg, vit.pool
+    e, n_heads = cfg.pool_width, cfg.pool_heads
+    d = e // n_heads
+    ln = torch.nn.functional.layer_norm
+    normed = hook("ln_post.hook_normalized", ln(x, (cfg.width,), vit.ln_post.weight, vit.ln_post.bias, cfg.ln_eps))
+    query = ln(pool.query, (e,), pool.ln_q.weight, pool.ln_q.bias, cfg.ln_eps) @ pool.q.weight.T + pool.q.bias
+    keys = normed @ pool.kv.weight[:e].T + pool.kv.bias[:e]
+    values = normed @ pool.kv.weight[e:].T + pool.kv.bias[e:]
+    patterns, results = [], []
+    for h in range(n_heads):
+        part = slice(h * d, (h + 1) * d)
+        pattern = torch.softmax(keys[..., part] @ query[part] / d ** 0.5, dim=-1)  # [B, T]
+        patterns.append(pattern)
+        results.append((pattern[..., None] * values[..., part]).sum(dim=1))  # [B, d]
+    z = hook("pool.hook_z", torch.stack(results, dim=1)[:, :, None])  # [B, Hp, 1, d]
+    cache["pool.hook_pattern"], cache["pool.hook_z"] = torch.stack(patterns, dim=1)[:, :, None], z
+    cache["pool.hook_v"] = values.view(*values.shape[:2], n_heads, d).transpose(1, 2)
+    y = hook("pool.hook_attn_out", z[:, :, 0].reshape(z.shape[0], e) @ pool.out.weight.T + pool.out.bias)
+    cache["pool.hook_attn_out"] = y
+    cache["pool.ln.hook_scale"] = torch.sqrt(y.var(dim=-1, unbiased=False) + cfg.ln_eps)
+    emb = ln(y, (e,), pool.ln.weight, pool.ln.bias, cfg.ln_eps) @ vit.proj
     cache["hook_image_embed"] = emb
     return emb, cache
 

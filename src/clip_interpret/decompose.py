@@ -70,6 +70,17 @@ piece (``pool_mlp``). Per-token pieces of the heads are per stream position (the
 token the pooling head reads). The pooling head's own heads per source token
 (``pool_heads``, ``pool_head_tokens``) are another partition of the same vector,
 with ``pool_bias`` and ``pool_mlp`` (``pool_view()``), not part of ``total()``.
+
+**Multi-query attention pooling** (CoCa: a CLS token, LN_k on every token, the pooler's first query over them,
+then LN_post on that pooled row ``y`` and the projection; no MLP). As for SigLIP's head, with the pattern and each
+token's LN_k scale frozen, and the pooled row's LayerNorm scale ``sigma_y`` frozen per image (its centring is
+linear), a piece c at token i reaches the embedding linearly:
+
+    c -> P^T (gamma_y * C sum_p A[p, i] * W_O[p] W_V[p] (gamma_k * C c) / sigma_i) / sigma_y,
+
+so every piece keeps an exact share and ``pool_mlp`` is empty; the constants (LN_k's beta and the value bias
+through the pattern, the output bias, LN_post's beta) are ``constant``. Per-token pieces are per stream position
+(CLS + patches).
 """
 
 from __future__ import annotations
@@ -176,7 +187,8 @@ class Decomposition:
     ``head_tokens.sum(2)`` equals ``heads``. T = CLS + patches (the CLS row's source tokens)
     in a CLS-pooled tower, and in an average-pooled one (the source tokens of the patch queries'
     mean row); the patches (the stream positions the pooling head reads) in an
-    attention-pooled one (``class_token`` False).
+    attention-pooled one (``class_token`` False); CLS + patches, the stream positions the pooler
+    reads, in a CoCa tower (multi-query pooling, ``class_token`` True).
     ``attn_bias``: [B, L, D], the attention output bias of each analysed layer.
     ``other_attn``: [B, len(other_layers), D], whole attention outputs of the layers
     not analysed (the earlier layers under the default choice).
@@ -364,7 +376,9 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     with compute(device, precision):
         vit.run(pixels, read.points)
     with full_precision(device):
-        parts = (_cls_pieces if vit.pool is None else _pooled_pieces)(vit, read, chosen, others, spatial, published)
+        pieces = (_multi_query_pieces if cfg.pool == "attn-pool" else _cls_pieces if vit.pool is None
+                  else _pooled_pieces)
+        parts = pieces(vit, read, chosen, others, spatial, published)
     return Decomposition(**parts, layers=chosen, other_layers=others, grid=cfg.grid, image_size=tuple(cfg.image_size),
                          class_token=cfg.class_token, precision=precision,
                          convention=convention)
@@ -377,7 +391,7 @@ def _read(value, name):
 # the rows of a stream activation [B, T, ...] that reach the embedding, per pooling: the CLS row; the mean of
 # the patch rows (in float32); every row (the attention-pooling head reads each)
 _ROWS = {"cls": lambda value: value[:, :1], "avg": lambda value: value[:, 1:].float().mean(dim=1, keepdim=True),
-         "map": lambda value: value}
+         "map": lambda value: value, "attn-pool": lambda value: value}
 
 
 class _Readout:
@@ -424,13 +438,18 @@ class _Readout:
         points.add(f"blocks.{vit.cfg.layers - 1}.hook_resid_post", self._keep("final"))
         points.add("hook_image_embed", self._keep("embedding", rows=False))
         if not by_row:
-            for point in ("ln_post.hook_normalized", "pool.hook_v", "pool.hook_z"):
+            checked = ("ln_post.hook_normalized", "pool.hook_v", "pool.hook_z") + (("pool.hook_attn_out",)
+                                                                                    if kind == "attn-pool" else ())
+            for point in checked:
                 points.add(point, self._see, first=True)
                 points.add(point, self._check_same)
             points.add("pool.hook_pattern", self._keep("pool_pattern", rows=False))
             points.add("pool.hook_v", self._keep("pool_values", rows=False))
             points.add("pool.hook_z", self._keep("pool_z", rows=False))
-            points.add("pool.hook_mlp_out", self._keep("pool_mlp", rows=False))
+            if kind == "attn-pool":  # no pooling MLP; the pooled row's LayerNorm reads y as the hooks left it
+                points.add("pool.hook_attn_out", self._keep("pool_y", rows=False))
+            else:
+                points.add("pool.hook_mlp_out", self._keep("pool_mlp", rows=False))
 
     def _keep(self, attr: str, rows: bool = True):
         def keep(value, name):
@@ -610,6 +629,82 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
         pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", pattern, read.pool_values.float(),
                                       out_map) * scaled[..., None] if spatial else None,
         pool_bias=pool_bias.expand(batch, -1) / norm[:, None],
+    )
+
+
+def _multi_query_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool,
+                        published: bool = False) -> dict:
+    """The pieces of a tower pooled by CoCa's multi-query attentional pooler (its first query; module doc):
+    every piece of the final stream, at every token, through LN_k (each token's scale frozen), the pooler's
+    values and frozen pattern and its output projection, then the pooled row's LayerNorm (its scale frozen
+    per image, centring linear) and the projection. No nonlinear piece is left: ``pool_mlp`` is empty."""
+    cfg, pool = vit.cfg, vit.pool
+    if not read.pool_linear:
+        raise ClipInterpretError("a hook replaces LN_k, the pooler's values, its result or its output: the tokens' "
+                                 "pieces no longer reach the embedding through the pooler; decompose without that hook")
+    e, n_pool = cfg.pool_width, cfg.pool_heads
+    d_pool = e // n_pool
+    x = read.final.float()  # [B, T, width]
+    emb = read.embedding.float()
+    norm = emb.norm(dim=-1)
+    batch = x.shape[0]
+    sigma = torch.sqrt(x.var(dim=-1, unbiased=False) + cfg.ln_eps)  # [B, T]: LN_k per token
+    y = read.pool_y.float()  # [B, e]: the pooled row before its LayerNorm
+    sigma_y = torch.sqrt(y.var(dim=-1, unbiased=False) + pool.ln.eps)  # [B]
+    pattern = read.pool_pattern[:, :, 0].float()  # [B, Hp, T]
+    weights = pattern / (sigma[:, None, :] * (sigma_y * norm)[:, None, None])
+    # a token's piece c -> (gamma_k * C c) W_V^T per pooler head [Hp, width, d]; a head's result z ->
+    # C(W_O z) * gamma_y @ P [Hp, d, D] (the pooled row's centring is linear; its scale is in weights)
+    w_v, b_v = pool.kv.weight[e:], pool.kv.bias[e:]
+    value_in = vit.ln_post.weight[:, None] * w_v.T
+    value_in = (value_in - value_in.mean(dim=0, keepdim=True)).view(cfg.width, n_pool, d_pool).transpose(0, 1)
+    g = pool.ln.weight[:, None] * vit.proj  # [e, D]
+    g_centred = g - g.mean(dim=0, keepdim=True)
+    out_map = (pool.out.weight.T @ g_centred).reshape(n_pool, d_pool, -1)
+
+    def through_pool(stream: torch.Tensor) -> torch.Tensor:
+        """A piece at every token [B, T, width] -> its contribution [B, D]."""
+        pooled = torch.einsum("bpt,btw->bpw", weights, stream.float())
+        return torch.einsum("bpe,ped->bd", torch.einsum("bpw,pwe->bpe", pooled, value_in), out_map)
+
+    def constant_through_pool(c: torch.Tensor) -> torch.Tensor:
+        """The same piece c [width] at every token -> [B, D]."""
+        return torch.einsum("bp,pe,ped->bd", weights.sum(dim=-1), torch.einsum("w,pwe->pe", c, value_in), out_map)
+
+    col_weights = weights.repeat_interleave(d_pool, dim=1).transpose(1, 2)  # [B, T, e]: per value column
+    value_flat = value_in.transpose(0, 1).reshape(cfg.width, e)
+    out_flat = out_map.reshape(e, -1)
+    head_pieces, token_pieces, bias_pieces = [], [], []
+    for index in chosen:
+        block = vit.blocks[index]
+        w_o = block.out_weight().T.reshape(cfg.heads, cfg.head_dim, cfg.width)  # [H, d, width]
+        z = read.head_z[index].float()  # [B, H, T, d]
+        if spatial:
+            out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, e]: the pooled values
+            piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
+            token_pieces.append(piece)
+            head_pieces.append(piece.sum(dim=1))
+        else:
+            out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
+            head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
+        bias_pieces.append(constant_through_pool(block.out_bias()))
+    empty = emb.new_zeros(batch, 0, emb.shape[-1])
+    scaled = 1 / (sigma_y * norm).view(-1, 1)
+    # constants: LN_k's beta and the value bias reach y through the pattern (which sums to one), with the output
+    # bias, through the pooled row's centring and gamma; its beta through the projection
+    pool_bias = (pool.out.bias @ g_centred) * scaled + (pool.ln.bias @ vit.proj) / norm[:, None]
+    constant = (((vit.ln_post.bias @ w_v.T + b_v) @ pool.out.weight.T) @ g_centred) * scaled + pool_bias
+    pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooler head's result
+    return dict(
+        heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
+        other_attn=torch.stack([through_pool(read.attn[i]) for i in others], dim=1) if others else empty,
+        mlps=torch.stack([through_pool(m) for m in read.mlp], dim=1), cls_embed=through_pool(read.resid0),
+        pool_mlp=empty, constant=constant, embedding=emb / norm[:, None],
+        head_tokens=torch.stack(token_pieces, dim=1) if spatial else None,
+        pool_heads=torch.einsum("bpe,ped->bpd", pool_z, out_map) * scaled[:, :, None],
+        pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", pattern, read.pool_values.float(),
+                                      out_map) * scaled[:, :, None, None] if spatial else None,
+        pool_bias=pool_bias,
     )
 
 

@@ -13,7 +13,8 @@ Two effects, always named as such:
   CLS position* added to the final residual stream (the path that skips every later
   layer), then the final LayerNorm and projection. In an attention-pooled tower
   (SigLIP) the change at every token is added, then the final LayerNorm and the
-  pooling head. No re-run of the blocks: it comes from the decomposition's own pass.
+  pooling head (in a CoCa tower its attentional pooler, the pooled row's LayerNorm
+  and the projection). No re-run of the blocks: it comes from the decomposition's own pass.
 
 The direct effect is the total effect with everything after the target frozen at
 its unmodified value: for the last MLP (nothing follows it) the two are the same;

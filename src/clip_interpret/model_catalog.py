@@ -3,7 +3,8 @@ open_clip, timm or torch (importing them takes seconds): the table of `clip-inte
 
 * the architectures: open_clip's model configs (``open_clip/model_configs/*.json``) and ours
   (``clip_interpret/models/configs``), listed as ``open_clip.list_models()`` lists them;
-* a native image tower is judged by its config (``tower_pools.native_tower_problem``, as the loader does);
+* a native image tower is judged by its config (``tower_pools.native_tower_problem``, as the loader does; its
+  pooling, CoCa's attentional pooler included, by ``tower_pools.native_tower_pool``);
 * a timm trunk by its model function in ``timm/models/vision_transformer.py`` (read as a syntax tree: the
   keyword arguments it gives ``VisionTransformer``), with the checks ``convert.check_timm_trunk`` makes on
   the built trunk; a function written otherwise, or an argument not known here, is *undecided*; an ``Eva``
@@ -29,7 +30,7 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-from .tower_pools import NATIVE_REFUSED, native_pool, native_tower_problem  # noqa: F401 (NATIVE_REFUSED: tests)
+from .tower_pools import NATIVE_REFUSED, native_tower_pool, native_tower_problem  # noqa: F401 (NATIVE_REFUSED: tests)
 
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and models.PAPER_MODELS. A native tower's judgement is tower_pools' (the loader's too).
@@ -264,13 +265,13 @@ def static_table() -> tuple[dict, list[str]]:
 
 
 def _row(arch: str, config: dict, tags: list) -> list:
-    """[arch, pool, tokenizer, tags]: CLS, average (CLIPA) or MAP pooling, the text tower's tokenizer,
-    pretrained tags."""
+    """[arch, pool, tokenizer, tags]: CLS, average (CLIPA), MAP (SigLIP) or multi-query attention pooling
+    ("attn-pool", CoCa), the text tower's tokenizer, pretrained tags."""
     vision = config["vision_cfg"]
     if vision.get("timm_model_name"):
         pool = "map" if vision.get("timm_pool", "avg") == "map" else "cls"
     else:
-        pool = native_pool(vision.get("pool_type", "tok"), bool(vision.get("final_ln_after_pool", False)))
+        pool = native_tower_pool(vision)
     tokenizer = config.get("text_cfg", {}).get("hf_tokenizer_name") or "CLIP BPE"
     return [arch, pool, tokenizer, list(tags)]
 

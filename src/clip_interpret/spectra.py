@@ -19,7 +19,9 @@ are those of ``M_h @ T`` with ``T = C diag(gamma_post) P`` (C: the centring). An
 (SigLIP's MAP head) carries r through LN_post at every token (each token's scale frozen, the same
 approximation), the pooling head's values and output, ``T = C diag(gamma_post) W_V^pool^T W_O^pool^T
 [P]``: exact when the pooling heads weigh the token alike (their patterns differ per image: the second
-approximation); the pooling MLP is nonlinear and left out (the third).
+approximation); the pooling MLP is nonlinear and left out (the third). CoCa's attentional pooler adds the
+pooled row's LayerNorm, its scale left out as LN_post's is: ``T = C diag(gamma_k) W_V^T W_O^T C diag(gamma) P``
+(``coca_joint_map``).
 
 **Directions.** The SVD of the carried map ``K_h = M_h T = U S V^T`` gives the joint-space directions
 (rows of V^T, unit) with their singular values; the input direction u_j makes the head write the
@@ -76,6 +78,8 @@ def joint_map(vit) -> torch.Tensor:
     if vit.pool is None:
         g = gamma[:, None] * proj
         return g - g.mean(dim=0, keepdim=True)
+    if vit.cfg.pool == "attn-pool":
+        return coca_joint_map(vit, gamma, proj)
     w = vit.cfg.width
     pool = vit.pool
     value_in = gamma[:, None] * pool.kv.weight[w:].detach().float().cpu().T
@@ -83,6 +87,16 @@ def joint_map(vit) -> torch.Tensor:
     out = pool.out.weight.detach().float().cpu().T
     carried = value_in @ out
     return carried @ proj if proj is not None else carried
+
+
+def coca_joint_map(vit, gamma: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """``joint_map`` of a CoCa tower: LN_k (centring, gamma), the pooler's values and output projection, then the
+    pooled row's LayerNorm (centring, gamma) and the projection; the frozen scales left out, as above."""
+    pool, e = vit.pool, vit.cfg.pool_width
+    value_in = gamma[:, None] * pool.kv.weight[e:].detach().float().cpu().T
+    value_in = value_in - value_in.mean(dim=0, keepdim=True)
+    g = pool.ln.weight.detach().float().cpu()[:, None] * proj
+    return value_in @ pool.out.weight.detach().float().cpu().T @ (g - g.mean(dim=0, keepdim=True))
 
 
 @dataclass

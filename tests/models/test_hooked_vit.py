@@ -80,7 +80,7 @@ def _tiny_clip(**vision):
 
 
 @pytest.mark.parametrize("vision, words", [
-    (dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2), "attention pooling"),
+    (dict(attentional_pool="parallel", attn_pooler_queries=4, attn_pooler_heads=2), "attentional_pool='parallel'"),
     (dict(qk_norm=True), "blocks"),
     (dict(pool_type="avg"), "pool_type"),
 ])

@@ -101,9 +101,10 @@ def _print_report(report: dict, top: int) -> None:
             print(f"    top {top} heads: " + ", ".join(f"{h['head']} {h['score']:+.4f}" for h in item["top_heads"]))
             p = item["pieces"]
             pooled = report["pool"] == "map"
+            every_token = report["pool"] in ("map", "attn-pool")  # the pooler reads every token's embedding
             print(f"    pieces: heads {p['heads']:+.4f}  attn bias {p['attn_bias']:+.4f}  "
                   f"other layers' attention {p['other_attn']:+.4f}  MLPs {p['mlps']:+.4f}  "
-                  f"{'token embeddings' if pooled else 'CLS embedding'} {p['cls_embed']:+.4f}  "
+                  f"{'token embeddings' if every_token else 'CLS embedding'} {p['cls_embed']:+.4f}  "
                   + (f"pooling MLP {p['pool_mlp']:+.4f}  " if pooled else "") + f"constant {p['constant']:+.4f}")
             if "heatmap" in item:
                 print(f"    heat map: {item['heatmap']}")

@@ -14,15 +14,20 @@ def cmd_models(args) -> int:
         print(f"  {spec}")
     print("\nopen_clip architectures with a supported image tower (open_clip:ARCH/TAG, open_clip:ARCH@FILE, or "
           "open_clip:ARCH for random weights);\n[pool] CLS token, avg (the patch tokens' mean, LayerNorm after "
-          "it: CLIPA) or MAP attention pooling (SigLIP), "
+          "it: CLIPA), MAP attention pooling (SigLIP) or attn-pool (CoCa's multi-query attentional pooler, the "
+          "embedding its first query's row), "
           "[tokenizer] the text tower's (a Hugging Face one loads from its cache or the Hub, or --tokenizer FOLDER):")
     for arch, pool, tokenizer, tags in table["open_clip"]:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet (RN50, ...); EVA02 and Perception Encoder towers (rotary position embeddings, "
-          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; towers averaged "
-          "after their final LayerNorm; qk-norm / scaled-cosine attention blocks.")
+    print("Not supported: ResNet towers (RN50, ...: no attention heads); EVA02 and Perception Encoder towers "
+          "(rotary position embeddings, SwiGLU); ConvNeXt (convnext_*), FastViT (MobileCLIP-S*, MobileCLIP2-S*: "
+          "convolutional and RepMixer stages), hybrid ViTs with a convolutional stem (MobileCLIP-B, "
+          "MobileCLIP2-B), ViTamin, Swin and relative-position timm towers; timm ViTs pooled otherwise than by a "
+          "MAP head (MobileCLIP2-L-14, vit_medium_patch16_gap_256); NaFlex variants (variable resolution); the "
+          "parallel / cascade CoCa poolers; towers averaged after their final LayerNorm; qk-norm / scaled-cosine "
+          "attention blocks. Loading any of them says why in one line.")
     return 0
 
 

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..tower_pools import native_pool
+from ..tower_pools import native_attn_pool, native_pool
 from .hooked_vit import HookedViT, ViTConfig
 
 SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
     "LayerScale, any patch and image size; Hugging Face CLIP vision towers), open_clip VisionTransformers "
-    "average-pooled over the patch tokens with the final LayerNorm after pooling (CLIPA), and ViTs without a CLS token "
+    "average-pooled over the patch tokens with the final LayerNorm after pooling (CLIPA) or pooled by CoCa's "
+    "multi-query attentional pooler (its first query), and ViTs without a CLS token "
     "pooled by a MAP attention head (SigLIP and SigLIP 2: open_clip's timm VisionTransformer trunks with "
     "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid); EVA01-CLIP towers "
     "(open_clip's timm Eva trunks with plain pre-norm blocks, absolute position embeddings and CLS pooling)"
@@ -68,10 +69,12 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
         return _from_eva(visual) if type(visual.trunk).__name__ == "Eva" else _from_timm(visual)
     if kind != "VisionTransformer":
         raise _unsupported(f"open_clip {kind} (a ResNet tower has no attention heads to decompose)")
-    if getattr(visual, "attn_pool", None) is not None:
-        raise _unsupported("attention pooling (attn_pool)")
-    pool = native_pool(getattr(visual, "pool_type", "tok"), bool(getattr(visual, "final_ln_after_pool", False)))
-    if pool not in ("cls", "avg"):
+    coca = getattr(visual, "attn_pool", None) is not None
+    if coca:
+        pool = native_attn_pool(getattr(visual, "attn_pool_type", "") or True, getattr(visual, "pool_type", "tok"))
+    else:
+        pool = native_pool(getattr(visual, "pool_type", "tok"), bool(getattr(visual, "final_ln_after_pool", False)))
+    if pool not in ("cls", "avg", "attn-pool"):
         raise _unsupported(pool)
     blocks = visual.transformer.resblocks
     first = blocks[0]
@@ -99,6 +102,7 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
         ln_eps=float(first.ln_1.eps),
         patch_bias=visual.conv1.bias is not None,
         pool=pool,
+        **(_coca_config(visual.attn_pool, float(first.ln_1.eps)) if coca else {}),
     )
     vit = HookedViT(cfg)
     _copy(vit.patch_embed.weight, visual.conv1.weight)
@@ -122,9 +126,46 @@ def from_open_clip(visual: nn.Module) -> HookedViT:
         if layer_scale:
             _copy(ours.ls1, theirs.ls_1.gamma)
             _copy(ours.ls2, theirs.ls_2.gamma)
-    _copy_ln(vit.ln_post, visual.ln_post)
+    if coca:
+        _copy_coca_pool(vit, visual.attn_pool, visual.ln_post)
+    else:
+        _copy_ln(vit.ln_post, visual.ln_post)
     _copy(vit.proj, proj)
     return vit.eval()
+
+
+# ----------------------------------------------------------------- CoCa's attentional pooler
+def _coca_config(pooler: nn.Module, eps: float) -> dict:
+    """The ViTConfig fields of open_clip's ``AttentionalPooler`` (CoCa), or a refusal naming what it has."""
+    attn = pooler.attn
+    if type(pooler).__name__ != "AttentionalPooler" or not isinstance(attn, nn.MultiheadAttention):
+        raise _unsupported(f"an attentional pooler {type(pooler).__name__} (only open_clip's AttentionalPooler)")
+    if attn.bias_k is not None or attn.add_zero_attn or attn.in_proj_bias is None:
+        raise _unsupported("an attentional pooler with added key/value biases, zero attention or no biases")
+    norms = (pooler.ln_q, pooler.ln_k)
+    if not all(isinstance(n, nn.LayerNorm) for n in norms) or {float(n.eps) for n in norms} != {eps}:
+        raise _unsupported("an attentional pooler whose LayerNorms differ from the blocks'")
+    return dict(pool_heads=attn.num_heads, pool_width=attn.embed_dim)
+
+
+def _copy_coca_pool(vit: HookedViT, pooler: nn.Module, ln_post: nn.Module) -> None:
+    """The pooler's first query, LN_q, q/k/v and output projections; its LN_k (over every token) becomes the
+    HookedViT's ``ln_post``, open_clip's ``ln_post`` (over the pooled rows) the pool's ``ln``."""
+    attn, ours, e = pooler.attn, vit.pool, vit.cfg.pool_width
+    if attn._qkv_same_embed_dim:
+        w_q, w_k, w_v = attn.in_proj_weight.split(e)
+    else:
+        w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+    _copy(ours.query, pooler.query[0])
+    _copy_ln(ours.ln_q, pooler.ln_q)
+    _copy(ours.q.weight, w_q)
+    _copy(ours.q.bias, attn.in_proj_bias[:e])
+    _copy(ours.kv.weight, torch.cat([w_k, w_v]))
+    _copy(ours.kv.bias, attn.in_proj_bias[e:])
+    _copy(ours.out.weight, attn.out_proj.weight)
+    _copy_bias(ours.out.bias, attn.out_proj.bias)
+    _copy_ln(vit.ln_post, pooler.ln_k)
+    _copy_ln(ours.ln, ln_post)
 
 
 def _copy_ln(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:

@@ -19,6 +19,14 @@ final LayerNorm applied to every token):
     y = Attn_pool(query, n)                 one learned query, its own heads
     emb = (y + MLP(LN(y))) [@ proj]                                 (pool "map")
 
+or, for CoCa's multi-query attention pooler (open_clip's ``attentional_pool``: a CLS token, LN_k on every
+token, learned queries of the pooler's own width, LN_post on each query's output, the embedding its first
+query's row; only that query is computed, the others feed CoCa's caption decoder):
+
+    n = LN_post(z)                          every token (open_clip's ln_k of the pooler)
+    y = Attn_pool(LN_q(query_0), n)         keys and values from width to the pooler's width
+    emb = LN(y) @ proj                                              (pool "attn-pool")
+
 One block loop (``run``) serves every forward, as TransformerLens owns its
 transformer: each activation has a name (``blocks.{l}.attn.hook_z``, ...; see
 ``hook_names()``) where hooks can read or replace it. The model only computes:
@@ -69,9 +77,11 @@ class ViTConfig:
     patch_bias: bool = False
     class_token: bool = True
     pool: str = "cls"  # "cls": the CLS row; "avg": the mean of the patch rows, LN_post after it (CLIPA);
-    #                    "map": an attention-pooling head over every token (SigLIP)
-    pool_heads: int = 0  # the pooling head's attention heads ("map")
+    #                    "map": an attention-pooling head over every token (SigLIP); "attn-pool": CoCa's
+    #                    multi-query attentional pooler, its first query, LayerNorm after it
+    pool_heads: int = 0  # the pooling head's attention heads ("map", "attn-pool")
     pool_mlp_width: int = 0  # its MLP's hidden width ("map")
+    pool_width: int = 0  # the multi-query pooler's width, its queries' and outputs' ("attn-pool": CoCa's output_dim)
     proj: bool = True  # a projection to the joint space after pooling (SigLIP towers have none)
     proj_bias: bool = False  # a bias after the projection (EVA01-CLIP's timm head, a Linear with bias)
 
@@ -156,6 +166,23 @@ class AttentionPool(nn.Module):
         self.fc2 = nn.Linear(cfg.pool_mlp_width, w)
 
 
+class MultiQueryPool(nn.Module):
+    """CoCa's attentional pooler, the query the embedding reads (its first): ``LN_q(query)`` attends with the
+    pooler's heads to every token of the LayerNormed stream (keys and values map width -> pool_width), its
+    output projection, then the LayerNorm over the pooled row (open_clip's ``ln_post``). The arithmetic is in
+    HookedViT."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        e = cfg.pool_width
+        self.query = nn.Parameter(torch.zeros(e))  # the first learned query, before LN_q
+        self.ln_q = nn.LayerNorm(e, eps=cfg.ln_eps)
+        self.q = nn.Linear(e, e)
+        self.kv = nn.Linear(cfg.width, 2 * e)  # rows: [W_K; W_V], heads contiguous
+        self.out = nn.Linear(e, e)
+        self.ln = nn.LayerNorm(e, eps=cfg.ln_eps)  # after pooling
+
+
 class HookedViT(nn.Module):
     """A CLIP ViT image tower whose forward is ours and whose activations have names."""
 
@@ -173,8 +200,10 @@ class HookedViT(nn.Module):
         self.ln_pre = nn.LayerNorm(w, eps=cfg.ln_eps) if cfg.ln_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_post = nn.LayerNorm(w, eps=cfg.ln_eps)
-        self.pool = AttentionPool(cfg) if cfg.pool == "map" else None
-        self.proj = nn.Parameter(torch.zeros(w, cfg.output_dim)) if cfg.proj else None
+        self.pool = AttentionPool(cfg) if cfg.pool == "map" else MultiQueryPool(cfg) if cfg.pool == "attn-pool" \
+            else None
+        self.proj = nn.Parameter(torch.zeros(cfg.pool_width if cfg.pool == "attn-pool" else w, cfg.output_dim)) \
+            if cfg.proj else None
         self.proj_bias = nn.Parameter(torch.zeros(cfg.output_dim)) if cfg.proj and cfg.proj_bias else None
         self._act = activation(cfg.act)
         self._names = [{point: f"blocks.{layer}.{point}" for point in BLOCK_POINTS} for layer in range(cfg.layers)]
@@ -235,7 +264,7 @@ class HookedViT(nn.Module):
     def head(self, x: torch.Tensor, points: "HookPoints | None" = None) -> torch.Tensor:
         """The final stream [B, rows, width] -> image embedding [B, output_dim] (not normalised), in
         float32: LN_post of the CLS row (or of the mean of the patch rows, pool "avg") and the projection,
-        or the attention-pooling head. A CLS-pooled tower reads only row 0, so ``x`` may hold that row alone."""
+        or the attention-pooling head (SigLIP's MAP head, or CoCa's pooler, its LayerNorm and the projection). A CLS-pooled tower reads only row 0, so ``x`` may hold that row alone."""
         hook = points if points is not None else _no_hook
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
@@ -247,6 +276,8 @@ class HookedViT(nn.Module):
                 hook("ln_post.hook_scale", torch.sqrt(x.var(dim=-1, unbiased=False) + self.cfg.ln_eps))
             if self.pool is None:
                 out = self.norm(self.ln_post, x)
+            elif self.cfg.pool == "attn-pool":
+                out = self._multi_query_pool(x, points)
             else:
                 out = self._attention_pool(x, hook)
             if self.proj is None:
@@ -273,6 +304,25 @@ class HookedViT(nn.Module):
         mlp = hook("pool.hook_mlp_out", pool.fc2(post))
         return y + mlp
 
+    def _multi_query_pool(self, x: torch.Tensor, points: "HookPoints | None") -> torch.Tensor:
+        """The final stream [B, T, width] -> CoCa's pooled row ``LN(y)`` [B, pool_width] (before the
+        projection): the first learned query, after LN_q, attends to LN_post of every token."""
+        cfg, pool = self.cfg, self.pool
+        hook = points if points is not None else _no_hook
+        b, n, _ = x.shape
+        e, heads = cfg.pool_width, cfg.pool_heads
+        d = e // heads
+        hooked_normed = hook("ln_post.hook_normalized", self.norm(self.ln_post, x))
+        query = pool.q(self.norm(pool.ln_q, pool.query)).view(1, heads, 1, d)
+        k, v = (t.view(b, n, heads, d).transpose(1, 2) for t in pool.kv(hooked_normed).split(e, dim=-1))
+        k, hooked_v = hook("pool.hook_k", k), hook("pool.hook_v", v)
+        pattern = hook("pool.hook_pattern", torch.softmax((query * d ** -0.5) @ k.transpose(-1, -2), dim=-1))
+        z = hook("pool.hook_z", pattern @ hooked_v)  # [B, Hp, 1, d]
+        y = hook("pool.hook_attn_out", pool.out(z.transpose(1, 2).reshape(b, e)))
+        if points is not None and points.wants("pool.ln.hook_scale"):
+            hook("pool.ln.hook_scale", torch.sqrt(y.var(dim=-1, unbiased=False) + pool.ln.eps))
+        return hook("pool.ln.hook_normalized", self.norm(pool.ln, y))
+
     # ---------------------------------------------------------------- forwards
     def hook_names(self) -> list[str]:
         """Every hook point, in the order a forward meets them."""
@@ -280,6 +330,8 @@ class HookedViT(nn.Module):
         points = [p for p in BLOCK_POINTS if self.cfg.class_token or p != CLS_PATTERN]
         for layer in range(self.cfg.layers):
             names += [f"blocks.{layer}.{point}" for point in points]
+        if self.cfg.pool == "attn-pool":
+            return names + list(MULTI_QUERY_POINTS)
         return names + list(FINAL_POINTS if self.pool is None else POOL_POINTS)
 
     def run(self, pixels: torch.Tensor, points: "HookPoints | None" = None) -> torch.Tensor:
@@ -355,7 +407,10 @@ class HookedViT(nn.Module):
         ``ln_post.hook_scale`` [B, T], ``ln_post.hook_normalized``, ``pool.hook_k/v``
         [B, Hp, T, d], ``pool.hook_pattern`` [B, Hp, 1, T], ``pool.hook_z`` [B, Hp, 1, d],
         ``pool.hook_attn_out``, ``pool.ln.hook_normalized``, ``pool.mlp.hook_post``,
-        ``pool.hook_mlp_out`` and ``hook_image_embed``.
+        ``pool.hook_mlp_out`` and ``hook_image_embed``; a multi-query pooled one (CoCa), after the blocks,
+        ``ln_post.hook_scale`` [B, T], ``ln_post.hook_normalized``, ``pool.hook_k/v`` [B, Hp, T, d],
+        ``pool.hook_pattern`` [B, Hp, 1, T] (the first query's), ``pool.hook_z``, ``pool.hook_attn_out``
+        [B, pool_width], ``pool.ln.hook_scale`` [B], ``pool.ln.hook_normalized`` and ``hook_image_embed``.
         """
         points = HookPoints(self, fwd_hooks, names_filter, cache=ActivationCache())
         return self.run(pixels, points), points.cache
@@ -367,7 +422,7 @@ class HookedViT(nn.Module):
         return self.run(pixels, HookPoints(self, fwd_hooks))
 
 
-POOLS = ("cls", "avg", "map")
+POOLS = ("cls", "avg", "map", "attn-pool")
 CLS_PATTERN = "attn.hook_cls_pattern"  # the CLS query's attention row (towers with a CLS token)
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
                 "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", "hook_attn_out", "hook_resid_mid",
@@ -376,6 +431,10 @@ FINAL_POINTS = ("ln_post.hook_scale", "hook_image_embed")
 POOL_POINTS = ("ln_post.hook_scale", "ln_post.hook_normalized", "pool.hook_k", "pool.hook_v", "pool.hook_pattern",
                "pool.hook_z", "pool.hook_attn_out", "pool.ln.hook_normalized", "pool.mlp.hook_post",
                "pool.hook_mlp_out", "hook_image_embed")
+MULTI_QUERY_POINTS = ("ln_post.hook_scale", "ln_post.hook_normalized", "pool.hook_k", "pool.hook_v",
+                      "pool.hook_pattern",
+                      "pool.hook_z", "pool.hook_attn_out", "pool.ln.hook_scale", "pool.ln.hook_normalized",
+                      "hook_image_embed")
 
 
 def _no_hook(name: str, value: torch.Tensor) -> torch.Tensor:

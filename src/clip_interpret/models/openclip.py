@@ -67,7 +67,7 @@ def timm_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
     if name in timm.list_models(module="eva") or name in EVA_TRUNKS:
         return eva_problem(name, pool, proj, proj_bias)
     if name not in timm.list_models(module="vision_transformer") + timm.list_models(module="tiny_towers"):
-        return f"the timm tower {name!r}, a timm trunk that is not a VisionTransformer"
+        return f"the timm tower {name!r}, {timm_family(name)}"
     if pool != "map":
         return f"the timm tower {name!r} pooled by {pool or 'its default'!r} (only 'map', SigLIP's attention pooling)"
     if proj not in ("none", "linear") or (proj == "linear" and proj_bias):
@@ -79,6 +79,29 @@ def timm_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
     except UnsupportedModelError as err:
         return str(err).split(". Supported:")[0].removeprefix("unsupported image tower: ")
     return None
+
+
+# why a timm trunk of these timm modules is not opened up here (its module: timm/models/MODULE.py)
+TIMM_FAMILIES = {
+    "convnext": "a ConvNeXt trunk (convolutional stages: no attention heads to decompose)",
+    "fastvit": "a FastViT trunk (MobileCLIP's convolutional and RepMixer stages: no attention heads to decompose)",
+    "vision_transformer_hybrid": "a hybrid ViT whose patch embedding is a convolutional stem (MobileCLIP-B), not "
+                                 "one linear map per patch",
+    "vitamin": "a ViTamin trunk (convolutional MBConv stages before its attention blocks)",
+    "swin_transformer": "a Swin Transformer trunk (attention in shifted windows with relative position biases)",
+    "vision_transformer_relpos": "a ViT with relative position biases inside its attention",
+    "naflexvit": "a NaFlex ViT (variable resolution and aspect ratio)",
+}
+
+
+def timm_family(name: str) -> str:
+    """Why the timm model ``name``, not a VisionTransformer or Eva trunk, is not opened up: its family's reason."""
+    import timm
+
+    for module, reason in TIMM_FAMILIES.items():
+        if name in timm.list_models(module=module):
+            return reason
+    return "a timm trunk that is not a VisionTransformer"
 
 
 def eva_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
