@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..tower_pools import native_pool
 from .hooked_vit import HookedViT, ViTConfig
+from .rotary import table_from_timm
 
 SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
@@ -267,10 +268,15 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     plain pre-norm blocks, absolute position embeddings, CLS pooling). Judged on block 0 and the
     trunk's modules, so it works on the meta device and on a one-block build."""
     missing = []
-    if getattr(trunk, "rope", None) is not None:
-        missing.append("rotary position embeddings (use_rot_pos_emb)")
     block = trunk.blocks[0]
     attn = block.attn
+    rope = getattr(trunk, "rope", None)
+    if rope is not None:
+        if type(rope).__name__ != "RotaryEmbeddingCat" or getattr(trunk, "rope_mixed", False):
+            missing.append(f"rotary position embeddings of kind {type(rope).__name__} (only rope_type='cat')")
+        elif getattr(attn, "num_prefix_tokens", None) != int(trunk.cls_token is not None) + \
+                (trunk.reg_token.shape[1] if trunk.reg_token is not None else 0):
+            missing.append("rotary embeddings that skip other tokens than the prefix tokens")
     if type(block).__name__ == "EvaBlockPostNorm":
         missing.append("post-norm blocks (use_post_norm)")
     elif type(block).__name__ != "EvaBlock":
@@ -343,6 +349,28 @@ def _eva_projection(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     raise _unsupported("an Eva trunk whose projection is not one linear map (proj 'mlp', 'none' or two maps)")
 
 
+def _rope_fields(trunk: nn.Module) -> dict:
+    """The ``ViTConfig`` rotary fields of a timm Eva trunk (``rope``, ``rope_prefix``); none without rotary
+    embeddings. The pairs' layout is the blocks' attention's (``rotate_half``); the tokens left alone are
+    its ``num_prefix_tokens``."""
+    if getattr(trunk, "rope", None) is None:
+        return {}
+    attn = trunk.blocks[0].attn
+    return dict(rope="half" if getattr(attn, "rotate_half", False) else "interleaved",
+                rope_prefix=int(attn.num_prefix_tokens))
+
+
+def _copy_rope(vit: HookedViT, trunk: nn.Module) -> None:
+    """The rotary sin/cos table of the trunk's fixed grid into ``vit.rope_table`` (``rotary.table_from_timm``)."""
+    if vit.rope_table is None:
+        return
+    try:
+        table = table_from_timm(trunk.rope, vit.cfg.grid, vit.cfg.head_dim)
+    except ValueError as err:
+        raise _unsupported(str(err)) from None
+    _copy(vit.rope_table, table)
+
+
 def _from_eva(visual: nn.Module) -> HookedViT:
     """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with EVA01's plain pre-norm
     blocks (fused or separate q/k/v, the key without a bias), CLS pooling and a linear head."""
@@ -352,6 +380,7 @@ def _from_eva(visual: nn.Module) -> HookedViT:
     blocks = trunk.blocks
     first = blocks[0]
     layer_scale = first.gamma_1 is not None
+    rope = _rope_fields(trunk)
     cfg = ViTConfig(
         image_size=_pair(trunk.patch_embed.img_size),
         patch_size=_pair(trunk.patch_embed.patch_size),
@@ -366,8 +395,10 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         ln_eps=float(first.norm1.eps),
         patch_bias=trunk.patch_embed.proj.bias is not None,
         proj_bias=proj_bias is not None,
+        **rope,
     )
     vit = HookedViT(cfg)
+    _copy_rope(vit, trunk)
     _copy(vit.patch_embed.weight, trunk.patch_embed.proj.weight)
     if cfg.patch_bias:
         _copy(vit.patch_embed.bias, trunk.patch_embed.proj.bias)
