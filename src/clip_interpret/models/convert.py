@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..tower_pools import native_pool
 from .hooked_vit import HookedViT, ViTConfig
+from .rotary import table_from_timm
 
 SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
@@ -268,10 +269,15 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     plain pre-norm blocks, absolute position embeddings, CLS pooling). Judged on block 0 and the
     trunk's modules, so it works on the meta device and on a one-block build."""
     missing = []
-    if getattr(trunk, "rope", None) is not None:
-        missing.append("rotary position embeddings (use_rot_pos_emb)")
     block = trunk.blocks[0]
     attn = block.attn
+    rope = getattr(trunk, "rope", None)
+    if rope is not None:
+        if type(rope).__name__ != "RotaryEmbeddingCat" or getattr(trunk, "rope_mixed", False):
+            missing.append(f"rotary position embeddings of kind {type(rope).__name__} (only rope_type='cat')")
+        elif getattr(attn, "num_prefix_tokens", None) != int(trunk.cls_token is not None) + \
+                (trunk.reg_token.shape[1] if trunk.reg_token is not None else 0):
+            missing.append("rotary embeddings that skip other tokens than the prefix tokens")
     if type(block).__name__ == "EvaBlockPostNorm":
         missing.append("post-norm blocks (use_post_norm)")
     elif type(block).__name__ != "EvaBlock":
@@ -333,15 +339,10 @@ def eva_missing(trunk: nn.Module) -> list[str]:
 
 def _rope_attention_missing(trunk: nn.Module, attn: nn.Module) -> list[str]:
     """What timm's ``AttentionRope`` (``attn_type='rope'``, Perception Encoder's) has beyond plain multi-head
-    attention with fused or separate q/k/v (its rotary embedding is judged with the trunk's)."""
+    attention with fused or separate q/k/v (its rotary embedding is judged with the trunk's rope)."""
     if type(attn).__name__ != "AttentionRope":
         return []
-    missing = []
-    if getattr(attn, "num_kv_groups", 1) != 1:
-        missing.append("grouped-query attention (num_kv_heads)")
-    if attn.num_prefix_tokens != trunk.num_prefix_tokens:
-        missing.append("rotary embeddings on prefix tokens other than the class token")
-    return missing
+    return ["grouped-query attention (num_kv_heads)"] if getattr(attn, "num_kv_groups", 1) != 1 else []
 
 
 def _eva_map_missing(trunk: nn.Module) -> list[str]:
@@ -378,6 +379,28 @@ def _eva_projection(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     raise _unsupported("an Eva trunk whose projection is not one linear map (proj 'mlp', 'none' or two maps)")
 
 
+def _rope_fields(trunk: nn.Module) -> dict:
+    """The ``ViTConfig`` rotary fields of a timm Eva trunk (``rope``, ``rope_prefix``); none without rotary
+    embeddings. The pairs' layout is the blocks' attention's (``rotate_half``); the tokens left alone are
+    its ``num_prefix_tokens``."""
+    if getattr(trunk, "rope", None) is None:
+        return {}
+    attn = trunk.blocks[0].attn
+    return dict(rope="half" if getattr(attn, "rotate_half", False) else "interleaved",
+                rope_prefix=int(attn.num_prefix_tokens))
+
+
+def _copy_rope(vit: HookedViT, trunk: nn.Module) -> None:
+    """The rotary sin/cos table of the trunk's fixed grid into ``vit.rope_table`` (``rotary.table_from_timm``)."""
+    if vit.rope_table is None:
+        return
+    try:
+        table = table_from_timm(trunk.rope, vit.cfg.grid, vit.cfg.head_dim)
+    except ValueError as err:
+        raise _unsupported(str(err)) from None
+    _copy(vit.rope_table, table)
+
+
 def _from_eva(visual: nn.Module) -> HookedViT:
     """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with plain pre-norm blocks
     (EVA's attention, fused or separate q/k/v, the key without a bias; or timm's ``AttentionRope``, Perception
@@ -390,6 +413,7 @@ def _from_eva(visual: nn.Module) -> HookedViT:
     first = blocks[0]
     layer_scale = first.gamma_1 is not None
     attn_pool = trunk.attn_pool  # Perception Encoder's MAP head, or None (CLS pooling)
+    rope = _rope_fields(trunk)
     cfg = ViTConfig(
         image_size=_pair(trunk.patch_embed.img_size),
         patch_size=_pair(trunk.patch_embed.patch_size),
@@ -408,8 +432,10 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         pool="map" if attn_pool is not None else "cls",
         pool_heads=attn_pool.num_heads if attn_pool is not None else 0,
         pool_mlp_width=attn_pool.mlp.fc1.out_features if attn_pool is not None else 0,
+        **rope,
     )
     vit = HookedViT(cfg)
+    _copy_rope(vit, trunk)
     _copy(vit.patch_embed.weight, trunk.patch_embed.proj.weight)
     if cfg.patch_bias:
         _copy(vit.patch_embed.bias, trunk.patch_embed.proj.bias)
