@@ -160,6 +160,8 @@ def _explicit_pool(vit, x, hook, cache):
     cache["pool.hook_mlp_out"] = mlp
     emb = y + mlp
     emb = emb @ vit.proj if vit.proj is not None else emb
+    if getattr(vit, "proj_bias", None) is not None:  # PE-Core's head: the trunk's Linear, with a bias
+        emb = emb + vit.proj_bias
     cache["hook_image_embed"] = emb
     return emb, cache
 

@@ -596,7 +596,7 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
     pool_bias = pool.out.bias
     pool_mlp = read.pool_mlp.float()
     if vit.proj is not None:
-        constant, pool_bias = _projected_bias(vit, constant @ vit.proj), pool_bias @ vit.proj
+        constant, pool_bias = _projected_bias(vit, constant @ vit.proj), _projected_bias(vit, pool_bias @ vit.proj)
         pool_mlp = pool_mlp @ vit.proj
     pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooling head's result
     scaled = 1 / norm.view(-1, 1, 1)
