@@ -194,7 +194,8 @@ class Decomposition:
     Attention-pooled towers also carry the pooling head's own partition (``pool_view()``):
     ``pool_heads`` [B, Hp, D] (each pooling head, summed over source tokens),
     ``pool_head_tokens`` [B, Hp, T, D] (per source token, only when ``spatial``) and
-    ``pool_bias`` [B, D] (its output bias); with ``pool_mlp`` they sum to ``embedding``.
+    ``pool_bias`` [B, D] (its output bias, and the projection's bias where the tower has one: PE-Core); with
+    ``pool_mlp`` they sum to ``embedding``.
 
     Every tensor is float32 on the CPU, whatever device and precision computed it.
     """
