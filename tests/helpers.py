@@ -85,6 +85,10 @@ def explicit_forward(vit, pixels, hook=None):
         h = torch.nn.functional.layer_norm(x, (cfg.width,), block.ln1.weight, block.ln1.bias, cfg.ln_eps)
         q, k, v = (h @ block.qkv.weight.T + block.qkv.bias).split(cfg.width, dim=-1)
         q, k, v = (t.view(*t.shape[:2], cfg.heads, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
+        if getattr(vit, "rope_table", None) is not None:
+            q, k = rope_by_hand(q, vit.rope_table, cfg.rope, cfg.rope_prefix), \
+                rope_by_hand(k, vit.rope_table, cfg.rope, cfg.rope_prefix)
+            cache[f"{name}.attn.hook_q_rot"], cache[f"{name}.attn.hook_k_rot"] = q, k
         pattern = torch.softmax(q @ k.transpose(-1, -2) / cfg.head_dim ** 0.5, dim=-1)
         z = hook(f"{name}.attn.hook_z", pattern @ v)
         cache[f"{name}.attn.hook_v"], cache[f"{name}.attn.hook_pattern"], cache[f"{name}.attn.hook_z"] = v, pattern, z
@@ -109,6 +113,26 @@ def explicit_forward(vit, pixels, hook=None):
         emb = emb + vit.proj_bias
     cache["hook_image_embed"] = emb
     return emb, cache
+
+
+def rope_by_hand(x, table, mode, prefix):
+    """Rotary embeddings written as complex multiplication: each rotating pair (a, b) of a head's
+    vector at stream position prefix + p is the complex number a + ib, times exp(i theta), with
+    sin theta, cos theta read from ``table[p]`` ([sines | cosines]); pairs are (2j, 2j+1)
+    ("interleaved") or (j, j + d/2) ("half"). The first ``prefix`` positions are left alone."""
+    d = x.shape[-1]
+    sin, cos = table[:, :d], table[:, d:]
+    if mode == "interleaved":
+        a, b, s, c = x[..., 0::2], x[..., 1::2], sin[:, 0::2], cos[:, 0::2]
+    else:
+        a, b, s, c = x[..., :d // 2], x[..., d // 2:], sin[:, :d // 2], cos[:, :d // 2]
+    a, b = a[..., prefix:, :], b[..., prefix:, :]
+    turned = torch.complex(a, b) * torch.complex(c, s)
+    if mode == "interleaved":
+        rotated = torch.stack([turned.real, turned.imag], dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat([turned.real, turned.imag], dim=-1)
+    return torch.cat([x[..., :prefix, :], rotated], dim=-2)
 
 
 def _explicit_pool(vit, x, hook, cache):
@@ -139,6 +163,8 @@ def _explicit_pool(vit, x, hook, cache):
     cache["pool.hook_mlp_out"] = mlp
     emb = y + mlp
     emb = emb @ vit.proj if vit.proj is not None else emb
+    if getattr(vit, "proj_bias", None) is not None:  # PE-Core's head: the trunk's Linear, with a bias
+        emb = emb + vit.proj_bias
     cache["hook_image_embed"] = emb
     return emb, cache
 

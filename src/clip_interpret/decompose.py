@@ -206,7 +206,8 @@ class Decomposition:
     Attention-pooled towers also carry the pooling head's own partition (``pool_view()``):
     ``pool_heads`` [B, Hp, D] (each pooling head, summed over source tokens),
     ``pool_head_tokens`` [B, Hp, T, D] (per source token, only when ``spatial``) and
-    ``pool_bias`` [B, D] (its output bias); with ``pool_mlp`` they sum to ``embedding``.
+    ``pool_bias`` [B, D] (its output bias, and the projection's bias where the tower has one: PE-Core); with
+    ``pool_mlp`` they sum to ``embedding``.
 
     Every tensor is float32 on the CPU, whatever device and precision computed it.
     """
@@ -615,7 +616,7 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
     pool_bias = pool.out.bias
     pool_mlp = read.pool_mlp.float()
     if vit.proj is not None:
-        constant, pool_bias = _projected_bias(vit, constant @ vit.proj), pool_bias @ vit.proj
+        constant, pool_bias = _projected_bias(vit, constant @ vit.proj), _projected_bias(vit, pool_bias @ vit.proj)
         pool_mlp = pool_mlp @ vit.proj
     pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooling head's result
     scaled = 1 / norm.view(-1, 1, 1)

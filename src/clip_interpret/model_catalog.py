@@ -56,12 +56,22 @@ _TIMM_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads":
 # _EVA_REFUSED: arguments whose value, when not the default given here, gives a piece not expressed
 _EVA_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
              "img_size": None, "qkv_bias": None, "qkv_fused": None, "init_values": None, "global_pool": None,
-             "use_pre_transformer_norm": None}
-_EVA_REFUSED = {"use_rot_pos_emb": False, "swiglu_mlp": False, "scale_mlp": False, "scale_attn_inner": False,
+             "use_pre_transformer_norm": None, "attn_pool_num_heads": None, "attn_pool_mlp_ratio": None,
+             "ref_feat_shape": None, "rope_grid_offset": None, "rope_grid_indexing": None,
+             "use_rot_pos_emb": None}  # rotary embeddings: rope_type 'cat' (the default; another one is undecided)
+# Perception Encoder's arguments judged by their value: its attention (timm's AttentionRope, plain multi-head
+# attention besides its rotary embedding) and its norm layer (a LayerNorm, whatever its eps)
+_EVA_ATTN_TYPES = ("eva", "rope")
+_EVA_LAYER_NORM = re.compile(r"partial\(LayerNorm, eps=[0-9.e-]+\)")
+_EVA_REFUSED = {"swiglu_mlp": False, "scale_mlp": False, "scale_attn_inner": False,
                 "use_post_norm": False, "qk_norm": False, "attn_type": "eva", "class_token": True, "num_reg_tokens": 0,
                 "no_embed_class": False, "use_abs_pos_emb": True, "attn_only_layer_scale": False,
                 "dynamic_img_size": False, "use_fc_norm": None, "gated_attn": False}
 _NOT_LITERAL = object()
+
+
+class _Source(str):
+    """A model argument that is not a literal, kept as its source text (``partial(LayerNorm, eps=1e-05)``)."""
 
 
 class EvaFunction:
@@ -145,19 +155,25 @@ def _eva_model_args(node: ast.FunctionDef) -> dict | None:
         try:
             args[keyword.arg] = ast.literal_eval(keyword.value)
         except ValueError:  # a computed ratio, a partial, kwargs.pop(...)
-            args[keyword.arg] = _NOT_LITERAL
+            args[keyword.arg] = _NOT_LITERAL if keyword.arg != "norm_layer" else _Source(ast.unparse(keyword.value))
     return args
 
 
 def _eva_decision(function: EvaFunction, pool: str, proj) -> bool | str:
     """``openclip.eva_problem``'s judgement from an Eva model function's arguments."""
-    if pool != "token" or proj not in (None, "linear"):
+    if pool not in ("token", "map") or proj not in (None, "linear"):
         return False
     args = function.args
     if args is None or os.environ.get("TIMM_USE_NAFLEX", "0") == "1":
         return UNDECIDED
     decided = True
     for key, value in args.items():
+        if (key, value) == ("class_token", False) and pool == "map":  # PE-Core-bigG: the MAP head needs none
+            continue
+        if key == "attn_type" and value in _EVA_ATTN_TYPES:
+            continue
+        if key == "norm_layer" and isinstance(value, _Source) and _EVA_LAYER_NORM.fullmatch(value):
+            continue
         if key in _EVA_REFUSED:
             if value is _NOT_LITERAL:
                 decided = UNDECIDED if decided is True else decided

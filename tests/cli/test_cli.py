@@ -38,7 +38,8 @@ def test_models_lists_the_paper_models(capsys):
     assert "[cls] [CLIP BPE]" in lines["ViT-bigG-14"] and "[facebook/xlm-v-base]" in lines["ViT-H-14-worldwide"]
     assert "[cls] [CLIP BPE]" in lines["EVA01-g-14"] and "[cls] [CLIP BPE]" in lines["EVA01-g-14-plus"]
     assert "[avg] [bert-base-uncased] " in lines["ViT-L-14-CLIPA"] and "[avg]" in lines["ViT-bigG-14-CLIPA-336"]
-    assert not any(name.startswith(("EVA02", "PE-", "RN50", "convnext")) for name in lines)
+    assert "[map] [CLIP BPE]" in lines["PE-Core-B-16"] and "[map] [CLIP BPE]" in lines["PE-Core-bigG-14-448"]
+    assert not any(name.startswith(("EVA02", "RN50", "convnext")) for name in lines)
 
 
 def test_decompose_writes_json_and_heatmaps(images, tmp_path, capsys):
@@ -292,6 +293,35 @@ def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path)
     assert decide("eva01") is True and decide("eva01", proj="linear") is True
     assert decide("eva01", pool="avg") is False and decide("eva01", proj="mlp") is False
     assert decide("eva02") is False and decide("odd") == UNDECIDED
+
+
+def test_timm_pe_core_functions_are_read_as_the_eva_check_would_judge_them(tmp_path):
+    """Perception Encoder's arguments (timm's vit_pe_core_*): rotary attention on an xy grid, a LayerNorm before
+    the blocks, a MAP head, a LayerNorm norm layer, bigG without a class token; an RmsNorm and another rope_type
+    are left undecided, and a trunk without a class token pooled by that token is refused."""
+    from clip_interpret.model_catalog import UNDECIDED, timm_eva_functions, timm_tower_decision
+
+    (tmp_path / "models").mkdir()
+    pe_args = ("patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0, global_pool='map', attn_type='rope', "
+               "use_pre_transformer_norm=True, use_rot_pos_emb=True, ref_feat_shape=(14, 14), rope_grid_offset=1., "
+               "rope_grid_indexing='xy', attn_pool_num_heads=8, attn_pool_mlp_ratio=4., ")
+    functions = {"pe": "norm_layer=partial(LayerNorm, eps=1e-5)",
+                 "pe_big": "class_token=False, mlp_ratio=8960 / 1536, norm_layer=partial(LayerNorm, eps=1e-5)",
+                 "pe_rms": "norm_layer=partial(RmsNorm, eps=1e-6)",
+                 "pe_mixed": "rope_type='mixed', norm_layer=partial(LayerNorm, eps=1e-5)"}
+    (tmp_path / "models" / "eva.py").write_text("".join(
+        f"@register_model\ndef {name}(pretrained=False, **kwargs):\n"
+        f"    model_args = dict({pe_args}{extra})\n"
+        f"    return _create_eva('{name}', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        for name, extra in functions.items()))
+    functions = timm_eva_functions(tmp_path)
+
+    def decide(name, pool="map", proj=None):
+        return timm_tower_decision({"timm_model_name": name, "timm_pool": pool, "timm_proj": proj}, functions)
+
+    assert decide("pe") is True and decide("pe_big") is True and decide("pe", proj="linear") is True
+    assert decide("pe", pool="avg") is False and decide("pe_big", pool="token") is False
+    assert decide("pe_rms") == UNDECIDED and decide("pe_mixed") == UNDECIDED
 
 
 def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):

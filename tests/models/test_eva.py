@@ -47,16 +47,14 @@ def build(arch: str, monkeypatch, seed: int = 0, **trunk_kwargs):
 def test_eva01_is_listed_and_eva02_and_pe_core_are_refused_naming_what_is_missing():
     archs = open_clip_architectures()
     assert "EVA01-g-14" in archs and "EVA01-g-14-plus" in archs
-    assert not any(a.startswith(("EVA02", "PE-Core")) for a in archs)
-    assert "rotary position embeddings" in tower_problem("EVA02-B-16") and "SwiGLU" in tower_problem("EVA02-L-14")
+    assert not any(a.startswith("EVA02") for a in archs)
+    assert "SwiGLU" in tower_problem("EVA02-B-16") and "SwiGLU" in tower_problem("EVA02-L-14")
     assert "scale_attn_inner" in tower_problem("EVA02-L-14-336")
     assert "post-norm blocks (use_post_norm)" in tower_problem("EVA02-E-14")
-    pe = tower_problem("PE-Core-B-16")
-    assert "rotary" in pe and "global_pool='map'" in pe
-    assert "no class token" in tower_problem("PE-Core-bigG-14-448")
+    # PE-Core: tests/models/test_pe.py
 
 
-@pytest.mark.parametrize("spec", ["open_clip:EVA02-B-16", "open_clip:PE-Core-L-14-336", "open_clip:EVA02-E-14"])
+@pytest.mark.parametrize("spec", ["open_clip:EVA02-B-16", "open_clip:EVA02-E-14"])
 def test_a_refused_eva_variant_fails_in_one_line_before_building(spec):
     with pytest.raises(UnsupportedModelError) as err:
         load_model(spec)
@@ -108,7 +106,6 @@ def test_eva_layout_options_convert_exactly(kwargs, monkeypatch):
     (dict(swiglu_mlp=True), "SwiGLU MLP (swiglu_mlp)"),
     (dict(scale_mlp=True), "a LayerNorm inside the MLP (scale_mlp)"),
     (dict(scale_attn_inner=True), "a LayerNorm over the concatenated heads (scale_attn_inner)"),
-    (dict(use_rot_pos_emb=True), "rotary position embeddings (use_rot_pos_emb)"),
     (dict(use_post_norm=True), "post-norm blocks (use_post_norm)"),
     (dict(init_values=0.1, attn_only_layer_scale=True), "LayerScale on the attention branch only"),
 ])

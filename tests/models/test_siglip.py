@@ -38,7 +38,8 @@ def siglip_archs() -> list[str]:
     for arch in open_clip_architectures():
         vision = open_clip.get_model_config(arch)["vision_cfg"]
         name = vision.get("timm_model_name")
-        if name and vision.get("timm_pool") == "map":  # not the Eva trunks (tests/models/test_eva.py)
+        # not the Eva trunks (PE-Core's: tests/models/test_pe.py)
+        if name and vision.get("timm_pool") == "map" and not name.startswith("vit_pe_"):
             family = name.rsplit("_", 1)[0]  # vit_so400m_patch14_siglip_378 -> vit_so400m_patch14_siglip
             size = vision["image_size"] if isinstance(vision["image_size"], int) else max(vision["image_size"])
             if size >= chosen.get(family, ("", 0))[1]:

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..tower_pools import native_attn_pool, native_pool
 from .hooked_vit import HookedViT, ViTConfig
+from .rotary import table_from_timm
 
 SUPPORTED = (
     "ViT image towers with CLS pooling (open_clip VisionTransformer: quick_gelu or gelu, with or without "
@@ -21,7 +22,8 @@ SUPPORTED = (
     "multi-query attentional pooler (its first query), and ViTs without a CLS token "
     "pooled by a MAP attention head (SigLIP and SigLIP 2: open_clip's timm VisionTransformer trunks with "
     "global_pool='map', Hugging Face SiglipModel, and Siglip2Model at its fixed native grid); EVA01-CLIP towers "
-    "(open_clip's timm Eva trunks with plain pre-norm blocks, absolute position embeddings and CLS pooling)"
+    "(open_clip's timm Eva trunks with plain pre-norm blocks, absolute position embeddings and CLS pooling) and Eva "
+    "trunks pooled by a MAP attention head, with or without a class token (Perception Encoder's layout)"
 )
 
 
@@ -308,17 +310,23 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     plain pre-norm blocks, absolute position embeddings, CLS pooling). Judged on block 0 and the
     trunk's modules, so it works on the meta device and on a one-block build."""
     missing = []
-    if getattr(trunk, "rope", None) is not None:
-        missing.append("rotary position embeddings (use_rot_pos_emb)")
     block = trunk.blocks[0]
     attn = block.attn
+    rope = getattr(trunk, "rope", None)
+    if rope is not None:
+        if type(rope).__name__ != "RotaryEmbeddingCat" or getattr(trunk, "rope_mixed", False):
+            missing.append(f"rotary position embeddings of kind {type(rope).__name__} (only rope_type='cat')")
+        elif getattr(attn, "num_prefix_tokens", None) != int(trunk.cls_token is not None) + \
+                (trunk.reg_token.shape[1] if trunk.reg_token is not None else 0):
+            missing.append("rotary embeddings that skip other tokens than the prefix tokens")
     if type(block).__name__ == "EvaBlockPostNorm":
         missing.append("post-norm blocks (use_post_norm)")
     elif type(block).__name__ != "EvaBlock":
         missing.append(f"{type(block).__name__} blocks")
-    if type(attn).__name__ != "EvaAttention":
-        missing.append(f"{type(attn).__name__} attention (attn_type='rope')")
+    if type(attn).__name__ not in ("EvaAttention", "AttentionRope"):
+        missing.append(f"{type(attn).__name__} attention")
     else:
+        missing += _rope_attention_missing(trunk, attn)
         if not isinstance(attn.norm, nn.Identity):
             missing.append("a LayerNorm over the concatenated heads (scale_attn_inner)")
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
@@ -337,9 +345,12 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     if getattr(block, "gamma_1", None) is not None and getattr(block, "gamma_2", None) is None:
         missing.append("LayerScale on the attention branch only")
     pool = getattr(trunk, "global_pool", "")
-    if pool != "token" or getattr(trunk, "attn_pool", None) is not None:
-        missing.append(f"global_pool={pool!r} (only 'token', CLS pooling, for Eva trunks)")
-    if trunk.cls_token is None:
+    if pool == "map":
+        missing += _eva_map_missing(trunk)
+    elif pool != "token" or getattr(trunk, "attn_pool", None) is not None:
+        missing.append(f"global_pool={pool!r} (only 'token', CLS pooling, or 'map', attention pooling, "
+                       "for Eva trunks)")
+    if trunk.cls_token is None and pool != "map":
         missing.append("no class token")
     if trunk.reg_token is not None:
         missing.append("register tokens")
@@ -360,10 +371,35 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     if not missing:
         norms = [block.norm1, block.norm2, trunk.norm] + ([trunk.norm_pre] if isinstance(trunk.norm_pre, nn.LayerNorm)
                                                            else [])
+        norms += [trunk.attn_pool.norm] if trunk.attn_pool is not None else []
         if len({float(n.eps) for n in norms}) != 1:
             missing.append("LayerNorms with different eps")
         _activation_name(mlp.act)
     return missing
+
+
+def _rope_attention_missing(trunk: nn.Module, attn: nn.Module) -> list[str]:
+    """What timm's ``AttentionRope`` (``attn_type='rope'``, Perception Encoder's) has beyond plain multi-head
+    attention with fused or separate q/k/v (its rotary embedding is judged with the trunk's rope)."""
+    if type(attn).__name__ != "AttentionRope":
+        return []
+    return ["grouped-query attention (num_kv_heads)"] if getattr(attn, "num_kv_groups", 1) != 1 else []
+
+
+def _eva_map_missing(trunk: nn.Module) -> list[str]:
+    """What an Eva trunk's attention-pooling head (``global_pool='map'``, Perception Encoder's) has beyond
+    one latent query with q/kv projections, an output projection and an MLP after a LayerNorm (SigLIP's)."""
+    pool = getattr(trunk, "attn_pool", None)
+    if type(pool).__name__ != "AttentionPoolLatent" or pool.latent_len != 1 or pool.pos_embed is not None \
+            or not isinstance(pool.q_norm, nn.Identity) or not isinstance(pool.k_norm, nn.Identity) \
+            or not isinstance(pool.q, nn.Linear) or pool.mlp is None or pool.pool != "token" \
+            or not isinstance(pool.norm, nn.LayerNorm) or pool.latent_dim != trunk.embed_dim:
+        return ["an attention-pooling head other than one latent query with q/kv projections and an MLP "
+                "(AttentionPoolLatent)"]
+    if type(pool.mlp).__name__ != "Mlp" or not isinstance(pool.mlp.norm, nn.Identity) \
+            or _activation_name(pool.mlp.act) != _activation_name(trunk.blocks[0].mlp.act):
+        return ["a pooling MLP other than fc1, the blocks' activation, fc2"]
+    return []
 
 
 def check_eva_trunk(trunk: nn.Module) -> None:
@@ -384,15 +420,41 @@ def _eva_projection(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     raise _unsupported("an Eva trunk whose projection is not one linear map (proj 'mlp', 'none' or two maps)")
 
 
+def _rope_fields(trunk: nn.Module) -> dict:
+    """The ``ViTConfig`` rotary fields of a timm Eva trunk (``rope``, ``rope_prefix``); none without rotary
+    embeddings. The pairs' layout is the blocks' attention's (``rotate_half``); the tokens left alone are
+    its ``num_prefix_tokens``."""
+    if getattr(trunk, "rope", None) is None:
+        return {}
+    attn = trunk.blocks[0].attn
+    return dict(rope="half" if getattr(attn, "rotate_half", False) else "interleaved",
+                rope_prefix=int(attn.num_prefix_tokens))
+
+
+def _copy_rope(vit: HookedViT, trunk: nn.Module) -> None:
+    """The rotary sin/cos table of the trunk's fixed grid into ``vit.rope_table`` (``rotary.table_from_timm``)."""
+    if vit.rope_table is None:
+        return
+    try:
+        table = table_from_timm(trunk.rope, vit.cfg.grid, vit.cfg.head_dim)
+    except ValueError as err:
+        raise _unsupported(str(err)) from None
+    _copy(vit.rope_table, table)
+
+
 def _from_eva(visual: nn.Module) -> HookedViT:
-    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with EVA01's plain pre-norm
-    blocks (fused or separate q/k/v, the key without a bias), CLS pooling and a linear head."""
+    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with plain pre-norm blocks
+    (EVA's attention, fused or separate q/k/v, the key without a bias; or timm's ``AttentionRope``, Perception
+    Encoder's, its q/k/v rows laid out as ours), CLS pooling or a MAP attention-pooling head over every token
+    (the class token's row included, when there is one), and a linear head."""
     check_open_clip_tower(visual)
     trunk = visual.trunk
     proj, proj_bias = _eva_projection(visual)
     blocks = trunk.blocks
     first = blocks[0]
     layer_scale = first.gamma_1 is not None
+    attn_pool = trunk.attn_pool  # Perception Encoder's MAP head, or None (CLS pooling)
+    rope = _rope_fields(trunk)
     cfg = ViTConfig(
         image_size=_pair(trunk.patch_embed.img_size),
         patch_size=_pair(trunk.patch_embed.patch_size),
@@ -407,12 +469,19 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         ln_eps=float(first.norm1.eps),
         patch_bias=trunk.patch_embed.proj.bias is not None,
         proj_bias=proj_bias is not None,
+        class_token=trunk.cls_token is not None,
+        pool="map" if attn_pool is not None else "cls",
+        pool_heads=attn_pool.num_heads if attn_pool is not None else 0,
+        pool_mlp_width=attn_pool.mlp.fc1.out_features if attn_pool is not None else 0,
+        **rope,
     )
     vit = HookedViT(cfg)
+    _copy_rope(vit, trunk)
     _copy(vit.patch_embed.weight, trunk.patch_embed.proj.weight)
     if cfg.patch_bias:
         _copy(vit.patch_embed.bias, trunk.patch_embed.proj.bias)
-    _copy(vit.cls_embedding, trunk.cls_token)
+    if cfg.class_token:
+        _copy(vit.cls_embedding, trunk.cls_token)
     _copy(vit.pos_embedding, trunk.pos_embed)
     if cfg.ln_pre:
         _copy_ln(vit.ln_pre, trunk.norm_pre)
@@ -421,7 +490,7 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         _copy_ln(ours.ln1, theirs.norm1)
         if attn.qkv is not None:
             _copy(ours.qkv.weight, attn.qkv.weight)
-            biases = (attn.q_bias, attn.k_bias, attn.v_bias)
+            biases = _fused_qkv_biases(attn)
         else:
             _copy(ours.qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
             biases = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
@@ -439,10 +508,21 @@ def _from_eva(visual: nn.Module) -> HookedViT:
             _copy(ours.ls1, theirs.gamma_1)
             _copy(ours.ls2, theirs.gamma_2)
     _copy_ln(vit.ln_post, trunk.norm)
+    if attn_pool is not None:
+        _copy_attention_pool(vit.pool, attn_pool)
     _copy(vit.proj, proj)
     if proj_bias is not None:
         _copy(vit.proj_bias, proj_bias)
     return vit.eval()
+
+
+def _fused_qkv_biases(attn: nn.Module) -> tuple:
+    """The query, key and value biases of an Eva trunk's fused q/k/v projection: EVA's own attention keeps
+    them apart (``q_bias``, ``v_bias``; the key's a zero buffer, or none at all), timm's ``AttentionRope``
+    (Perception Encoder's) in the projection (or none)."""
+    if hasattr(attn, "q_bias"):
+        return attn.q_bias, attn.k_bias, attn.v_bias
+    return attn.qkv.bias.chunk(3) if attn.qkv.bias is not None else (None, None, None)
 
 
 def _from_timm(visual: nn.Module) -> HookedViT:
@@ -494,8 +574,15 @@ def _from_timm(visual: nn.Module) -> HookedViT:
             _copy(ours.ls1, theirs.ls1.gamma)
             _copy(ours.ls2, theirs.ls2.gamma)
     _copy_ln(vit.ln_post, trunk.norm)
-    pool = trunk.attn_pool
-    ours = vit.pool
+    _copy_attention_pool(vit.pool, trunk.attn_pool)
+    if proj is not None:
+        _copy(vit.proj, proj)
+    return vit.eval()
+
+
+def _copy_attention_pool(ours: nn.Module, pool: nn.Module) -> None:
+    """The weights of timm's ``AttentionPoolLatent`` (one latent query, q and kv projections, its MLP) into
+    our ``AttentionPool`` (SigLIP's trunks and Perception Encoder's)."""
     _copy(ours.query, pool.latent)
     _copy(ours.q.weight, pool.q.weight)
     _copy_bias(ours.q.bias, pool.q.bias)
@@ -508,9 +595,6 @@ def _from_timm(visual: nn.Module) -> HookedViT:
     _copy_bias(ours.fc1.bias, pool.mlp.fc1.bias)
     _copy(ours.fc2.weight, pool.mlp.fc2.weight)
     _copy_bias(ours.fc2.bias, pool.mlp.fc2.bias)
-    if proj is not None:
-        _copy(vit.proj, proj)
-    return vit.eval()
 
 
 def from_hf_siglip(vision_model: nn.Module) -> HookedViT:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipInterpretError
+from .rotary import apply_rotary, check_mode
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class ViTConfig:
     pool_width: int = 0  # the multi-query pooler's width, its queries' and outputs' ("attn-pool": CoCa's output_dim)
     proj: bool = True  # a projection to the joint space after pooling (SigLIP towers have none)
     proj_bias: bool = False  # a bias after the projection (EVA01-CLIP's timm head, a Linear with bias)
+    rope: str = "none"  # rotary embeddings on q and k (models/rotary.py): "none", "interleaved" or "half" pairs
+    rope_prefix: int = 0  # tokens at the stream's start that rotary embeddings leave alone (1: a class token)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -192,6 +195,9 @@ class HookedViT(nn.Module):
             raise ValueError(f"unknown pooling {cfg.pool!r}; expected one of {', '.join(POOLS)}")
         if cfg.pool in ("cls", "avg") and not cfg.class_token:
             raise ValueError(f"{cfg.pool!r} pooling needs a class token")
+        if check_mode(cfg.rope) != "none" and cfg.n_tokens - cfg.rope_prefix != cfg.grid[0] * cfg.grid[1]:
+            raise ValueError(f"rope_prefix={cfg.rope_prefix} leaves {cfg.n_tokens - cfg.rope_prefix} tokens to rotate; "
+                             f"the grid has {cfg.grid[0] * cfg.grid[1]} patches")
         self.cfg = cfg
         w = cfg.width
         self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
@@ -205,6 +211,10 @@ class HookedViT(nn.Module):
         self.proj = nn.Parameter(torch.zeros(cfg.pool_width if cfg.pool == "attn-pool" else w, cfg.output_dim)) \
             if cfg.proj else None
         self.proj_bias = nn.Parameter(torch.zeros(cfg.output_dim)) if cfg.proj and cfg.proj_bias else None
+        if cfg.rope != "none":  # the rotary sin/cos table [patches, 2 * head_dim], captured at conversion
+            self.register_buffer("rope_table", torch.zeros(cfg.grid[0] * cfg.grid[1], 2 * cfg.head_dim))
+        else:
+            self.rope_table = None
         self._act = activation(cfg.act)
         self._names = [{point: f"blocks.{layer}.{point}" for point in BLOCK_POINTS} for layer in range(cfg.layers)]
 
@@ -256,6 +266,13 @@ class HookedViT(nn.Module):
         else:
             q, k, v = block.qkv(h).split(w, dim=-1)
         return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        """Queries or keys [B, H, T, d] with the tower's rotary embeddings applied (``models/rotary.py``):
+        the positions after the first ``rope_prefix`` rotate; ``t`` unchanged in a tower without them."""
+        if self.rope_table is None:
+            return t
+        return apply_rotary(t, self.rope_table, self.cfg.rope, self.cfg.rope_prefix)
 
     def attn_out(self, block: Block, z: torch.Tensor) -> torch.Tensor:
         """Per-head attention results [B, H, T, d] -> residual update [B, T, width] (``Block.attn_output``)."""
@@ -327,7 +344,9 @@ class HookedViT(nn.Module):
     def hook_names(self) -> list[str]:
         """Every hook point, in the order a forward meets them."""
         names = ["hook_embed"]
-        points = [p for p in BLOCK_POINTS if self.cfg.class_token or p != CLS_PATTERN]
+        absent = ({CLS_PATTERN} if not self.cfg.class_token else set()) | \
+            ({Q_ROT, K_ROT} if self.rope_table is None else set())
+        points = [p for p in BLOCK_POINTS if p not in absent]
         for layer in range(self.cfg.layers):
             names += [f"blocks.{layer}.{point}" for point in points]
         if self.cfg.pool == "attn-pool":
@@ -360,6 +379,8 @@ class HookedViT(nn.Module):
             h = hook(names["ln1.hook_normalized"], self.norm(block.ln1, x))
             q, k, v = self.qkv(block, h, cls_query_only=only_cls)
             q, k, v = hook(names["attn.hook_q"], q), hook(names["attn.hook_k"], k), hook(names["attn.hook_v"], v)
+            if self.rope_table is not None:  # rotary: only the pattern changes, not the values
+                q, k = hook(names[Q_ROT], self.rotate(q)), hook(names[K_ROT], self.rotate(k))
             if wants(names["attn.hook_pattern"]):  # the full pattern, asked for
                 pattern = hook(names["attn.hook_pattern"],
                                torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1).to(v.dtype))
@@ -399,7 +420,8 @@ class HookedViT(nn.Module):
         name -> bool. ``fwd_hooks`` run as in ``run_with_hooks`` (the cache holds what they
         returned). Names are listed by ``hook_names()``: ``hook_embed``; per block
         ``blocks.{l}.hook_resid_pre``, ``ln1.hook_normalized``, ``attn.hook_q/k/v``
-        [B, H, T, d], ``attn.hook_pattern`` [B, H, T, T], ``attn.hook_cls_pattern`` [B, H, 1, T]
+        [B, H, T, d], ``attn.hook_q_rot``/``attn.hook_k_rot`` (q and k after the rotary embeddings,
+        which the pattern is computed from; rotary towers only), ``attn.hook_pattern`` [B, H, T, T], ``attn.hook_cls_pattern`` [B, H, 1, T]
         (the CLS query's row; towers with a CLS token), ``attn.hook_z`` [B, H, T, d],
         ``hook_attn_out``, ``hook_resid_mid``, ``ln2.hook_normalized``, ``mlp.hook_post``,
         ``hook_mlp_out``, ``hook_resid_post``; then ``ln_post.hook_scale`` [B] and
@@ -424,7 +446,8 @@ class HookedViT(nn.Module):
 
 POOLS = ("cls", "avg", "map", "attn-pool")
 CLS_PATTERN = "attn.hook_cls_pattern"  # the CLS query's attention row (towers with a CLS token)
-BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+Q_ROT, K_ROT = "attn.hook_q_rot", "attn.hook_k_rot"  # q and k after the rotary embeddings (rotary towers)
+BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", Q_ROT, K_ROT,
                 "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", "hook_attn_out", "hook_resid_mid",
                 "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 FINAL_POINTS = ("ln_post.hook_scale", "hook_image_embed")

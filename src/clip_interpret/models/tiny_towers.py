@@ -1,17 +1,24 @@
-"""Tiny timm trunks for the test configs (``test-vit-tiny-map``, ``test-vit-tiny-eva``), registered with timm.
+"""Tiny timm trunks for the test configs (``test-vit-tiny-map``, ``test-vit-tiny-eva``, ``test-vit-tiny-pe``),
+registered with timm.
 
 timm's own SigLIP trunks (``vit_*_siglip_*``) are too large for a test suite, and open_clip
 passes no size arguments to timm; so, as the tiny ``test-*`` open_clip configs do, a tiny
 trunk of the same kind is registered under its own name: a ViT without a class token, pooled
 by a MAP attention head, tanh-GELU and LayerNorm eps 1e-6 (as SigLIP); and a timm ``Eva`` trunk with
-EVA01-CLIP's layout (plain pre-norm blocks, fused q/k/v with q and v biases, CLS pooling, GELU).
+EVA01-CLIP's layout (plain pre-norm blocks, fused q/k/v with q and v biases, CLS pooling, GELU); and one with
+Perception Encoder's (PE-Core: rotary attention on an xy grid with offset 1, a LayerNorm before the blocks, a MAP
+attention-pooling head over the class and patch tokens, the trunk's head as the projection).
 """
+
+from functools import partial
+
+from torch.nn import LayerNorm
 
 from timm.models import register_model
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-EVA_TRUNKS = ("clip_interpret_test_eva_tiny",)  # timm Eva trunks registered here (judged as eva.py's are)
+EVA_TRUNKS = ("clip_interpret_test_eva_tiny", "clip_interpret_test_pe_tiny")  # timm Eva trunks registered here (judged as eva.py's are)
 
 
 @register_model
@@ -30,4 +37,18 @@ def clip_interpret_test_eva_tiny(pretrained: bool = False, **kwargs) -> Eva:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=3.0, global_pool="token")
+    return Eva(**dict(args, **kwargs))
+
+
+@register_model
+def clip_interpret_test_pe_tiny(pretrained: bool = False, **kwargs) -> Eva:
+    """PE-Core's layout in small (timm's ``vit_pe_core_*`` arguments): 3 layers x 4 heads, width 32, MLP 128,
+    32x32 images in 8x8 patches, rotary attention (xy grid, offset 1), a LayerNorm before the blocks and MAP
+    pooling with 4 heads (``class_token=False`` gives PE-Core-bigG's layout)."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=4.0, global_pool="map",
+                attn_type="rope", use_pre_transformer_norm=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
+                rope_grid_offset=1.0, rope_grid_indexing="xy", attn_pool_num_heads=4, attn_pool_mlp_ratio=4.0,
+                norm_layer=partial(LayerNorm, eps=1e-5))
     return Eva(**dict(args, **kwargs))
