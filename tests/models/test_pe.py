@@ -265,7 +265,7 @@ def test_the_projection_bias_joins_the_constant_and_the_pooling_heads_own_view(p
     x = pixels_for(vit, n=2, seed=4)
     for spatial in (False, True):
         d = decompose_pixels(vit, x, layers="all", spatial=spatial)
-        norm = d.embedding.new_tensor(vit(x).norm(dim=-1, keepdim=True))
+        norm = vit(x).norm(dim=-1, keepdim=True).detach().to(d.embedding.dtype)
         beta_through = (vit.ln_post.bias @ pool.kv.weight[w:].T + pool.kv.bias[w:]) @ pool.out.weight.T + pool.out.bias
         assert torch.allclose(d.constant, (beta_through @ vit.proj + vit.proj_bias) / norm, atol=1e-6)
         view = d.pool_view()
