@@ -7,7 +7,7 @@ error of our forward against open_clip's ``encode_image`` (target < 1e-5, fp32) 
 gap between the sum of the decomposition's pieces (every layer) and the unit embedding.
 
     python bench/full_towers.py [ARCH ...]   (default: ViT-H-14-quickgelu ViT-SO400M-14-SigLIP-384 ViT-bigG-14
-                                              ViT-L-14-CLIPA EVA01-g-14)
+                                              ViT-L-14-CLIPA EVA01-g-14 EVA02-L-14)
 """
 
 from __future__ import annotations
@@ -45,5 +45,5 @@ if __name__ == "__main__":
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
     for name in sys.argv[1:] or ["ViT-H-14-quickgelu", "ViT-SO400M-14-SigLIP-384", "ViT-bigG-14", "ViT-L-14-CLIPA",
-                                 "EVA01-g-14"]:
+                                 "EVA01-g-14", "EVA02-L-14"]:
         print(check(name), flush=True)

@@ -20,8 +20,8 @@ def cmd_models(args) -> int:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet (RN50, ...); EVA02 and Perception Encoder towers (rotary position embeddings, "
-          "SwiGLU); ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; towers averaged "
+    print("Not supported: ResNet (RN50, ...); Perception Encoder towers (timm's AttentionRope, MAP pooling); "
+          "ConvNeXt, ViTamin, FastViT and other timm towers; CoCa's attentional pooler; towers averaged "
           "after their final LayerNorm; qk-norm / scaled-cosine attention blocks.")
     return 0
 

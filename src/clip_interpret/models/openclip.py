@@ -101,8 +101,8 @@ def eva_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
     except UnsupportedModelError as err:
         return str(err).split(". Supported:")[0].removeprefix("unsupported image tower: ")
     if missing:
-        return (f"the timm tower {name!r}, an Eva trunk with {', '.join(missing)} (EVA02 / Perception Encoder "
-                "pieces, not yet decomposed)")
+        return (f"the timm tower {name!r}, an Eva trunk with {', '.join(missing)} (Perception Encoder pieces, "
+                "not yet decomposed)")
     return None
 
 
