@@ -73,7 +73,9 @@ def explicit_forward(vit, pixels, hook=None):
     ``hook(name, value)`` may replace ``attn.hook_z`` [B, H, T, d], ``hook_attn_out`` and
     ``hook_mlp_out`` of any block, and in an attention-pooled tower ``ln_post.hook_normalized``,
     ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's). An average-pooled tower
-    (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post."""
+    (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post. EVA02's pieces are
+    written out here too: rotary q/k (``rope_by_hand``), a LayerNorm over the concatenated heads, SwiGLU
+    with its sub-LN, post-norm blocks (no pre-norms; a LayerNorm on each branch's output)."""
     hook = hook or (lambda name, value: value)
     cfg = vit.cfg
     x = vit.embed(pixels)
