@@ -7,7 +7,8 @@ error of our forward against open_clip's ``encode_image`` (target < 1e-5, fp32) 
 gap between the sum of the decomposition's pieces (every layer) and the unit embedding.
 
     python bench/full_towers.py [ARCH ...]   (default: ViT-H-14-quickgelu ViT-SO400M-14-SigLIP-384 ViT-bigG-14
-                                              ViT-L-14-CLIPA EVA01-g-14 coca_ViT-L-14 PE-Core-L-14-336)
+                                              ViT-L-14-CLIPA EVA01-g-14 coca_ViT-L-14 PE-Core-L-14-336
+                                              EVA02-L-14)
 
 A CoCa model's caption decoder is built with one layer (it is not part of the image tower).
 """
@@ -50,5 +51,5 @@ if __name__ == "__main__":
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notice
     for name in sys.argv[1:] or ["ViT-H-14-quickgelu", "ViT-SO400M-14-SigLIP-384", "ViT-bigG-14", "ViT-L-14-CLIPA",
-                                 "EVA01-g-14", "coca_ViT-L-14", "PE-Core-L-14-336"]:
+                                 "EVA01-g-14", "coca_ViT-L-14", "PE-Core-L-14-336", "EVA02-L-14"]:
         print(check(name), flush=True)

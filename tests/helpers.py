@@ -74,7 +74,9 @@ def explicit_forward(vit, pixels, hook=None):
     ``hook_mlp_out`` of any block, and in an attention-pooled tower ``ln_post.hook_normalized``,
     ``pool.hook_z`` and ``pool.hook_mlp_out`` (names as the HookedViT's), in a CoCa tower
     ``ln_post.hook_normalized``, ``pool.hook_z`` and ``pool.hook_attn_out``. An average-pooled tower
-    (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post."""
+    (CLIPA) takes the mean of the patch rows (not the CLS row), then LN_post. EVA02's pieces are
+    written out here too: rotary q/k (``rope_by_hand``), a LayerNorm over the concatenated heads, SwiGLU
+    with its sub-LN, post-norm blocks (no pre-norms; a LayerNorm on each branch's output)."""
     hook = hook or (lambda name, value: value)
     cfg = vit.cfg
     x = vit.embed(pixels)
@@ -82,7 +84,9 @@ def explicit_forward(vit, pixels, hook=None):
     for index, block in enumerate(vit.blocks):
         name = f"blocks.{index}"
         cache[f"{name}.hook_resid_pre"] = x
-        h = torch.nn.functional.layer_norm(x, (cfg.width,), block.ln1.weight, block.ln1.bias, cfg.ln_eps)
+        post_norm = getattr(cfg, "post_norm", False)  # EVA02-E: no pre-norms, a LayerNorm on each branch's output
+        h = x if post_norm else torch.nn.functional.layer_norm(x, (cfg.width,), block.ln1.weight, block.ln1.bias,
+                                                               cfg.ln_eps)
         q, k, v = (h @ block.qkv.weight.T + block.qkv.bias).split(cfg.width, dim=-1)
         q, k, v = (t.view(*t.shape[:2], cfg.heads, cfg.head_dim).transpose(1, 2) for t in (q, k, v))
         if getattr(vit, "rope_table", None) is not None:
@@ -92,12 +96,30 @@ def explicit_forward(vit, pixels, hook=None):
         pattern = torch.softmax(q @ k.transpose(-1, -2) / cfg.head_dim ** 0.5, dim=-1)
         z = hook(f"{name}.attn.hook_z", pattern @ v)
         cache[f"{name}.attn.hook_v"], cache[f"{name}.attn.hook_pattern"], cache[f"{name}.attn.hook_z"] = v, pattern, z
-        attn = z.transpose(1, 2).reshape(*x.shape) @ block.out.weight.T + block.out.bias
+        merged = z.transpose(1, 2).reshape(*x.shape)
+        if getattr(cfg, "attn_ln", False):  # EVA02: a LayerNorm over the concatenated heads
+            merged = _ln_by_hand(merged, block.ln_inner, cfg.ln_eps)
+            cache[f"{name}.attn.ln.hook_scale"] = torch.sqrt(z.transpose(1, 2).reshape(*x.shape).var(
+                dim=-1, unbiased=False) + cfg.ln_eps)
+        attn = merged @ block.out.weight.T + block.out.bias
+        if post_norm:
+            cache[f"{name}.ln1_post.hook_scale"] = torch.sqrt(attn.var(dim=-1, unbiased=False) + cfg.ln_eps)
+            attn = _ln_by_hand(attn, block.ln1_post, cfg.ln_eps)
         attn = hook(f"{name}.hook_attn_out", attn * block.ls1 if block.ls1 is not None else attn)
         cache[f"{name}.hook_attn_out"] = attn
         x = x + attn
-        h2 = torch.nn.functional.layer_norm(x, (cfg.width,), block.ln2.weight, block.ln2.bias, cfg.ln_eps)
-        mlp = vit._act(h2 @ block.fc1.weight.T + block.fc1.bias) @ block.fc2.weight.T + block.fc2.bias
+        h2 = x if post_norm else torch.nn.functional.layer_norm(x, (cfg.width,), block.ln2.weight, block.ln2.bias,
+                                                                cfg.ln_eps)
+        pre = h2 @ block.fc1.weight.T + block.fc1.bias
+        if getattr(cfg, "glu", False):  # SwiGLU: the first half gates the second
+            hidden = torch.nn.functional.silu(pre[..., :cfg.mlp_width]) * pre[..., cfg.mlp_width:]
+        else:
+            hidden = vit._act(pre)
+        if getattr(cfg, "mlp_ln", False):  # EVA02's sub-LN
+            hidden = _ln_by_hand(hidden, block.mlp_ln, cfg.ln_eps)
+        mlp = hidden @ block.fc2.weight.T + block.fc2.bias
+        if post_norm:
+            mlp = _ln_by_hand(mlp, block.ln2_post, cfg.ln_eps)
         mlp = hook(f"{name}.hook_mlp_out", mlp * block.ls2 if block.ls2 is not None else mlp)
         cache[f"{name}.hook_mlp_out"] = mlp
         x = x + mlp
@@ -113,6 +135,12 @@ def explicit_forward(vit, pixels, hook=None):
         emb = emb + vit.proj_bias
     cache["hook_image_embed"] = emb
     return emb, cache
+
+
+def _ln_by_hand(x, ln, eps):
+    """A LayerNorm over the last dimension, written out."""
+    centred = x - x.mean(dim=-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + eps) * ln.weight + ln.bias
 
 
 def rope_by_hand(x, table, mode, prefix):

@@ -55,6 +55,14 @@ applies unchanged. A head splits over source tokens by the patch queries' mean
 attention row ``mean_{i>=1} A[l,h][i, :]`` (it sums to one); the readout keeps the
 patches' mean of each activation as the loop produces it.
 
+**EVA02** (docs/decomposition.md). Rotary embeddings change only the pattern. A
+LayerNorm over the concatenated heads and a post-norm on the attention branch are
+centring (linear) times a per-token scale: with the scales at the CLS row frozen
+(read at ``attn.ln.hook_scale``, ``ln1_post.hook_scale``) the map is
+``Block.out_weight()`` (gains and centring folded in) divided by them, and the norms'
+biases join the ``attn_bias`` piece. SwiGLU, its sub-LN and the MLP's post-norm stay
+inside the one MLP piece.
+
 **Attention pooling** (SigLIP's MAP head: no CLS token, LN_post on every token,
 one learned query over them, then ``y + MLP(LN(y))``). Freeze the pooling pattern
 ``A[p, i]`` (pooling head p, token i) and each token's LN_post scale ``sigma_i``;
@@ -373,6 +381,12 @@ def decompose_pixels(vit, pixels: torch.Tensor, layers=None, spatial: bool = Fal
     if published and vit.pool is not None:
         raise ClipInterpretError("the published convention is defined for towers that pool by their CLS token; "
                                  f"this tower pools by attention: use convention={DEFAULT_CONVENTION!r}")
+    if vit.pool is not None or cfg.pool != "cls":
+        nonlinear = [i for i in chosen if not vit.blocks[i].linear_output]
+        if nonlinear:
+            raise ClipInterpretError(f"layer {nonlinear[0]} of this {cfg.pool!r}-pooled tower has a LayerNorm over "
+                                     "its heads or a post-norm: only CLS-pooled towers split such a layer by head; "
+                                     "analyse other layers (layers=...)")
     read = _Readout(vit, chosen, spatial, fwd_hooks)
     with compute(device, precision):
         vit.run(pixels, read.points)
@@ -408,7 +422,7 @@ class _Readout:
     ``fwd_hooks``), as the pieces are mapped, so that they sum to the embedding of this pass."""
 
     def __init__(self, vit, chosen: list[int], spatial: bool, fwd_hooks=()):
-        from .models.hooked_vit import CLS_PATTERN, HookPoints
+        from .models.hooked_vit import CLS_PATTERN, INNER_SCALE, POST_SCALE, HookPoints
 
         self.points = points = HookPoints(vit, fwd_hooks)
         kind = vit.cfg.pool
@@ -417,6 +431,7 @@ class _Readout:
         self._rows = _ROWS[kind]
         self.resid0 = self.final = self.embedding = None
         self.attn, self.mlp, self.head_z = {}, [], {}
+        self.inner_scale, self.post_scale = {}, {}  # analysed layers' norm scales in the output map, [B, R]
         self._z, self._seen, self._v, self._cls = {}, {}, {}, {}  # held from one hook point to a later one
         self.pool_linear = True  # False when a hook replaced LN_post, the pooling values or its result: the
         #                          tokens' pieces then no longer reach the result through W_V and the pattern
@@ -432,6 +447,10 @@ class _Readout:
                 elif by_row and spatial:  # the patch queries' mean attention row splits their mean result
                     points.add(name + "attn.hook_pattern", self._mean_row(layer))
                 points.add(name + "attn.hook_z", self._heads(layer, by_row, spatial))
+                if block.ln_inner is not None:
+                    points.add(name + INNER_SCALE, self._keep_in("inner_scale", layer))
+                if block.ln1_post is not None:
+                    points.add(name + POST_SCALE, self._keep_in("post_scale", layer))
                 points.add(name + "hook_attn_out", self._in_float32(vit, block, layer, by_cls), first=True)
             else:
                 points.add(name + "hook_attn_out", self._keep_in("attn", layer))
@@ -497,11 +516,21 @@ class _Readout:
             z = self._z.pop(layer)
             if z.dtype == torch.float32:
                 return None
+            # the norms inside the output map (if any) recomputed too: their scales are those of these rows
+            hooks = {kind: self._scale_of(store, layer) for kind, store in (("inner", self.inner_scale),
+                                                                            ("post", self.post_scale))}
             with torch.autocast(device_type=z.device.type, enabled=False):
                 if not by_cls:
-                    return block.attn_output(vit.merge_heads(z.float()))
-                return torch.cat([block.attn_output(vit.merge_heads(z[:, :, :1].float())), attn[:, 1:].float()], dim=1)
+                    return block.attn_output(vit.merge_heads(z.float()), scale_hooks=hooks)
+                return torch.cat([block.attn_output(vit.merge_heads(z[:, :, :1].float()), scale_hooks=hooks),
+                                  attn[:, 1:].float()], dim=1)
         return recompute
+
+    def _scale_of(self, store: dict, layer: int):
+        def keep(scale):
+            store[layer] = self._rows(scale)
+            return scale
+        return keep
 
 
 def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
@@ -524,16 +553,17 @@ def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spati
         block = vit.blocks[index]
         u = (block.out_weight().T @ g_centered).view(cfg.heads, cfg.head_dim, -1)  # [H, d, D]
         z = read.head_z[index].float()
+        head_scale, bias = _frozen_output_scales(read, block, index, scale, batch)
         if spatial:
             piece = torch.einsum("bhtd,hdk->bthk", z, u)  # [B, T, H, D]
-            piece = piece / scale.view(-1, 1, 1, 1)
+            piece = piece / head_scale.view(-1, 1, 1, 1)
             token_pieces.append(piece)
             head_pieces.append(piece.sum(dim=1))
         else:
             piece = torch.einsum("bhd,hdk->bhk", z, u)  # [B, H, D]
-            head_pieces.append(piece / scale.view(-1, 1, 1))
-        bias_terms.append(block.out_bias())
-    attn_bias = _map(torch.stack([b.expand(batch, -1) for b in bias_terms], dim=1), g_centered, scale)
+            head_pieces.append(piece / head_scale.view(-1, 1, 1))
+        bias_terms.append(bias)
+    attn_bias = _map(torch.stack(bias_terms, dim=1), g_centered, scale)
     if others:
         other_attn = _map(torch.stack([read.attn[i][:, 0] for i in others], dim=1), g_centered, scale)
     else:
@@ -551,6 +581,24 @@ def _cls_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spati
         pool_mlp=emb.new_zeros(batch, 0, emb.shape[-1]), constant=constant, embedding=emb / norm[:, None],
         head_tokens=tokens,
     )
+
+
+def _frozen_output_scales(read: _Readout, block, index: int, scale: torch.Tensor, batch: int):
+    """A CLS-pooled layer's head divisor [B] (``sigma * ||emb||``, times the frozen per-token scales of a
+    LayerNorm over the heads and of a post-norm at the CLS row, where the block has them) and its output
+    bias [B, width] in the residual stream (``out_bias()``, over the post-norm's frozen scale, plus that
+    norm's own bias): the heads' pieces and this bias sum to the block's attention output at the CLS row."""
+    bias = block.out_bias().float().expand(batch, -1)
+    if block.linear_output:
+        return scale, bias
+    head_scale = scale
+    if index in read.inner_scale:
+        head_scale = head_scale * read.inner_scale[index][:, 0].float()
+    if index in read.post_scale:
+        post = read.post_scale[index][:, 0].float()
+        head_scale = head_scale * post
+        bias = bias / post[:, None] + block.out_post_bias().float()
+    return head_scale, bias
 
 
 def _projected_bias(vit, constant: torch.Tensor) -> torch.Tensor:

@@ -177,8 +177,11 @@ def direct_effect(vit, pixels: torch.Tensor, targets: Targets, mode: str = "mean
             change = torch.zeros_like(z)
             heads = [h for l, h in targets.heads if l == layer]
             change[:, heads] = new[:, heads] - z[:, heads]
-            # the block's own output map, without its bias (which does not change)
-            delta += vit.blocks[layer].attn_output(vit.merge_heads(change), bias=False)
+            block = vit.blocks[layer]
+            if block.linear_output:  # the block's own output map, without its bias (which does not change)
+                delta += block.attn_output(vit.merge_heads(change), bias=False)
+            else:  # a norm inside the map (over the heads, or a post-norm): the difference of the two outputs
+                delta += block.attn_output(vit.merge_heads(z + change)) - block.attn_output(vit.merge_heads(z))
         for name in targets.points():
             if not name.endswith("hook_z"):
                 act = cache[name].float()

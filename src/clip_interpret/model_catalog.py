@@ -57,14 +57,17 @@ _TIMM_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads":
 _EVA_ARGS = {"patch_size": None, "embed_dim": None, "depth": None, "num_heads": None, "mlp_ratio": None,
              "img_size": None, "qkv_bias": None, "qkv_fused": None, "init_values": None, "global_pool": None,
              "use_pre_transformer_norm": None, "attn_pool_num_heads": None, "attn_pool_mlp_ratio": None,
-             "ref_feat_shape": None, "rope_grid_offset": None, "rope_grid_indexing": None,
-             "use_rot_pos_emb": None}  # rotary embeddings: rope_type 'cat' (the default; another one is undecided)
+             # EVA02's pieces: rotary embeddings ('cat': the table is captured whatever its grid, offset or
+             # temperature; another rope_type is refused), SwiGLU and its sub-LN, the LayerNorm over the heads,
+             # post-norm blocks
+             "use_rot_pos_emb": None, "ref_feat_shape": None, "rope_grid_offset": None, "rope_grid_indexing": None,
+             "rope_temperature": None, "rope_rotate_half": None, "swiglu_mlp": None, "scale_mlp": None,
+             "scale_attn_inner": None, "use_post_norm": None}
 # Perception Encoder's arguments judged by their value: its attention (timm's AttentionRope, plain multi-head
 # attention besides its rotary embedding) and its norm layer (a LayerNorm, whatever its eps)
 _EVA_ATTN_TYPES = ("eva", "rope")
 _EVA_LAYER_NORM = re.compile(r"partial\(LayerNorm, eps=[0-9.e-]+\)")
-_EVA_REFUSED = {"swiglu_mlp": False, "scale_mlp": False, "scale_attn_inner": False,
-                "use_post_norm": False, "qk_norm": False, "attn_type": "eva", "class_token": True, "num_reg_tokens": 0,
+_EVA_REFUSED = {"rope_type": "cat", "qk_norm": False, "attn_type": "eva", "class_token": True, "num_reg_tokens": 0,
                 "no_embed_class": False, "use_abs_pos_emb": True, "attn_only_layer_scale": False,
                 "dynamic_img_size": False, "use_fc_norm": None, "gated_attn": False}
 _NOT_LITERAL = object()

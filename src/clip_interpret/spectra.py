@@ -65,7 +65,10 @@ def _value_output(vit, layer: int, head: int) -> tuple[torch.Tensor, torch.Tenso
     rows = slice(2 * w + head * d, 2 * w + (head + 1) * d)
     w_v = block.qkv.weight[rows].detach().float().cpu()  # [d, width]
     b_v = block.qkv.bias[rows].detach().float().cpu()
-    gamma, beta = block.ln1.weight.detach().float().cpu(), block.ln1.bias.detach().float().cpu()
+    if block.ln1 is not None:
+        gamma, beta = block.ln1.weight.detach().float().cpu(), block.ln1.bias.detach().float().cpu()
+    else:  # a post-norm block (EVA02-E): the head reads the stream itself
+        gamma, beta = torch.ones(w), torch.zeros(w)
     w_o = block.out_weight()[:, head * d:(head + 1) * d].detach().float().cpu()  # [width, d]
     v_in = gamma[:, None] * w_v.T
     return v_in, w_o.T.contiguous(), (beta @ w_v.T + b_v) @ w_o.T
@@ -338,6 +341,9 @@ def edit_head(model, head, direction, scale: float):
     edited = copy.deepcopy(model)
     target = edited.vit if hasattr(edited, "vit") else edited
     block = target.blocks[layer]
+    if not block.linear_output:
+        raise ClipInterpretError(f"layer {layer} normalises its heads' output (a LayerNorm over the heads or a "
+                                 "post-norm, EVA02): a head's write cannot be edited through its output projection")
     d = cfg.head_dim
     cols = slice(h * d, (h + 1) * d)
     w = block.out.weight[:, cols].double()

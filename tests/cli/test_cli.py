@@ -39,7 +39,11 @@ def test_models_lists_the_paper_models(capsys):
     assert "[cls] [CLIP BPE]" in lines["EVA01-g-14"] and "[cls] [CLIP BPE]" in lines["EVA01-g-14-plus"]
     assert "[avg] [bert-base-uncased] " in lines["ViT-L-14-CLIPA"] and "[avg]" in lines["ViT-bigG-14-CLIPA-336"]
     assert "[map] [CLIP BPE]" in lines["PE-Core-B-16"] and "[map] [CLIP BPE]" in lines["PE-Core-bigG-14-448"]
-    assert not any(name.startswith(("EVA02", "RN50", "convnext")) for name in lines)
+    assert all("[cls] [CLIP BPE]" in lines[f"EVA02-{size}"] for size in ("B-16", "L-14", "L-14-336", "E-14",
+                                                                         "E-14-plus"))
+    assert not any(name.startswith(("RN50", "convnext")) for name in lines)
+    footer = out.split("Not supported:")[1]
+    assert "ResNet" in footer and "EVA02" not in footer and "Perception Encoder" not in footer
 
 
 def test_decompose_writes_json_and_heatmaps(images, tmp_path, capsys):
@@ -282,6 +286,13 @@ def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path)
         "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, swiglu_mlp=True,\n"
         "                      norm_layer=partial(LayerNorm, eps=1e-5))\n"
         "    return _create_eva('eva02', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "@register_model\ndef eva02_parts(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, swiglu_mlp=True, scale_mlp=True,\n"
+        "                      scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16), use_post_norm=True)\n"
+        "    return _create_eva('eva02_parts', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "@register_model\ndef rope_vit(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, attn_type='rope')\n"
+        "    return _create_eva('rope_vit', pretrained=pretrained, **dict(model_args, **kwargs))\n"
         "@register_model\ndef odd(pretrained=False, **kwargs):\n"
         "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, norm_layer=RmsNorm)\n"
         "    return _create_eva('odd', pretrained=pretrained, **dict(model_args, **kwargs))\n")
@@ -292,7 +303,8 @@ def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path)
 
     assert decide("eva01") is True and decide("eva01", proj="linear") is True
     assert decide("eva01", pool="avg") is False and decide("eva01", proj="mlp") is False
-    assert decide("eva02") is False and decide("odd") == UNDECIDED
+    assert decide("eva02_parts") is True and decide("rope_vit") is False
+    assert decide("eva02") == UNDECIDED and decide("odd") == UNDECIDED  # a norm_layer written otherwise
 
 
 def test_timm_pe_core_functions_are_read_as_the_eva_check_would_judge_them(tmp_path):

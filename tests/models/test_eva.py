@@ -16,7 +16,7 @@ from clip_interpret.interventions import Targets, direct_effect, mean_activation
 from clip_interpret.models import open_clip_architectures
 from clip_interpret.models.convert import from_open_clip
 from clip_interpret.models.loader import registered_open_clip
-from clip_interpret.models.openclip import tower_problem
+from clip_interpret.models.openclip import timm_problem, tower_problem
 
 from tests.helpers import explicit_forward, jitter, make_open_clip
 
@@ -44,22 +44,20 @@ def build(arch: str, monkeypatch, seed: int = 0, **trunk_kwargs):
     return jitter(model.eval(), seed=seed)
 
 
-def test_eva01_is_listed_and_eva02_and_pe_core_are_refused_naming_what_is_missing():
+def test_eva01_eva02_and_pe_core_are_listed():
     archs = open_clip_architectures()
     assert "EVA01-g-14" in archs and "EVA01-g-14-plus" in archs
-    assert not any(a.startswith("EVA02") for a in archs)
-    assert "SwiGLU" in tower_problem("EVA02-B-16") and "SwiGLU" in tower_problem("EVA02-L-14")
-    assert "scale_attn_inner" in tower_problem("EVA02-L-14-336")
-    assert "post-norm blocks (use_post_norm)" in tower_problem("EVA02-E-14")
-    # PE-Core: tests/models/test_pe.py
+    for arch in ("EVA02-B-16", "EVA02-E-14", "PE-Core-B-16", "PE-Core-bigG-14-448"):  # test_eva02.py, test_pe.py
+        assert arch in archs and tower_problem(arch) is None
 
 
-@pytest.mark.parametrize("spec", ["open_clip:EVA02-B-16", "open_clip:EVA02-E-14"])
-def test_a_refused_eva_variant_fails_in_one_line_before_building(spec):
-    with pytest.raises(UnsupportedModelError) as err:
-        load_model(spec)
-    message = str(err.value)
-    assert "\n" not in message and spec.split(":")[1] in message and "Eva trunk with" in message
+@pytest.mark.parametrize("name, pool, named", [
+    ("vit_base_patch16_rope_mixed_224", "token", "rotary position embeddings of kind RotaryEmbeddingMixed"),
+    ("vit_base_patch16_rope_reg1_gap_256", "avg", "register tokens"),
+])
+def test_a_refused_eva_trunk_is_judged_in_one_line_before_building(name, pool, named):
+    message = timm_problem(name, pool, None, False)
+    assert "\n" not in message and name in message and "Eva trunk with" in message and named in message
 
 
 @pytest.mark.parametrize("arch", ["EVA01-g-14", "EVA01-g-14-plus"])
@@ -103,10 +101,7 @@ def test_eva_layout_options_convert_exactly(kwargs, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, named", [
-    (dict(swiglu_mlp=True), "SwiGLU MLP (swiglu_mlp)"),
-    (dict(scale_mlp=True), "a LayerNorm inside the MLP (scale_mlp)"),
-    (dict(scale_attn_inner=True), "a LayerNorm over the concatenated heads (scale_attn_inner)"),
-    (dict(use_post_norm=True), "post-norm blocks (use_post_norm)"),
+    (dict(attn_type="rope"), "AttentionRope attention (attn_type='rope')"),
     (dict(init_values=0.1, attn_only_layer_scale=True), "LayerScale on the attention branch only"),
 ])
 def test_an_eva_trunk_with_a_piece_not_expressed_is_refused_naming_it(kwargs, named, monkeypatch):

@@ -21,8 +21,7 @@ def cmd_models(args) -> int:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet towers (RN50, ...: no attention heads); EVA02 and Perception Encoder towers "
-          "(rotary position embeddings, SwiGLU); ConvNeXt (convnext_*), FastViT (MobileCLIP-S*, MobileCLIP2-S*: "
+    print("Not supported: ResNet towers (RN50, ...: no attention heads); ConvNeXt (convnext_*), FastViT (MobileCLIP-S*, MobileCLIP2-S*: "
           "convolutional and RepMixer stages), hybrid ViTs with a convolutional stem (MobileCLIP-B, "
           "MobileCLIP2-B), ViTamin, Swin and relative-position timm towers; timm ViTs pooled otherwise than by a "
           "MAP head (MobileCLIP2-L-14, vit_medium_patch16_gap_256); NaFlex variants (variable resolution); the "

@@ -45,6 +45,8 @@ def _activation_name(module: nn.Module) -> str:
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
     if kind == "GELU" and not hasattr(module, "approximate"):  # timm's exact GELU
         return "gelu"
+    if isinstance(module, nn.SiLU):  # SwiGLU's
+        return "silu"
     raise _unsupported(f"MLP activation {kind}")
 
 
@@ -319,16 +321,14 @@ def eva_missing(trunk: nn.Module) -> list[str]:
         elif getattr(attn, "num_prefix_tokens", None) != int(trunk.cls_token is not None) + \
                 (trunk.reg_token.shape[1] if trunk.reg_token is not None else 0):
             missing.append("rotary embeddings that skip other tokens than the prefix tokens")
-    if type(block).__name__ == "EvaBlockPostNorm":
-        missing.append("post-norm blocks (use_post_norm)")
-    elif type(block).__name__ != "EvaBlock":
+    if type(block).__name__ not in ("EvaBlock", "EvaBlockPostNorm"):
         missing.append(f"{type(block).__name__} blocks")
     if type(attn).__name__ not in ("EvaAttention", "AttentionRope"):
         missing.append(f"{type(attn).__name__} attention")
     else:
         missing += _rope_attention_missing(trunk, attn)
-        if not isinstance(attn.norm, nn.Identity):
-            missing.append("a LayerNorm over the concatenated heads (scale_attn_inner)")
+        if not isinstance(attn.norm, (nn.Identity, nn.LayerNorm)):
+            missing.append(f"a {type(attn.norm).__name__} over the concatenated heads (only a LayerNorm)")
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
             missing.append("qk-norm")
         if getattr(attn, "gate", None) is not None:
@@ -336,12 +336,12 @@ def eva_missing(trunk: nn.Module) -> list[str]:
         if attn.head_dim * attn.num_heads != trunk.embed_dim:
             missing.append("a head width other than width / heads")
     mlp = block.mlp
-    if type(mlp).__name__ in ("SwiGLU", "GluMlp"):
-        missing.append("a SwiGLU MLP (swiglu_mlp)")
-    elif type(mlp).__name__ != "Mlp":
+    if type(mlp).__name__ == "GluMlp" and (mlp.gate_last or mlp.chunk_dim != -1):
+        missing.append("a gated MLP with its gate in the second half (gate_last)")
+    elif type(mlp).__name__ not in ("Mlp", "SwiGLU", "GluMlp"):
         missing.append(f"a {type(mlp).__name__} MLP")
-    if not isinstance(getattr(mlp, "norm", None), (nn.Identity, type(None))):
-        missing.append("a LayerNorm inside the MLP (scale_mlp)")
+    if not isinstance(getattr(mlp, "norm", None), (nn.Identity, nn.LayerNorm, type(None))):
+        missing.append(f"a {type(mlp.norm).__name__} inside the MLP (only a LayerNorm)")
     if getattr(block, "gamma_1", None) is not None and getattr(block, "gamma_2", None) is None:
         missing.append("LayerScale on the attention branch only")
     pool = getattr(trunk, "global_pool", "")
@@ -369,8 +369,9 @@ def eva_missing(trunk: nn.Module) -> list[str]:
     if not isinstance(trunk.norm_pre, (nn.Identity, nn.LayerNorm)):
         missing.append(f"pre-norm {type(trunk.norm_pre).__name__}")
     if not missing:
-        norms = [block.norm1, block.norm2, trunk.norm] + ([trunk.norm_pre] if isinstance(trunk.norm_pre, nn.LayerNorm)
-                                                           else [])
+        norms = [block.norm1, block.norm2, trunk.norm] + [n for n in (trunk.norm_pre, attn.norm,
+                                                                      getattr(mlp, "norm", None))
+                                                           if isinstance(n, nn.LayerNorm)]
         norms += [trunk.attn_pool.norm] if trunk.attn_pool is not None else []
         if len({float(n.eps) for n in norms}) != 1:
             missing.append("LayerNorms with different eps")
@@ -406,8 +407,7 @@ def check_eva_trunk(trunk: nn.Module) -> None:
     """Refuse a timm ``Eva`` trunk with a piece the HookedViT does not express, naming every such piece."""
     missing = eva_missing(trunk)
     if missing:
-        raise _unsupported(f"timm Eva trunk with {', '.join(missing)} (EVA02 / Perception Encoder pieces not yet "
-                           "decomposed)")
+        raise _unsupported(f"timm Eva trunk with {', '.join(missing)} (pieces not decomposed)")
 
 
 def _eva_projection(visual: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -442,18 +442,45 @@ def _copy_rope(vit: HookedViT, trunk: nn.Module) -> None:
     _copy(vit.rope_table, table)
 
 
+def _eva_mlp_fields(block: nn.Module) -> dict:
+    """The ``ViTConfig`` MLP fields of an Eva block: its hidden width, activation, gating (SwiGLU: timm's
+    ``SwiGLU`` with fc1_g and fc1_x, or ``GluMlp`` with one packed fc1, gate first) and sub-LN (scale_mlp)."""
+    mlp = block.mlp
+    kind = type(mlp).__name__
+    width = mlp.fc1_g.out_features if kind == "SwiGLU" else mlp.fc1.out_features // (2 if kind == "GluMlp" else 1)
+    return dict(mlp_width=width, act=_activation_name(mlp.act), glu=kind in ("SwiGLU", "GluMlp"),
+                mlp_ln=isinstance(getattr(mlp, "norm", None), nn.LayerNorm))
+
+
+def _copy_eva_mlp(ours, mlp: nn.Module) -> None:
+    """An Eva block's MLP weights: SwiGLU's fc1_g and fc1_x stacked as fc1's rows [gate; value]."""
+    if type(mlp).__name__ == "SwiGLU":
+        _copy(ours.fc1.weight, torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight]))
+        biases = [b if b is not None else torch.zeros(mlp.fc1_g.out_features) for b in (mlp.fc1_g.bias, mlp.fc1_x.bias)]
+        _copy(ours.fc1.bias, torch.cat(biases))
+    else:
+        _copy(ours.fc1.weight, mlp.fc1.weight)
+        _copy_bias(ours.fc1.bias, mlp.fc1.bias)
+    if ours.mlp_ln is not None:
+        _copy_ln(ours.mlp_ln, mlp.norm)
+    _copy(ours.fc2.weight, mlp.fc2.weight)
+    _copy_bias(ours.fc2.bias, mlp.fc2.bias)
+
+
 def _from_eva(visual: nn.Module) -> HookedViT:
-    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva`` with plain pre-norm blocks
+    """HookedViT from an open_clip ``TimmModel`` whose trunk is a timm ``Eva``: EVA01's plain pre-norm blocks
     (EVA's attention, fused or separate q/k/v, the key without a bias; or timm's ``AttentionRope``, Perception
-    Encoder's, its q/k/v rows laid out as ours), CLS pooling or a MAP attention-pooling head over every token
-    (the class token's row included, when there is one), and a linear head."""
+    Encoder's, its q/k/v rows laid out as ours), EVA02's pieces (rotary embeddings 'cat', a SwiGLU MLP with its
+    sub-LN, a LayerNorm over the concatenated heads, post-norm blocks), CLS pooling or a MAP attention-pooling
+    head over every token (the class token's row included, when there is one), and a linear head."""
     check_open_clip_tower(visual)
     trunk = visual.trunk
     proj, proj_bias = _eva_projection(visual)
     blocks = trunk.blocks
     first = blocks[0]
-    layer_scale = first.gamma_1 is not None
+    layer_scale = getattr(first, "gamma_1", None) is not None
     attn_pool = trunk.attn_pool  # Perception Encoder's MAP head, or None (CLS pooling)
+    post_norm = type(first).__name__ == "EvaBlockPostNorm"
     rope = _rope_fields(trunk)
     cfg = ViTConfig(
         image_size=_pair(trunk.patch_embed.img_size),
@@ -461,9 +488,10 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         width=trunk.embed_dim,
         layers=len(blocks),
         heads=first.attn.num_heads,
-        mlp_width=first.mlp.fc1.out_features,
         output_dim=proj.shape[1],
-        act=_activation_name(first.mlp.act),
+        **_eva_mlp_fields(first),
+        attn_ln=isinstance(first.attn.norm, nn.LayerNorm),
+        post_norm=post_norm,
         ln_pre=isinstance(trunk.norm_pre, nn.LayerNorm),
         layer_scale=layer_scale,
         ln_eps=float(first.norm1.eps),
@@ -487,7 +515,7 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         _copy_ln(vit.ln_pre, trunk.norm_pre)
     for ours, theirs in zip(vit.blocks, blocks):
         attn = theirs.attn
-        _copy_ln(ours.ln1, theirs.norm1)
+        _copy_ln(ours.ln1 if not post_norm else ours.ln1_post, theirs.norm1)
         if attn.qkv is not None:
             _copy(ours.qkv.weight, attn.qkv.weight)
             biases = _fused_qkv_biases(attn)
@@ -497,13 +525,12 @@ def _from_eva(visual: nn.Module) -> HookedViT:
         w = cfg.width
         for part, bias in enumerate(biases):  # EVA's key has no bias (a zero buffer)
             _copy_bias(ours.qkv.bias[part * w:(part + 1) * w], bias)
+        if ours.ln_inner is not None:
+            _copy_ln(ours.ln_inner, attn.norm)
         _copy(ours.out.weight, attn.proj.weight)
         _copy_bias(ours.out.bias, attn.proj.bias)
-        _copy_ln(ours.ln2, theirs.norm2)
-        _copy(ours.fc1.weight, theirs.mlp.fc1.weight)
-        _copy_bias(ours.fc1.bias, theirs.mlp.fc1.bias)
-        _copy(ours.fc2.weight, theirs.mlp.fc2.weight)
-        _copy_bias(ours.fc2.bias, theirs.mlp.fc2.bias)
+        _copy_ln(ours.ln2 if not post_norm else ours.ln2_post, theirs.norm2)
+        _copy_eva_mlp(ours, theirs.mlp)
         if layer_scale:
             _copy(ours.ls1, theirs.gamma_1)
             _copy(ours.ls2, theirs.gamma_2)

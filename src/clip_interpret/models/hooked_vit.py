@@ -12,6 +12,12 @@ own. The layout follows the CLIP ViT:
 ("avg": CLIPA's average pooling over the patch tokens, the CLS token left out, with
 LN_post applied after pooling, to the pooled vector; CLIPA has no ln_pre),
 
+EVA02's pieces, where the config has them: rotary embeddings on q and k (``rope``,
+``models/rotary.py``), a LayerNorm over the concatenated heads before the output
+projection (``attn_ln``), a gated MLP (``glu``, SwiGLU) with a LayerNorm over its
+hidden units (``mlp_ln``), and post-norm blocks (``post_norm``:
+``z += LN1(Attn(z)); z += LN2(MLP(z))``, no pre-norms),
+
 or, for towers that pool by attention (SigLIP's MAP head; no CLS token, the
 final LayerNorm applied to every token):
 
@@ -50,6 +56,7 @@ nothing here knows about the decomposition.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,6 +94,10 @@ class ViTConfig:
     proj_bias: bool = False  # a bias after the projection (EVA01-CLIP's timm head, a Linear with bias)
     rope: str = "none"  # rotary embeddings on q and k (models/rotary.py): "none", "interleaved" or "half" pairs
     rope_prefix: int = 0  # tokens at the stream's start that rotary embeddings leave alone (1: a class token)
+    glu: bool = False  # a gated MLP (SwiGLU with act "silu"): fc1 rows [gate; value], hidden act(gate) * value
+    mlp_ln: bool = False  # a LayerNorm over the MLP's hidden units before fc2 (EVA02's sub-LN, scale_mlp)
+    attn_ln: bool = False  # a LayerNorm over the concatenated heads before the output projection (scale_attn_inner)
+    post_norm: bool = False  # post-norm blocks: z += LN1(Attn(z)); z += LN2(MLP(z)) (EVA02-E's use_post_norm)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -112,7 +123,22 @@ def activation(name: str):
         return F.gelu
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}; expected gelu, gelu_tanh or quick_gelu")
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}; expected gelu, gelu_tanh, quick_gelu or silu")
+
+
+def scaled_norm(ln: nn.LayerNorm, x: torch.Tensor, scale_hook=None) -> torch.Tensor:
+    """LayerNorm with float32 statistics (autocast off), float32 out. ``scale_hook``: the per-token scale
+    ``sqrt(var + eps)`` [...] goes through it (which may replace it: a frozen scale) and the norm is written
+    out; without it, PyTorch's fused LayerNorm."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if scale_hook is None:
+            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        x = x.float()
+        centred = x - x.mean(dim=-1, keepdim=True)
+        scale = scale_hook(torch.sqrt(centred.pow(2).mean(dim=-1) + ln.eps))
+        return centred / scale[..., None] * ln.weight + ln.bias
 
 
 class Block(nn.Module):
@@ -121,12 +147,18 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         w = cfg.width
-        self.ln1 = nn.LayerNorm(w, eps=cfg.ln_eps)
+        ln = functools.partial(nn.LayerNorm, eps=cfg.ln_eps)
+        self.ln1 = ln(w) if not cfg.post_norm else None  # pre-norms (none in a post-norm block)
         self.qkv = nn.Linear(w, 3 * w)  # rows: [W_Q; W_K; W_V], heads contiguous
+        self.ln_inner = ln(w) if cfg.attn_ln else None  # over the concatenated heads, before ``out``
         self.out = nn.Linear(w, w)  # columns grouped by head
-        self.ln2 = nn.LayerNorm(w, eps=cfg.ln_eps)
-        self.fc1 = nn.Linear(w, cfg.mlp_width)
+        self.ln1_post = ln(w) if cfg.post_norm else None  # post-norms: on each branch's output
+        self.ln2 = ln(w) if not cfg.post_norm else None
+        self.fc1 = nn.Linear(w, cfg.mlp_width * (2 if cfg.glu else 1))  # gated: rows [gate; value]
+        self.mlp_ln = ln(cfg.mlp_width) if cfg.mlp_ln else None  # over the hidden units, before fc2
         self.fc2 = nn.Linear(cfg.mlp_width, w)
+        self.ln2_post = ln(w) if cfg.post_norm else None
+        self.glu = cfg.glu
         if cfg.layer_scale:
             self.ls1 = nn.Parameter(torch.ones(w))
             self.ls2 = nn.Parameter(torch.ones(w))
@@ -137,20 +169,80 @@ class Block(nn.Module):
         """The attention branch's LayerScale over the output dimension (the last), when the tower has one."""
         return t * self.ls1 if self.ls1 is not None else t
 
+    @property
+    def linear_output(self) -> bool:
+        """Whether the attention output map is affine in the heads' results (no LayerNorm over the heads,
+        no post-norm): then ``attn_output(change, bias=False)`` is the update's change."""
+        return self.ln_inner is None and self.ln1_post is None
+
     def out_weight(self) -> torch.Tensor:
         """The attention output map's weight, the projection with its LayerScale: [width_out, width_in],
-        its input columns grouped by head (``ls1 * W_O``)."""
+        its input columns grouped by head (``ls1 * W_O``). With a LayerNorm over the heads (scale_attn_inner)
+        or a post-norm, their per-token scales frozen, the map is linear: ``ls1 * diag(g1) C W_O diag(g_in) C``
+        (C: centring, g_in, g1: the inner and the post-norm gains), to be divided by those scales
+        (``attn_output``'s ``scale_hooks`` read them; docs/decomposition.md)."""
         weight = self.out.weight
+        if self.ln_inner is not None:
+            weight = weight * self.ln_inner.weight
+            weight = weight - weight.mean(dim=1, keepdim=True)
+        if self.ln1_post is not None:
+            weight = self.ln1_post.weight[:, None] * (weight - weight.mean(dim=0, keepdim=True))
         return weight * self.ls1[:, None] if self.ls1 is not None else weight
 
     def out_bias(self) -> torch.Tensor:
-        """The attention output map's bias with its LayerScale (``ls1 * b_O``), [width]."""
-        return self._scale1(self.out.bias)
+        """The attention output map's bias with its LayerScale (``ls1 * b_O``), [width]. With a LayerNorm
+        over the heads, its bias joins: ``W_O beta_in + b_O``; with a post-norm, that is centred and scaled by
+        its gain (to be divided by its frozen scale), and its own bias is ``out_post_bias()``."""
+        bias = self.out.bias
+        if self.ln_inner is not None:
+            bias = self.out.weight @ self.ln_inner.bias + bias
+        if self.ln1_post is not None:
+            bias = self.ln1_post.weight * (bias - bias.mean())
+        return self._scale1(bias)
 
-    def attn_output(self, merged: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    def out_post_bias(self) -> torch.Tensor | None:
+        """The post-norm's bias on the attention branch with its LayerScale, not divided by any scale;
+        None without a post-norm."""
+        return self._scale1(self.ln1_post.bias) if self.ln1_post is not None else None
+
+    def attn_output(self, merged: torch.Tensor, bias: bool = True, scale_hooks: dict | None = None) -> torch.Tensor:
         """The heads' merged results [..., width] -> the update added to the stream, as the forward
-        computes it: ``ls1 * (W_O z + b_O)`` (without ``b_O`` when not ``bias``: a change of z)."""
-        return self._scale1(F.linear(merged, self.out.weight, self.out.bias if bias else None))
+        computes it: ``ls1 * (W_O z + b_O)`` (without ``b_O`` when not ``bias``: a change of z, for a
+        ``linear_output`` map only); with a LayerNorm over the heads and a post-norm,
+        ``ls1 * LN1_post(W_O LN_in(z) + b_O)``. ``scale_hooks``: {"inner": fn, "post": fn}, each given
+        that norm's per-token scale (and may replace it; ``scaled_norm``)."""
+        if self.linear_output:
+            return self._scale1(F.linear(merged, self.out.weight, self.out.bias if bias else None))
+        if not bias:
+            raise ValueError("this attention output map is not linear in the heads' results (a LayerNorm over "
+                             "the heads or a post-norm): take the difference of two outputs")
+        hooks = scale_hooks or {}
+        if self.ln_inner is not None:
+            merged = scaled_norm(self.ln_inner, merged, hooks.get("inner"))
+        out = F.linear(merged, self.out.weight, self.out.bias)
+        if self.ln1_post is not None:
+            out = scaled_norm(self.ln1_post, out, hooks.get("post"))
+        return self._scale1(out)
+
+    def mlp_output(self, h: torch.Tensor, act, post_hook=None) -> torch.Tensor:
+        """The MLP branch's update from its input ``h`` [..., width] (the pre-normed stream, or the stream
+        itself in a post-norm block): ``fc2(act(fc1 h))`` or, gated, ``fc2(act(gate) * value)``; the sub-LN
+        before fc2 and the post-norm after it where the tower has them, LayerScale last. ``post_hook``:
+        applied to the hidden units before the sub-LN (``mlp.hook_post``)."""
+        pre = self.fc1(h)
+        if self.glu:
+            gate, value = pre.chunk(2, dim=-1)
+            hidden = act(gate) * value
+        else:
+            hidden = act(pre)
+        if post_hook is not None:
+            hidden = post_hook(hidden)
+        if self.mlp_ln is not None:
+            hidden = scaled_norm(self.mlp_ln, hidden).to(hidden.dtype)
+        out = self.fc2(hidden)
+        if self.ln2_post is not None:
+            out = scaled_norm(self.ln2_post, out)
+        return out * self.ls2 if self.ls2 is not None else out
 
 
 class AttentionPool(nn.Module):
@@ -344,8 +436,11 @@ class HookedViT(nn.Module):
     def hook_names(self) -> list[str]:
         """Every hook point, in the order a forward meets them."""
         names = ["hook_embed"]
-        absent = ({CLS_PATTERN} if not self.cfg.class_token else set()) | \
-            ({Q_ROT, K_ROT} if self.rope_table is None else set())
+        cfg = self.cfg
+        absent = ({CLS_PATTERN} if not cfg.class_token else set()) | \
+            ({Q_ROT, K_ROT} if self.rope_table is None else set()) | \
+            ({INNER_SCALE} if not cfg.attn_ln else set()) | \
+            ({POST_SCALE} if not cfg.post_norm else {"ln1.hook_normalized", "ln2.hook_normalized"})
         points = [p for p in BLOCK_POINTS if p not in absent]
         for layer in range(self.cfg.layers):
             names += [f"blocks.{layer}.{point}" for point in points]
@@ -376,7 +471,7 @@ class HookedViT(nn.Module):
             names = self._names[index]
             only_cls = cut_last and index == last
             x = hook(names["hook_resid_pre"], x)
-            h = hook(names["ln1.hook_normalized"], self.norm(block.ln1, x))
+            h = hook(names["ln1.hook_normalized"], self.norm(block.ln1, x)) if block.ln1 is not None else x
             q, k, v = self.qkv(block, h, cls_query_only=only_cls)
             q, k, v = hook(names["attn.hook_q"], q), hook(names["attn.hook_k"], k), hook(names["attn.hook_v"], v)
             if self.rope_table is not None:  # rotary: only the pattern changes, not the values
@@ -399,14 +494,31 @@ class HookedViT(nn.Module):
             else:
                 z = F.scaled_dot_product_attention(q, k, v)
             z = hook(names["attn.hook_z"], z)
-            attn = hook(names["hook_attn_out"], block.attn_output(self.merge_heads(z)))
+            if block.linear_output:
+                attn = block.attn_output(self.merge_heads(z))
+            else:
+                attn = block.attn_output(self.merge_heads(z), scale_hooks=self._scale_hooks(names, wants, hook))
+            attn = hook(names["hook_attn_out"], attn)
             x = hook(names["hook_resid_mid"], (x[:, :1] if only_cls else x) + attn)
-            post = hook(names["mlp.hook_post"], self._act(block.fc1(hook(names["ln2.hook_normalized"],
-                                                                         self.norm(block.ln2, x)))))
-            mlp = block.fc2(post)
-            mlp = hook(names["hook_mlp_out"], mlp * block.ls2 if block.ls2 is not None else mlp)
+            if block.ln2 is not None and not block.glu and block.mlp_ln is None:  # the plain MLP
+                post = hook(names["mlp.hook_post"], self._act(block.fc1(hook(names["ln2.hook_normalized"],
+                                                                             self.norm(block.ln2, x)))))
+                mlp = block.fc2(post)
+                mlp = mlp * block.ls2 if block.ls2 is not None else mlp
+            else:
+                h2 = hook(names["ln2.hook_normalized"], self.norm(block.ln2, x)) if block.ln2 is not None else x
+                mlp = block.mlp_output(h2, self._act, functools.partial(hook, names["mlp.hook_post"]))
+            mlp = hook(names["hook_mlp_out"], mlp)
             x = hook(names["hook_resid_post"], x + mlp)
         return hook("hook_image_embed", self.head(x, points))
+
+    @staticmethod
+    def _scale_hooks(names: dict, wants, hook) -> dict:
+        """The per-token scales of the norms inside an attention output map (``Block.attn_output``) through
+        their hook points, where hooks or the cache want them (else the fused LayerNorm runs)."""
+        return {kind: functools.partial(hook, names[point]) for kind, point in (("inner", INNER_SCALE),
+                                                                                 ("post", POST_SCALE))
+                if wants(names[point])}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embedding [B, output_dim], not normalised (as native ``encode_image``)."""
@@ -447,8 +559,11 @@ class HookedViT(nn.Module):
 POOLS = ("cls", "avg", "map", "attn-pool")
 CLS_PATTERN = "attn.hook_cls_pattern"  # the CLS query's attention row (towers with a CLS token)
 Q_ROT, K_ROT = "attn.hook_q_rot", "attn.hook_k_rot"  # q and k after the rotary embeddings (rotary towers)
+INNER_SCALE = "attn.ln.hook_scale"  # the per-token scale of the LayerNorm over the heads (scale_attn_inner)
+POST_SCALE = "ln1_post.hook_scale"  # the per-token scale of the attention branch's post-norm (post-norm blocks)
 BLOCK_POINTS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k", "attn.hook_v", Q_ROT, K_ROT,
-                "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                "attn.hook_pattern", CLS_PATTERN, "attn.hook_z", INNER_SCALE, POST_SCALE, "hook_attn_out",
+                "hook_resid_mid",
                 "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 FINAL_POINTS = ("ln_post.hook_scale", "hook_image_embed")
 POOL_POINTS = ("ln_post.hook_scale", "ln_post.hook_normalized", "pool.hook_k", "pool.hook_v", "pool.hook_pattern",

@@ -123,9 +123,10 @@ def eva_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
         missing = eva_missing(trunk)
     except UnsupportedModelError as err:
         return str(err).split(". Supported:")[0].removeprefix("unsupported image tower: ")
+    except (AssertionError, ValueError, TypeError, RuntimeError) as err:  # timm refuses the arguments itself
+        return f"the timm tower {name!r} with global_pool={pool!r}, which timm cannot build ({err})"
     if missing:
-        return (f"the timm tower {name!r}, an Eva trunk with {', '.join(missing)} (EVA02 / Perception Encoder "
-                "pieces, not yet decomposed)")
+        return f"the timm tower {name!r}, an Eva trunk with {', '.join(missing)} (pieces not decomposed)"
     return None
 
 
