@@ -293,6 +293,9 @@ def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path)
         "@register_model\ndef rope_vit(pretrained=False, **kwargs):\n"
         "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, attn_type='rope')\n"
         "    return _create_eva('rope_vit', pretrained=pretrained, **dict(model_args, **kwargs))\n"
+        "@register_model\ndef qk_vit(pretrained=False, **kwargs):\n"
+        "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, qk_norm=True)\n"
+        "    return _create_eva('qk_vit', pretrained=pretrained, **dict(model_args, **kwargs))\n"
         "@register_model\ndef odd(pretrained=False, **kwargs):\n"
         "    model_args = dict(patch_size=14, embed_dim=64, depth=2, num_heads=2, norm_layer=RmsNorm)\n"
         "    return _create_eva('odd', pretrained=pretrained, **dict(model_args, **kwargs))\n")
@@ -303,14 +306,15 @@ def test_timm_eva_functions_are_read_as_the_eva_check_would_judge_them(tmp_path)
 
     assert decide("eva01") is True and decide("eva01", proj="linear") is True
     assert decide("eva01", pool="avg") is False and decide("eva01", proj="mlp") is False
-    assert decide("eva02_parts") is True and decide("rope_vit") is False
-    assert decide("eva02") == UNDECIDED and decide("odd") == UNDECIDED  # a norm_layer written otherwise
+    assert decide("eva02_parts") is True and decide("rope_vit") is True  # PE's AttentionRope, here without rope
+    assert decide("eva02") is True and decide("qk_vit") is False
+    assert decide("odd") == UNDECIDED  # a norm_layer written otherwise
 
 
 def test_timm_pe_core_functions_are_read_as_the_eva_check_would_judge_them(tmp_path):
     """Perception Encoder's arguments (timm's vit_pe_core_*): rotary attention on an xy grid, a LayerNorm before
-    the blocks, a MAP head, a LayerNorm norm layer, bigG without a class token; an RmsNorm and another rope_type
-    are left undecided, and a trunk without a class token pooled by that token is refused."""
+    the blocks, a MAP head, a LayerNorm norm layer, bigG without a class token; an RmsNorm is left undecided,
+    another rope_type and a trunk without a class token pooled by that token are refused."""
     from clip_interpret.model_catalog import UNDECIDED, timm_eva_functions, timm_tower_decision
 
     (tmp_path / "models").mkdir()
@@ -333,7 +337,7 @@ def test_timm_pe_core_functions_are_read_as_the_eva_check_would_judge_them(tmp_p
 
     assert decide("pe") is True and decide("pe_big") is True and decide("pe", proj="linear") is True
     assert decide("pe", pool="avg") is False and decide("pe_big", pool="token") is False
-    assert decide("pe_rms") == UNDECIDED and decide("pe_mixed") == UNDECIDED
+    assert decide("pe_rms") == UNDECIDED and decide("pe_mixed") is False  # only rope_type 'cat' is expressed
 
 
 def test_toyworld_train_defaults_are_the_recipes(monkeypatch, tmp_path):

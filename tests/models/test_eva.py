@@ -101,7 +101,7 @@ def test_eva_layout_options_convert_exactly(kwargs, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, named", [
-    (dict(attn_type="rope"), "AttentionRope attention (attn_type='rope')"),
+    (dict(qk_norm=True), "qk-norm"),
     (dict(init_values=0.1, attn_only_layer_scale=True), "LayerScale on the attention branch only"),
 ])
 def test_an_eva_trunk_with_a_piece_not_expressed_is_refused_naming_it(kwargs, named, monkeypatch):
