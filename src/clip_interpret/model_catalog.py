@@ -10,6 +10,9 @@ open_clip, timm or torch (importing them takes seconds): the table of `clip-inte
   the built trunk; a function written otherwise, or an argument not known here, is *undecided*; an ``Eva``
   trunk (``timm/models/eva.py``: EVA01, EVA02, Perception Encoder) likewise, with ``convert.eva_missing``'s
   checks: refused by an argument that gives it a piece not expressed (rotary embeddings, SwiGLU, ...);
+* a refused architecture's reason, in the loader's words: ``native_tower_problem`` for a native tower; for a
+  timm trunk its pooling, projection or refused Eva arguments, or its family (``tower_pools.TIMM_FAMILIES``,
+  found by the module whose file registers the model function);
 * the pretrained tags: ``open_clip/pretrained.py`` run on its own, its optional imports that load torch or
   reach the Hub (safetensors.torch, huggingface_hub; used only to download) refused.
 
@@ -30,7 +33,7 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-from .tower_pools import NATIVE_REFUSED, native_tower_pool, native_tower_problem  # noqa: F401 (NATIVE_REFUSED: tests)
+from .tower_pools import NATIVE_REFUSED, OTHER_TIMM, TIMM_FAMILIES, native_tower_pool, native_tower_problem  # noqa: F401
 
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and models.PAPER_MODELS. A native tower's judgement is tower_pools' (the loader's too).
@@ -231,6 +234,44 @@ def timm_tower_decision(vision: dict, functions: dict) -> bool | str:
     return args.get("class_token", True) is False  # a MAP trunk has no class token
 
 
+def timm_families(timm_dir: Path) -> dict[str, str]:
+    """timm model names of the families never opened up (``tower_pools.TIMM_FAMILIES``: ConvNeXt, FastViT, ...)
+    -> the family's reason, from the registered model functions of those modules' files."""
+    names = {}
+    for module, reason in TIMM_FAMILIES.items():
+        path = timm_dir / "models" / f"{module}.py"
+        if path.is_file():
+            for name in re.findall(r"@register_model\s*\ndef (\w+)\(", path.read_text()):
+                names[name] = reason
+    return names
+
+
+def timm_refusal(vision: dict, functions: dict, families: dict) -> str:
+    """Why open_clip's timm tower of this ``vision_cfg`` is refused (``timm_tower_decision`` said False), in
+    words close to the loader's (``openclip.timm_problem``)."""
+    name, pool = vision["timm_model_name"], vision.get("timm_pool", "avg")
+    proj = vision.get("timm_proj", "linear")
+    tower = f"the timm tower {name!r}"
+    function = functions.get(name)
+    if isinstance(function, EvaFunction):
+        if pool not in ("token", "map"):
+            return f"{tower}, an Eva trunk pooled by {pool!r} (only 'token', CLS pooling, or 'map')"
+        if proj not in (None, "linear"):
+            return f"{tower} with projection {proj!r} (Eva trunks: only null, the trunk's head, or 'linear')"
+        pieces = [f"{key}={value!r}" for key, value in (function.args or {}).items()
+                  if key in _EVA_REFUSED and value is not _NOT_LITERAL and value != _EVA_REFUSED[key]
+                  and not ((key, value) == ("class_token", False) and pool == "map")
+                  and not (key == "attn_type" and value in _EVA_ATTN_TYPES)]
+        return f"{tower}, an Eva trunk with {', '.join(pieces) or 'a piece not decomposed'}"
+    if name in functions:  # a timm VisionTransformer
+        if pool != "map":
+            return f"{tower} pooled by {pool or 'its default'!r} (only 'map', SigLIP's attention pooling)"
+        if proj not in ("none", "linear") or (proj == "linear" and vision.get("timm_proj_bias")):
+            return f"{tower} with projection {proj!r} (only 'none', or 'linear' without bias)"
+        return f"{tower}, a VisionTransformer with a class token or register tokens under its MAP head"
+    return f"{tower}, {families.get(name, OTHER_TIMM)}"
+
+
 def pretrained_tags(open_clip_dir: Path) -> dict:
     """open_clip's pretrained tags per architecture (``pretrained._PRETRAINED``), from running pretrained.py
     alone with its imports of torch and the Hub refused (it guards them; they serve downloads only)."""
@@ -267,12 +308,14 @@ def static_table() -> tuple[dict, list[str]]:
     open_clip_dir, timm_dir = _package_dir("open_clip"), _package_dir("timm")
     functions = {**timm_eva_functions(timm_dir), **timm_vit_functions(timm_dir)}
     tags = pretrained_tags(open_clip_dir)
-    rows, undecided = [], []
+    families = timm_families(timm_dir)
+    rows, refused, undecided = [], [], []
     for arch, config in model_configs(open_clip_dir).items():
         if arch.startswith("test-"):  # tiny test towers
             continue
         vision = config.get("vision_cfg", {})
-        if vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple)):
+        timm_tower = vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple))
+        if timm_tower:
             supported = timm_tower_decision(vision, functions)
         else:
             supported = native_tower_problem(vision) is None
@@ -280,7 +323,10 @@ def static_table() -> tuple[dict, list[str]]:
             undecided.append(arch)
         elif supported:
             rows.append(_row(arch, config, tags.get(arch, [])))
-    return {"paper": list(PAPER_MODELS), "open_clip": rows}, undecided
+        else:
+            reason = timm_refusal(vision, functions, families) if timm_tower else native_tower_problem(vision)
+            refused.append([arch, reason])
+    return {"paper": list(PAPER_MODELS), "open_clip": rows, "refused": refused}, undecided
 
 
 def _row(arch: str, config: dict, tags: list) -> list:
@@ -301,26 +347,33 @@ def open_clip_table(only: list[str] | None = None) -> dict:
     from .models import open_clip_architectures
     from .models.openclip import registered_open_clip
 
+    from .models.openclip import tower_problem
+
     open_clip = registered_open_clip()
     archs = open_clip_architectures()
+    everything = [arch for arch in open_clip.list_models() if not arch.startswith("test-")]
     if only is not None:
         archs = [arch for arch in archs if arch in set(only)]
+        everything = [arch for arch in everything if arch in set(only)]
     rows = [_row(arch, open_clip.get_model_config(arch), open_clip.list_pretrained_tags_by_model(arch))
             for arch in archs]
-    return {"paper": list(PAPER_MODELS), "open_clip": rows}
+    refused = [[arch, tower_problem(arch) or "not supported"] for arch in everything if arch not in set(archs)]
+    return {"paper": list(PAPER_MODELS), "open_clip": rows, "refused": refused}
 
 
 def compute_model_table() -> dict:
-    """The paper's specs and the supported open_clip architectures ([arch, pool, tokenizer, tags] rows), from the
-    installed files; open_clip is asked only about what they leave undecided (or about all, on a surprise)."""
+    """The paper's specs, the supported open_clip architectures ([arch, pool, tokenizer, tags] rows) and the
+    refused ones ([arch, reason] rows), from the installed files; open_clip is asked only about what they leave undecided (or about all, on a surprise)."""
     try:
         table, undecided = static_table()
     except (CatalogError, OSError, SyntaxError, ValueError, KeyError):
         return open_clip_table()
     if undecided:
         order = {arch: i for i, arch in enumerate(model_configs(_package_dir("open_clip")))}
-        table["open_clip"] += open_clip_table(undecided)["open_clip"]
-        table["open_clip"].sort(key=lambda row: order[row[0]])
+        asked = open_clip_table(undecided)
+        for key in ("open_clip", "refused"):
+            table[key] += asked[key]
+            table[key].sort(key=lambda row: order[row[0]])
     return table
 
 
@@ -352,7 +405,7 @@ def model_table() -> dict:
     path = (Path(root) if root else Path("~/.cache/clip-interpret")).expanduser() / f"models-{_cache_key()}.json"
     try:
         table = json.loads(path.read_text())
-        if isinstance(table, dict) and {"paper", "open_clip"} <= set(table):
+        if isinstance(table, dict) and {"paper", "open_clip", "refused"} <= set(table):
             return table
     except (OSError, ValueError):
         pass

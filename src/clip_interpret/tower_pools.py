@@ -10,6 +10,20 @@ NATIVE_REFUSED = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_in
                   "block_type")
 
 
+# timm model modules whose trunks are not opened up, with the reason (the loader's refusals and the models table)
+TIMM_FAMILIES = {
+    "convnext": "a ConvNeXt trunk (convolutional stages: no attention heads to decompose)",
+    "fastvit": "a FastViT trunk (MobileCLIP's convolutional and RepMixer stages: no attention heads to decompose)",
+    "vision_transformer_hybrid": "a hybrid ViT whose patch embedding is a convolutional stem (MobileCLIP-B), not "
+                                 "one linear map per patch",
+    "vitamin": "a ViTamin trunk (convolutional MBConv stages before its attention blocks)",
+    "swin_transformer": "a Swin Transformer trunk (attention in shifted windows with relative position biases)",
+    "vision_transformer_relpos": "a ViT with relative position biases inside its attention",
+    "naflexvit": "a NaFlex ViT (variable resolution and aspect ratio)",
+}
+OTHER_TIMM = "a timm trunk that is not a VisionTransformer"
+
+
 def native_pool(pool_type: str, final_ln_after_pool: bool) -> str:
     """The HookedViT pooling of an open_clip VisionTransformer's ``pool_type`` and ``final_ln_after_pool``:
     "cls" or "avg", or, when it has none, why (a phrase). ``tok`` takes the CLS row, where LN_post before or

@@ -42,8 +42,10 @@ def test_models_lists_the_paper_models(capsys):
     assert all("[cls] [CLIP BPE]" in lines[f"EVA02-{size}"] for size in ("B-16", "L-14", "L-14-336", "E-14",
                                                                          "E-14-plus"))
     assert not any(name.startswith(("RN50", "convnext")) for name in lines)
-    footer = out.split("Not supported:")[1]
-    assert "ResNet" in footer and "EVA02" not in footer and "Perception Encoder" not in footer
+    refused = {line.split()[0]: line for line in out.split("open_clip architectures refused, and why")[1].splitlines()
+               if line.startswith("  ")}
+    assert "a ResNet image tower" in refused["RN50"] and "ConvNeXt" in refused["convnext_base"]
+    assert not any(name.startswith(("EVA", "PE-Core", "coca_ViT", "ViT-B-16")) for name in refused)
 
 
 def test_decompose_writes_json_and_heatmaps(images, tmp_path, capsys):

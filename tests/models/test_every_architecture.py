@@ -21,7 +21,9 @@ from clip_interpret.models.loader import registered_open_clip
 
 TINY_TEXT = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
 ARCHS = [arch for arch in registered_open_clip().list_models() if not arch.startswith("test-")]
-TABLE = {row[0]: row[1] for row in compute_model_table()["open_clip"]}  # the supported ones: {arch: pool}
+CATALOG = compute_model_table()
+TABLE = {row[0]: row[1] for row in CATALOG["open_clip"]}  # the supported ones: {arch: pool}
+REFUSED = dict(CATALOG["refused"])  # the others: {arch: reason}
 
 
 def tower_key(arch: str) -> str:
@@ -112,3 +114,14 @@ def test_the_walk_covers_both_outcomes_and_the_refusals_name_their_family():
                "vit_relpos_medium_patch16_cls_224": "relative position"}
     for arch, words in reasons.items():
         assert arch in refused and words in tower_problem(arch), arch
+
+
+def test_the_table_lists_every_other_architecture_with_the_loaders_reason():
+    """`models` lists each refused architecture with its reason: every architecture is in exactly one of the two
+    lists, and the reason read from the files is, word for word, the one the loader gives."""
+    from clip_interpret.models.openclip import tower_problem
+
+    assert set(REFUSED) == set(ARCHS) - set(TABLE) and not set(REFUSED) & set(TABLE)
+    for arch, reason in REFUSED.items():
+        assert reason and "\n" not in reason and reason == tower_problem(arch), arch
+    assert "ResNet" in REFUSED["RN50"] and "pooled by 'token'" in REFUSED["MobileCLIP2-L-14"]

@@ -66,6 +66,11 @@ def test_an_eva02_tower_goes_through_the_whole_study(tmp_path, capsys):
         if command[0] == "segment":  # the 4x4 patch grid (the CLS token left out)
             assert len(result["maps"][0]["grid"]) == 4 and len(result["maps"][0]["grid"][0]) == 4
 
+    assert main(["segbench", "--model", "open_clip:test-vit-tiny-eva02", "--dataset", "toyworld:20:1", "--out",
+                 str(tmp_path / "seg"), "--workers", "0"]) == 0
+    seg = json.loads(next((tmp_path / "seg").glob("segbench-*.json")).read_text())
+    assert len(seg["heads_objects"]) == 12
+
     registry = core.Registry([run])
     gallery, text = core.run_topic_segmentation(registry, "run", 2, "a red circle", "all heads")
     assert len(gallery) == 2 and "share of the similarity" in text

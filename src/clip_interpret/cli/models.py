@@ -21,12 +21,12 @@ def cmd_models(args) -> int:
         print(f"  {arch:<30} [{pool}] [{tokenizer}] {', '.join(tags) if tags else '(no pretrained tags)'}")
     print("\nHugging Face: hf:ORG/NAME or hf:/path/to/folder for a CLIPModel, a SiglipModel, or a Siglip2Model "
           "(decomposed at its fixed native grid; NaFlex inputs of other sizes are not).")
-    print("Not supported: ResNet towers (RN50, ...: no attention heads); ConvNeXt (convnext_*), FastViT (MobileCLIP-S*, MobileCLIP2-S*: "
-          "convolutional and RepMixer stages), hybrid ViTs with a convolutional stem (MobileCLIP-B, "
-          "MobileCLIP2-B), ViTamin, Swin and relative-position timm towers; timm ViTs pooled otherwise than by a "
-          "MAP head (MobileCLIP2-L-14, vit_medium_patch16_gap_256); NaFlex variants (variable resolution); the "
-          "parallel / cascade CoCa poolers; towers averaged after their final LayerNorm; qk-norm / scaled-cosine "
-          "attention blocks. Loading any of them says why in one line.")
+    print("\nopen_clip architectures refused, and why (loading one says so in one line):")
+    for arch, reason in table.get("refused", []):
+        print(f"  {arch:<30} {reason}")
+    print("\nNot supported either: timm ViTs pooled otherwise than by a MAP head; NaFlex variants (variable "
+          "resolution); the parallel / cascade CoCa poolers; towers averaged before their final LayerNorm; qk-norm "
+          "/ scaled-cosine attention blocks; Eva trunks with qk-norm, register tokens or other rotary kinds.")
     return 0
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES, Preprocess
 from ..tower_pools import NATIVE_REFUSED as _NATIVE_REFUSED  # noqa: F401 (the name tests compare with)
-from ..tower_pools import native_tower_problem
+from ..tower_pools import OTHER_TIMM, TIMM_FAMILIES, native_tower_problem
 from .clip_model import ClipModel, MissingTokenizer, TextEncoder, check_vocabulary, image_only, native_logits
 from .convert import SUPPORTED, from_open_clip
 from .files import check_state_dict, read_state_dict
@@ -82,18 +82,6 @@ def timm_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
 
 
 # why a timm trunk of these timm modules is not opened up here (its module: timm/models/MODULE.py)
-TIMM_FAMILIES = {
-    "convnext": "a ConvNeXt trunk (convolutional stages: no attention heads to decompose)",
-    "fastvit": "a FastViT trunk (MobileCLIP's convolutional and RepMixer stages: no attention heads to decompose)",
-    "vision_transformer_hybrid": "a hybrid ViT whose patch embedding is a convolutional stem (MobileCLIP-B), not "
-                                 "one linear map per patch",
-    "vitamin": "a ViTamin trunk (convolutional MBConv stages before its attention blocks)",
-    "swin_transformer": "a Swin Transformer trunk (attention in shifted windows with relative position biases)",
-    "vision_transformer_relpos": "a ViT with relative position biases inside its attention",
-    "naflexvit": "a NaFlex ViT (variable resolution and aspect ratio)",
-}
-
-
 def timm_family(name: str) -> str:
     """Why the timm model ``name``, not a VisionTransformer or Eva trunk, is not opened up: its family's reason."""
     import timm
@@ -101,7 +89,7 @@ def timm_family(name: str) -> str:
     for module, reason in TIMM_FAMILIES.items():
         if name in timm.list_models(module=module):
             return reason
-    return "a timm trunk that is not a VisionTransformer"
+    return OTHER_TIMM
 
 
 def eva_problem(name: str, pool: str, proj, proj_bias: bool) -> str | None:
