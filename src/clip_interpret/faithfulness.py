@@ -25,9 +25,11 @@ and p's drop is positive and the largest of the head's drops over all tasks;
                run's analysed heads: the task this head matters to most compared
                with a typical head. Some tasks lose margin whenever any head is
                removed (a binary task, a fragile one); this rule does not let that
-               general fragility outvote the head's specific effect. On the toy world the tasks are the seven toy properties, so
-this is a known-answer check of every labeller; on a labelled image folder the
-task is the folder's classes (property ``class``).
+               general fragility outvote the head's specific effect.
+
+On the toy world the tasks are the seven toy properties, so this is a
+known-answer check of every labeller; on a labelled image folder the task is
+the folder's classes (property ``class``).
 
 Every confirmed share comes with its chance baseline (``shuffled_baseline``):
 the same labels shuffled over the same heads, 1,000 seeded permutations by

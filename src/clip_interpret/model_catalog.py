@@ -33,7 +33,8 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
-from .tower_pools import NATIVE_REFUSED, OTHER_TIMM, TIMM_FAMILIES, native_tower_pool, native_tower_problem  # noqa: F401
+from .tower_pools import NATIVE_REFUSED  # noqa: F401 (tests compare it with the loader's)
+from .tower_pools import OTHER_TIMM, TIMM_FAMILIES, native_tower_pool, native_tower_problem
 
 # Copies of the loader's names, here without importing it (torch); tests/cli/test_cli.py checks them against
 # models.openclip.CONFIG_DIR and models.PAPER_MODELS. A native tower's judgement is tower_pools' (the loader's too).
@@ -363,7 +364,8 @@ def open_clip_table(only: list[str] | None = None) -> dict:
 
 def compute_model_table() -> dict:
     """The paper's specs, the supported open_clip architectures ([arch, pool, tokenizer, tags] rows) and the
-    refused ones ([arch, reason] rows), from the installed files; open_clip is asked only about what they leave undecided (or about all, on a surprise)."""
+    refused ones ([arch, reason] rows), from the installed files; open_clip is asked only about what they leave
+    undecided (or about all, on a surprise)."""
     try:
         table, undecided = static_table()
     except (CatalogError, OSError, SyntaxError, ValueError, KeyError):

@@ -25,8 +25,9 @@ def cmd_models(args) -> int:
     for arch, reason in table.get("refused", []):
         print(f"  {arch:<30} {reason}")
     print("\nNot supported either: timm ViTs pooled otherwise than by a MAP head; NaFlex variants (variable "
-          "resolution); the parallel / cascade CoCa poolers; towers averaged after their final LayerNorm (pool_type avg without final_ln_after_pool); qk-norm "
-          "/ scaled-cosine attention blocks; Eva trunks with qk-norm, register tokens or other rotary kinds.")
+          "resolution); the parallel / cascade CoCa poolers; towers averaged after their final LayerNorm "
+          "(pool_type avg without final_ln_after_pool); qk-norm / scaled-cosine attention blocks; Eva trunks "
+          "with qk-norm, register tokens or other rotary kinds.")
     return 0
 
 
