@@ -606,6 +606,48 @@ def _projected_bias(vit, constant: torch.Tensor) -> torch.Tensor:
     return constant + vit.proj_bias if getattr(vit, "proj_bias", None) is not None else constant
 
 
+def _through_pool(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, weights: torch.Tensor,
+                  value_in: torch.Tensor, out_map: torch.Tensor) -> dict:
+    """The stream's pieces through an attention-pooling head whose pattern and token scales are frozen in
+    ``weights`` [B, Hp, T]: a token's piece c -> its values ``c @ value_in`` [Hp, width, d], weighted by the
+    pattern, then ``out_map`` [Hp, d, D]. Shared by the MAP head (SigLIP, PE-Core) and CoCa's pooler: the
+    analysed heads (per token when ``spatial``) with their output biases, the other layers' attention, the
+    MLPs and the embeddings."""
+    cfg = vit.cfg
+
+    def through_pool(stream: torch.Tensor) -> torch.Tensor:
+        """A piece at every token [B, T, width] -> its contribution [B, D]."""
+        pooled = torch.einsum("bpt,btw->bpw", weights, stream.float())
+        return torch.einsum("bpe,ped->bd", torch.einsum("bpw,pwe->bpe", pooled, value_in), out_map)
+
+    def constant_through_pool(c: torch.Tensor) -> torch.Tensor:
+        """The same piece c [width] at every token -> [B, D]."""
+        return torch.einsum("bp,pe,ped->bd", weights.sum(dim=-1), torch.einsum("w,pwe->pe", c, value_in), out_map)
+
+    col_weights = weights.repeat_interleave(value_in.shape[2], dim=1).transpose(1, 2)  # [B, T, e]: per value column
+    value_flat = value_in.transpose(0, 1).reshape(value_in.shape[1], -1)  # [width, e]
+    out_flat = out_map.reshape(-1, out_map.shape[-1])  # [e, D]
+    head_pieces, token_pieces, bias_pieces = [], [], []
+    for index in chosen:
+        block = vit.blocks[index]
+        w_o = block.out_weight().T.reshape(cfg.heads, cfg.head_dim, cfg.width)  # [H, d, width]
+        z = read.head_z[index].float()  # [B, H, T, d]
+        if spatial:
+            out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, e]: the pooled values
+            piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
+            token_pieces.append(piece)
+            head_pieces.append(piece.sum(dim=1))
+        else:
+            out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
+            head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
+        bias_pieces.append(constant_through_pool(block.out_bias()))
+    empty = weights.new_zeros(weights.shape[0], 0, out_map.shape[-1])
+    return dict(heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
+                other_attn=torch.stack([through_pool(read.attn[i]) for i in others], dim=1) if others else empty,
+                mlps=torch.stack([through_pool(m) for m in read.mlp], dim=1), cls_embed=through_pool(read.resid0),
+                head_tokens=torch.stack(token_pieces, dim=1) if spatial else None)
+
+
 def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], spatial: bool, published: bool = False) -> dict:
     """The pieces of an attention-pooled tower: every piece of the final stream, at every token,
     through LN_post (each token's scale frozen), the pooling head's values and its frozen pattern,
@@ -632,33 +674,7 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
     out_map = out_map.reshape(n_pool, d_pool, -1)
     batch = x.shape[0]
 
-    def through_pool(stream: torch.Tensor) -> torch.Tensor:
-        """A piece at every token [B, T, width] -> its contribution [B, D]."""
-        pooled = torch.einsum("bpt,btw->bpw", weights, stream.float())
-        return torch.einsum("bpe,ped->bd", torch.einsum("bpw,pwe->bpe", pooled, value_in), out_map)
-
-    def constant_through_pool(c: torch.Tensor) -> torch.Tensor:
-        """The same piece c [width] at every token -> [B, D]."""
-        return torch.einsum("bp,pe,ped->bd", weights.sum(dim=-1), torch.einsum("w,pwe->pe", c, value_in), out_map)
-
-    col_weights = weights.repeat_interleave(d_pool, dim=1).transpose(1, 2)  # [B, T, width]: per value column
-    value_flat = value_in.transpose(0, 1).reshape(w, w)
-    out_flat = out_map.reshape(w, -1)
-    head_pieces, token_pieces, bias_pieces = [], [], []
-    for index in chosen:
-        block = vit.blocks[index]
-        w_o = block.out_weight().T.reshape(cfg.heads, cfg.head_dim, w)  # [H, d, width]
-        z = read.head_z[index].float()  # [B, H, T, d]
-        if spatial:
-            out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, width]: the pooled values
-            piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
-            token_pieces.append(piece)
-            head_pieces.append(piece.sum(dim=1))
-        else:
-            out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
-            head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
-        bias_pieces.append(constant_through_pool(block.out_bias()))
-    empty = emb.new_zeros(batch, 0, emb.shape[-1])
+    pieces = _through_pool(vit, read, chosen, others, spatial, weights, value_in, out_map)
     # constants: LN_post's beta and the value bias reach y through the pattern, which sums to one
     constant = ((vit.ln_post.bias @ w_v.T + b_v) @ pool.out.weight.T + pool.out.bias)
     pool_bias = pool.out.bias
@@ -669,11 +685,9 @@ def _pooled_pieces(vit, read: _Readout, chosen: list[int], others: list[int], sp
     pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooling head's result
     scaled = 1 / norm.view(-1, 1, 1)
     return dict(
-        heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
-        other_attn=torch.stack([through_pool(read.attn[i]) for i in others], dim=1) if others else empty,
-        mlps=torch.stack([through_pool(m) for m in read.mlp], dim=1), cls_embed=through_pool(read.resid0),
+        **pieces,
         pool_mlp=pool_mlp[:, None] / norm.view(-1, 1, 1), constant=constant.expand(batch, -1) / norm[:, None],
-        embedding=emb / norm[:, None], head_tokens=torch.stack(token_pieces, dim=1) if spatial else None,
+        embedding=emb / norm[:, None],
         pool_heads=torch.einsum("bpe,ped->bpd", pool_z, out_map) * scaled,
         pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", pattern, read.pool_values.float(),
                                       out_map) * scaled[..., None] if spatial else None,
@@ -711,32 +725,7 @@ def _multi_query_pieces(vit, read: _Readout, chosen: list[int], others: list[int
     g_centred = g - g.mean(dim=0, keepdim=True)
     out_map = (pool.out.weight.T @ g_centred).reshape(n_pool, d_pool, -1)
 
-    def through_pool(stream: torch.Tensor) -> torch.Tensor:
-        """A piece at every token [B, T, width] -> its contribution [B, D]."""
-        pooled = torch.einsum("bpt,btw->bpw", weights, stream.float())
-        return torch.einsum("bpe,ped->bd", torch.einsum("bpw,pwe->bpe", pooled, value_in), out_map)
-
-    def constant_through_pool(c: torch.Tensor) -> torch.Tensor:
-        """The same piece c [width] at every token -> [B, D]."""
-        return torch.einsum("bp,pe,ped->bd", weights.sum(dim=-1), torch.einsum("w,pwe->pe", c, value_in), out_map)
-
-    col_weights = weights.repeat_interleave(d_pool, dim=1).transpose(1, 2)  # [B, T, e]: per value column
-    value_flat = value_in.transpose(0, 1).reshape(cfg.width, e)
-    out_flat = out_map.reshape(e, -1)
-    head_pieces, token_pieces, bias_pieces = [], [], []
-    for index in chosen:
-        block = vit.blocks[index]
-        w_o = block.out_weight().T.reshape(cfg.heads, cfg.head_dim, cfg.width)  # [H, d, width]
-        z = read.head_z[index].float()  # [B, H, T, d]
-        if spatial:
-            out = torch.einsum("bhtd,hdw->bthw", z, w_o) @ value_flat  # [B, T, H, e]: the pooled values
-            piece = (out * col_weights[:, :, None]) @ out_flat  # [B, T, H, D]
-            token_pieces.append(piece)
-            head_pieces.append(piece.sum(dim=1))
-        else:
-            out = torch.einsum("bhpd,hdw->bphw", torch.einsum("bpt,bhtd->bhpd", weights, z), w_o)
-            head_pieces.append(torch.einsum("bphe,ped->bhd", torch.einsum("bphw,pwe->bphe", out, value_in), out_map))
-        bias_pieces.append(constant_through_pool(block.out_bias()))
+    pieces = _through_pool(vit, read, chosen, others, spatial, weights, value_in, out_map)
     empty = emb.new_zeros(batch, 0, emb.shape[-1])
     scaled = 1 / (sigma_y * norm).view(-1, 1)
     # constants: LN_k's beta and the value bias reach y through the pattern (which sums to one), with the output
@@ -745,11 +734,8 @@ def _multi_query_pieces(vit, read: _Readout, chosen: list[int], others: list[int
     constant = (((vit.ln_post.bias @ w_v.T + b_v) @ pool.out.weight.T) @ g_centred) * scaled + pool_bias
     pool_z = read.pool_z[:, :, 0].float()  # [B, Hp, d]: each pooler head's result
     return dict(
-        heads=torch.stack(head_pieces, dim=1), attn_bias=torch.stack(bias_pieces, dim=1),
-        other_attn=torch.stack([through_pool(read.attn[i]) for i in others], dim=1) if others else empty,
-        mlps=torch.stack([through_pool(m) for m in read.mlp], dim=1), cls_embed=through_pool(read.resid0),
+        **pieces,
         pool_mlp=empty, constant=constant, embedding=emb / norm[:, None],
-        head_tokens=torch.stack(token_pieces, dim=1) if spatial else None,
         pool_heads=torch.einsum("bpe,ped->bpd", pool_z, out_map) * scaled[:, :, None],
         pool_head_tokens=torch.einsum("bpt,bpte,ped->bptd", pattern, read.pool_values.float(),
                                       out_map) * scaled[:, :, None, None] if spatial else None,
